@@ -1,0 +1,142 @@
+"""The bridge: projection + causal cross-attention + zero-initialised output (the only trained parameters).
+
+One bridge reads one augmenting hidden state ``[batch, seq_aug, d_aug]`` and adds to one anchor
+hidden state ``[batch, seq, d_anchor]``:
+
+    kv   = proj(norm(h_aug))                      # f_proj: d_aug -> d_anchor
+    out  = o(attn(q(norm(h_anchor)), k(kv), v(kv), mask))
+    h_anchor <- h_anchor + out
+
+``o`` starts at zero, so at initialisation the composed model is exactly the anchor.
+The mask is causal across models: anchor position t sees augmenting positions <= t that are not
+padding (see ``cross_model_mask``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate ``x`` [batch, heads, seq, head_dim] by ``positions`` [batch, seq] (the rotate-half form)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None, :, None] * freqs  # [batch, 1, seq, half]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.cat([rotated, x[..., 2 * half :]], dim=-1)
+
+
+def cross_model_mask(key_valid: torch.Tensor, query_start: int, num_queries: int) -> torch.Tensor:
+    """Which augmenting positions each anchor position may attend to.
+
+    Both models read the same token sequence, so positions share one index space.
+
+    Args:
+        key_valid: [batch, seq_keys] bool, False at padding.
+        query_start: sequence index of the first query (the number of cached tokens).
+        num_queries: number of query positions.
+    Returns:
+        [batch, 1, num_queries, seq_keys] bool, True where attention is allowed:
+        key index <= query index and the key is not padding.
+    """
+    key_idx = torch.arange(key_valid.shape[1], device=key_valid.device)
+    query_idx = torch.arange(query_start, query_start + num_queries, device=key_valid.device)
+    causal = key_idx[None, :] <= query_idx[:, None]  # [queries, keys]
+    return (causal[None] & key_valid[:, None, :])[:, None]
+
+
+class Bridge(nn.Module):
+    """Projection of one augmenting layer plus cross-attention into one anchor layer."""
+
+    def __init__(
+        self,
+        d_augment: int,
+        d_anchor: int,
+        num_heads: int,
+        rotary: bool = False,
+        rope_theta: float = 10000.0,
+        norm: bool = True,
+    ):
+        super().__init__()
+        if d_anchor % num_heads:
+            raise ValueError(
+                f"bridge heads {num_heads} do not divide the anchor width {d_anchor}: "
+                f"set num_heads to a divisor of {d_anchor}"
+            )
+        self.num_heads = num_heads
+        self.head_dim = d_anchor // num_heads
+        self.rotary = rotary
+        self.rope_theta = rope_theta
+        self.augment_norm = RMSNorm(d_augment) if norm else nn.Identity()
+        self.query_norm = RMSNorm(d_anchor) if norm else nn.Identity()
+        self.proj = nn.Linear(d_augment, d_anchor)  # f_proj
+        self.q = nn.Linear(d_anchor, d_anchor, bias=False)
+        self.k = nn.Linear(d_anchor, d_anchor, bias=False)
+        self.v = nn.Linear(d_anchor, d_anchor, bias=False)
+        self.o = nn.Linear(d_anchor, d_anchor, bias=False)
+        nn.init.zeros_(self.o.weight)  # composed model == anchor at initialisation
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.o.weight.dtype
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [b, heads, s, head_dim]
+
+    def keys_values(self, h_augment: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values for augmenting states.
+
+        Args:
+            h_augment: [batch, seq, d_augment] augmenting hidden states (any float dtype).
+            positions: [batch, seq] token positions (used by rotary).
+        Returns:
+            keys, values: [batch, heads, seq, head_dim] in the bridge dtype; cache them while decoding.
+        """
+        kv = self.proj(self.augment_norm(h_augment.to(self.dtype)))
+        k, v = self._heads(self.k(kv)), self._heads(self.v(kv))
+        if self.rotary:
+            k = apply_rotary(k, positions, self.rope_theta)
+        return k, v
+
+    def forward(
+        self,
+        h_anchor: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """The bridge's contribution to the anchor stream (add it to ``h_anchor``).
+
+        Args:
+            h_anchor: [batch, seq, d_anchor] anchor hidden states (queries).
+            keys, values: [batch, heads, seq_keys, head_dim] from ``keys_values``.
+            mask: [batch, 1, seq, seq_keys] bool from ``cross_model_mask``.
+            positions: [batch, seq] positions of the queries (used by rotary).
+        Returns:
+            [batch, seq, d_anchor] in h_anchor's dtype; zero for rows with no visible key.
+        """
+        q = self._heads(self.q(self.query_norm(h_anchor.to(self.dtype))))
+        if self.rotary:
+            q = apply_rotary(q, positions, self.rope_theta)
+        has_key = mask.any(dim=-1, keepdim=True)  # [b, 1, seq, 1]; False on rows of only padding
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask | ~has_key)
+        attn = attn * has_key
+        b, _, s, _ = attn.shape
+        out = self.o(attn.transpose(1, 2).reshape(b, s, -1))
+        return out.to(h_anchor.dtype)

@@ -1,0 +1,146 @@
+"""The bridge-only checkpoint format (PEFT-style).
+
+A folder holding:
+
+* ``composition_config.json``: the CompositionConfig, the resolved layer links, the parameter
+  count, and a fingerprint of the anchor and of each augmenting model;
+* ``bridges.safetensors``: the bridge weights (no base weights, no pickle).
+
+A fingerprint records the architecture, widths, depth, vocab size, parameter count and a hash of
+the weights (a fixed sample of each tensor, rounded to bf16 so that a dtype cast of the same model
+still matches). Loading onto a different pair is refused with the field that differs.
+Folders are written atomically: a crash mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from composition.config import CompositionConfig
+from composition.layers import describe_decoder
+
+FORMAT = "calm-ray-bridges"
+VERSION = 1
+CONFIG_FILE = "composition_config.json"
+WEIGHTS_FILE = "bridges.safetensors"
+_SAMPLES_PER_TENSOR = 4096
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """A short description of a model that changes when its architecture or weights change."""
+    info = describe_decoder(model)
+    digest = hashlib.sha256()
+    total = 0
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        total += p.numel()
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+        sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu", torch.bfloat16)
+        digest.update(f"{name}:{tuple(p.shape)}".encode())
+        digest.update(sample.view(torch.int16).numpy().tobytes())
+    return {
+        "architecture": info.architecture,
+        "hidden_size": info.hidden_size,
+        "num_layers": info.num_layers,
+        "vocab_size": info.vocab_size,
+        "num_parameters": total,
+        "weights_sha256": digest.hexdigest()[:16],
+    }
+
+
+def _mismatch(role: str, saved: dict, got: dict) -> str | None:
+    for key in saved:
+        if saved[key] != got.get(key):
+            return (
+                f"bridges were trained for {role} {saved['architecture']} with {key}={saved[key]}, "
+                f"got {got['architecture']} with {key}={got.get(key)}: load the model the bridges were "
+                f"trained with, or pass check_models=False to override"
+            )
+    return None
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike):
+    """Yield a temporary folder beside ``folder``; on success it replaces ``folder`` in one rename."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_bridges(model, folder: str | os.PathLike) -> None:
+    """Write ``model``'s bridges to ``folder`` (see the module docstring for the layout)."""
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.config.to_dict(),
+        "links": [[link.augment, link.augment_index, link.anchor_index] for link in model.links],
+        "bridge_parameters": model.num_bridge_parameters(),
+        "anchor": fingerprint(model.anchor),
+        "augments": [fingerprint(m) for m in model.augments],
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.bridges.state_dict().items()}
+    with atomic_folder(folder) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    """The checkpoint's JSON metadata; a clear error when the folder is not a bridges checkpoint."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file() or not (Path(folder) / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a bridges checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it"
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(
+            f"{path} has format {meta.get('format')!r} version {meta.get('version')!r}; "
+            f"this calm-ray reads {FORMAT!r} version {VERSION}"
+        )
+    return meta
+
+
+def load_bridges(cls, folder, anchor: nn.Module, augments: list[nn.Module], check_models: bool = True):
+    """Build ``cls(anchor, augments, saved config)`` and load the saved bridge weights into it."""
+    meta = read_meta(folder)
+    if isinstance(augments, nn.Module):
+        augments = [augments]
+    if len(augments) != len(meta["augments"]):
+        raise ValueError(
+            f"bridges in {folder} were trained with {len(meta['augments'])} augmenting models, got {len(augments)}"
+        )
+    if check_models:
+        pairs = [("the anchor", meta["anchor"], anchor)] + [
+            (f"augmenting model {i}", saved, m) for i, (saved, m) in enumerate(zip(meta["augments"], augments))
+        ]
+        for role, saved, m in pairs:
+            problem = _mismatch(role, saved, fingerprint(m))
+            if problem:
+                raise ValueError(problem)
+    model = cls(anchor, augments, CompositionConfig.from_dict(meta["config"]))
+    device = next(model.bridges.parameters()).device
+    state = load_file(str(Path(folder) / WEIGHTS_FILE), device=str(device))
+    model.bridges.load_state_dict(state, strict=True)
+    return model

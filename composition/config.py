@@ -1,0 +1,147 @@
+"""CompositionConfig: which layers are bridged and how each bridge is built.
+
+Layer indices use Hugging Face's ``hidden_states`` convention on both sides:
+
+* index ``0`` is the input of the first decoder layer (the embeddings),
+* index ``i`` (1..L) is the output of decoder layer ``i - 1``.
+
+So a bridge "at the output of anchor layer j" (the paper's placement) sits at anchor index
+``j + 1``, and a bridge at index ``0`` acts before the anchor's first layer. An augmenting index
+of ``0`` reads the augmenting model's embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A composition setting that cannot work; the message says what to change."""
+
+
+@dataclass
+class LayerMapping:
+    """Which augmenting hidden states feed which anchor hidden states, for one augmenting model.
+
+    Give either ``every`` (the paper's default: every k-th augmenting layer output, mapped onto
+    the same number of evenly spaced anchor layer outputs) or explicit ``pairs`` of
+    ``(augment_index, anchor_index)``.
+    """
+
+    every: int | None = 4
+    pairs: list[tuple[int, int]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.pairs is not None:
+            self.pairs = [tuple(int(x) for x in p) for p in self.pairs]  # type: ignore[misc]
+            self.every = None
+            for p in self.pairs:
+                if len(p) != 2:
+                    raise ConfigError(
+                        f"layer pair {list(p)} must have two entries: [augment_index, anchor_index]"
+                    )
+            if not self.pairs:
+                raise ConfigError("pairs is empty: give at least one [augment_index, anchor_index]")
+        elif self.every is None or int(self.every) < 1:
+            raise ConfigError(f"every must be a positive integer, got {self.every!r}")
+
+    def resolve(self, augment_layers: int, anchor_layers: int) -> list[tuple[int, int]]:
+        """Concrete ``(augment_index, anchor_index)`` pairs for models with these depths.
+
+        Raises ConfigError naming the valid range when an index does not exist.
+        """
+        if self.pairs is not None:
+            for a, b in self.pairs:
+                if not 0 <= a <= augment_layers:
+                    raise ConfigError(
+                        f"augment index {a} does not exist: the augmenting model has {augment_layers} "
+                        f"layers, so valid indices are 0 (embeddings) to {augment_layers} (last layer output)"
+                    )
+                if not 0 <= b <= anchor_layers:
+                    raise ConfigError(
+                        f"anchor index {b} does not exist: the anchor has {anchor_layers} layers, so valid "
+                        f"indices are 0 (before its first layer) to {anchor_layers} (last layer output)"
+                    )
+            if len(set(self.pairs)) != len(self.pairs):
+                raise ConfigError(f"layer pairs {self.pairs} contain a duplicate pair")
+            return list(self.pairs)
+        k = int(self.every)  # type: ignore[arg-type]
+        if k > augment_layers:
+            raise ConfigError(
+                f"every={k} selects no layer of an augmenting model with {augment_layers} layers: "
+                f"use every <= {augment_layers} or explicit pairs"
+            )
+        augment_idx = list(range(k, augment_layers + 1, k))
+        n = len(augment_idx)
+        if n > anchor_layers:
+            raise ConfigError(
+                f"every={k} selects {n} augmenting layers but the anchor has only {anchor_layers}: "
+                f"use every >= {-(-augment_layers // anchor_layers)} or explicit pairs"
+            )
+        anchor_idx = [round((i + 1) * anchor_layers / n) for i in range(n)]
+        return list(zip(augment_idx, anchor_idx))
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.pairs is not None:
+            return {"pairs": [list(p) for p in self.pairs]}
+        return {"every": self.every}
+
+
+@dataclass
+class CompositionConfig:
+    """How the anchor is composed with its augmenting models.
+
+    Attributes:
+        mappings: one LayerMapping per augmenting model, in the order the models are given.
+        num_heads: heads of each bridge's cross-attention; None takes the anchor's head count.
+        rotary: rotary positions on bridge queries and keys (anchor and augmenting positions
+            are aligned token by token), so a bridge can tell which augmenting token is which.
+        rope_theta: rotary base.
+        norm: RMSNorm on the bridge's query input and on the augmenting states.
+        bridge_dtype: dtype of the bridge parameters; inputs are cast to it and the output cast
+            back to the anchor's dtype. float32 keeps training stable under a bf16 anchor.
+    """
+
+    mappings: list[LayerMapping] = field(default_factory=lambda: [LayerMapping()])
+    num_heads: int | None = None
+    rotary: bool = False
+    rope_theta: float = 10000.0
+    norm: bool = True
+    bridge_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.mappings = [m if isinstance(m, LayerMapping) else LayerMapping(**m) for m in self.mappings]
+        if not self.mappings:
+            raise ConfigError("mappings is empty: give one LayerMapping per augmenting model")
+        if self.num_heads is not None and int(self.num_heads) < 1:
+            raise ConfigError(f"num_heads must be positive or null (anchor's head count), got {self.num_heads}")
+        if self.bridge_dtype not in _DTYPES:
+            raise ConfigError(f"bridge_dtype {self.bridge_dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mappings"] = [m.to_dict() for m in self.mappings]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CompositionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown composition keys {unknown}; valid keys are {sorted(known)}"
+            )
+        mappings = []
+        for m in d.get("mappings", [{}]):
+            if not isinstance(m, dict) or set(m) - {"every", "pairs"}:
+                raise ConfigError(
+                    f"mapping {m!r} must be a dict with 'every: k' or 'pairs: [[augment_index, anchor_index], ...]'"
+                )
+            mappings.append(LayerMapping(**m))
+        return cls(**{**d, "mappings": mappings})

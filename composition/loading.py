@@ -1,0 +1,65 @@
+"""Loading the model pair by Hugging Face id or local path, frozen and in eval mode."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from composition.config import CompositionConfig
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    return getattr(torch, dtype)
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A frozen causal LM in eval mode, from a hub id or a local folder."""
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer of a model, set up for batched decoding (left padding, a pad token)."""
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_composition(
+    anchor: str,
+    augments: list[str],
+    config: CompositionConfig | None = None,
+    bridges: str | None = None,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Load the anchor and augmenting models by id or path and compose them.
+
+    With ``bridges`` (a folder written by ``save_pretrained``) the trained bridges are loaded and
+    checked against the models; otherwise new zero-initialised bridges are built from ``config``.
+    """
+    from composition.model import ComposedModel
+
+    anchor_model = load_causal_lm(anchor, dtype, device, trust_remote_code)
+    augment_models = [load_causal_lm(a, dtype, device, trust_remote_code) for a in augments]
+    if bridges is not None:
+        return ComposedModel.from_pretrained(bridges, anchor_model, augment_models)
+    return ComposedModel(anchor_model, augment_models, config)

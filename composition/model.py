@@ -1,0 +1,282 @@
+"""ComposedModel: a frozen anchor, frozen augmenting models, and the bridges between them.
+
+    model = ComposedModel(anchor, [augment], CompositionConfig())
+    out = model(input_ids, attention_mask, labels=labels)       # out.loss, out.logits
+    ids = model.generate(input_ids, attention_mask, max_new_tokens=32)
+    model.save_pretrained("bridges/")                             # bridges only
+
+Bridges are attached to the anchor with hooks that do nothing unless the ComposedModel is
+running, so calling the anchor directly still gives the anchor's own outputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from composition.augment import AugmentEncoder
+from composition.bridge import Bridge, cross_model_mask
+from composition.cache import CompositionCache
+from composition.config import CompositionConfig, ConfigError, LayerMapping
+from composition.layers import HiddenStateSite, describe_decoder
+
+
+@dataclass(frozen=True)
+class Link:
+    """One bridge: augmenting model ``augment`` at index ``augment_index`` -> anchor index ``anchor_index``."""
+
+    augment: int
+    augment_index: int
+    anchor_index: int
+
+
+@dataclass
+class _Running:
+    """What the anchor hooks need during one forward pass."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor  # [batch, 1, new, seen] bool
+    positions: torch.Tensor  # [batch, new]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Token positions [batch, seq] that skip padding (left padding starts real tokens at 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ComposedModel(nn.Module):
+    """An anchor LM composed with one or more augmenting LMs through trained bridges."""
+
+    def __init__(self, anchor: nn.Module, augments: list[nn.Module], config: CompositionConfig | None = None):
+        super().__init__()
+        if isinstance(augments, nn.Module):
+            augments = [augments]
+        if not augments:
+            raise ConfigError("give at least one augmenting model")
+        if config is None:
+            config = CompositionConfig(mappings=[LayerMapping() for _ in augments])
+        if len(config.mappings) != len(augments):
+            raise ConfigError(
+                f"the config has {len(config.mappings)} layer mappings for {len(augments)} augmenting "
+                f"models: give one mapping per augmenting model"
+            )
+        self.config = config
+        self.anchor = anchor
+        self.anchor_info = describe_decoder(anchor)
+        for m in [anchor, *augments]:
+            m.requires_grad_(False)
+            m.eval()
+
+        self.links: list[Link] = []
+        encoders = []
+        for i, (augment, mapping) in enumerate(zip(augments, config.mappings)):
+            info = describe_decoder(augment)
+            if info.vocab_size != self.anchor_info.vocab_size:
+                warnings.warn(
+                    f"augmenting model {i} ({info.architecture}) has vocab size {info.vocab_size}, the anchor "
+                    f"{self.anchor_info.vocab_size}: both models read the same token ids, so they must share a tokenizer",
+                    stacklevel=2,
+                )
+            pairs = mapping.resolve(info.num_layers, self.anchor_info.num_layers)
+            self.links += [Link(i, a, b) for a, b in pairs]
+            encoders.append(AugmentEncoder(augment, [a for a, _ in pairs]))
+        self.encoders = nn.ModuleList(encoders)
+
+        heads = config.num_heads or self.anchor_info.num_heads
+        dtype = getattr(torch, config.bridge_dtype)
+        device = next(anchor.parameters()).device
+        self.bridges = nn.ModuleList(
+            Bridge(
+                self.encoders[link.augment].info.hidden_size,
+                self.anchor_info.hidden_size,
+                heads,
+                rotary=config.rotary,
+                rope_theta=config.rope_theta,
+                norm=config.norm,
+            ).to(device=device, dtype=dtype)
+            for link in self.links
+        )
+        self._running: _Running | None = None
+        self._sites = [
+            HiddenStateSite(self.anchor_info, index, self._bridge_hook(index))
+            for index in sorted({link.anchor_index for link in self.links})
+        ]
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def augments(self) -> list[nn.Module]:
+        return [e.model for e in self.encoders]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The bridge parameters: the only ones an optimiser should see."""
+        return list(self.bridges.parameters())
+
+    def num_bridge_parameters(self) -> int:
+        return sum(p.numel() for p in self.bridges.parameters())
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        self.bridges.train(mode)
+        self.anchor.eval()
+        for e in self.encoders:
+            e.model.eval()
+        return self
+
+    def remove_hooks(self) -> None:
+        """Detach the bridges from the anchor and augmenting models for good."""
+        for site in self._sites:
+            site.remove()
+        for e in self.encoders:
+            for site in e._sites:
+                site.remove()
+
+    def _bridge_hook(self, anchor_index: int):
+        members = [b for b, link in enumerate(self.links) if link.anchor_index == anchor_index]
+
+        def add_bridges(hidden: torch.Tensor) -> torch.Tensor | None:
+            run = self._running
+            if run is None:  # the anchor is being called on its own
+                return None
+            out = hidden
+            for b in members:
+                out = out + self.bridges[b](hidden, run.keys[b], run.values[b], run.mask, run.positions)
+            return out
+
+        return add_bridges
+
+    # ------------------------------------------------------------------ forward
+    def encode_augments(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        caches: list | None = None,
+        use_cache: bool = False,
+    ) -> tuple[list[dict[int, torch.Tensor]], list]:
+        """Run every augmenting model; returns (per model {index: [batch, seq, d_aug]}, their caches)."""
+        states, new_caches = [], []
+        for i, encoder in enumerate(self.encoders):
+            s, c = encoder(input_ids, attention_mask, position_ids, caches[i] if caches else None, use_cache)
+            states.append(s)
+            new_caches.append(c)
+        return states, new_caches
+
+    def _check_external_states(self, states, batch: int, seq: int) -> None:
+        if len(states) != len(self.encoders):
+            raise ValueError(f"augment_states has {len(states)} entries for {len(self.encoders)} augmenting models")
+        for link in self.links:
+            s = states[link.augment].get(link.augment_index)
+            want = (batch, seq, self.encoders[link.augment].info.hidden_size)
+            if s is None or tuple(s.shape) != want:
+                got = None if s is None else tuple(s.shape)
+                raise ValueError(
+                    f"augment_states[{link.augment}][{link.augment_index}] has shape {got}, expected {want}"
+                )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        augment_states: list[dict[int, torch.Tensor]] | None = None,
+        cache: CompositionCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutputWithPast:
+        """Composed forward pass.
+
+        Args:
+            input_ids: [batch, seq] token ids (the new tokens when ``cache`` is given).
+            attention_mask: [batch, seq], 0 at padding; None means no padding.
+            labels: [batch, seq] for the next-token loss (shifted inside; padding is ignored).
+            augment_states: precomputed augmenting hidden states, per model ``{index: [batch, seq, d_aug]}``
+                (e.g. streamed from Ray actors); None runs the augmenting models here.
+            cache: a CompositionCache from the previous call; the forward then runs on new tokens only.
+            use_cache: return an updated CompositionCache in ``out.cache``.
+            logits_to_keep: keep only the last N positions' logits (0 = all).
+        Returns:
+            CausalLMOutputWithPast with ``logits`` [batch, seq, vocab], ``loss`` when labels, ``cache``.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+            )
+        past = cache.seq_len if cache is not None else 0
+        full_mask = attention_mask if cache is None else torch.cat([cache.attention_mask, attention_mask], dim=1)
+        positions = positions_from_mask(full_mask)[:, past:]
+
+        if augment_states is None:
+            augment_states, augment_caches = self.encode_augments(
+                input_ids, full_mask, positions, cache.augments if cache is not None else None, use_cache
+            )
+        else:
+            self._check_external_states(augment_states, batch, seq)
+            augment_caches = [None] * len(self.encoders)
+
+        keys, values = [], []
+        for b, link in enumerate(self.links):
+            k, v = self.bridges[b].keys_values(augment_states[link.augment][link.augment_index], positions)
+            if cache is not None:
+                k = torch.cat([cache.bridge_keys[b], k], dim=2)
+                v = torch.cat([cache.bridge_values[b], v], dim=2)
+            keys.append(k)
+            values.append(v)
+        mask = cross_model_mask(full_mask.bool(), past, seq)
+
+        if labels is not None:
+            # a label counts only where it and the token that predicts it are both real
+            previous = full_mask[:, past - 1 : past + seq - 1] if past else torch.cat(
+                [attention_mask[:, :1], attention_mask[:, :-1]], dim=1
+            )
+            labels = labels.masked_fill((attention_mask == 0) | (previous == 0), -100)
+        self._running = _Running(keys, values, mask, positions)
+        try:
+            out = self.anchor(
+                input_ids=input_ids,
+                attention_mask=full_mask,
+                position_ids=positions,
+                cache=cache.anchor if cache is not None else None,
+                use_cache=use_cache,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+            )
+        finally:
+            self._running = None
+        new_cache = (
+            CompositionCache(full_mask, out.cache, augment_caches, keys, values) if use_cache else None
+        )
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, cache=new_cache)
+
+    # ------------------------------------------------------------------ generation and checkpoints
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Decode with caches; see ``composition.generate.generate`` for the arguments."""
+        from composition.generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def save_pretrained(self, folder) -> None:
+        """Write the bridges only (config JSON + bridges.safetensors + model-pair fingerprints)."""
+        from composition.checkpoint import save_bridges
+
+        save_bridges(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, folder, anchor: nn.Module, augments: list[nn.Module], check_models: bool = True):
+        """Rebuild a composition from a bridges folder onto ``anchor`` and ``augments``.
+
+        Refuses (ValueError naming the mismatch) when the models differ from the ones the bridges were
+        trained with, unless ``check_models=False``.
+        """
+        from composition.checkpoint import load_bridges
+
+        return load_bridges(cls, folder, anchor, augments, check_models=check_models)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv with everything calm-ray needs (CPU torch first, so no CUDA build is pulled in).
+# Idempotent: a second run only checks that the packages are there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c "import torch, ray, transformers, composition" 2>/dev/null || [ "${CALM_RAY_REINSTALL:-0}" = 1 ]; then
+  python -m pip install -q --upgrade pip
+  # The CPU wheel; on a GPU machine install the CUDA torch you need before running this script.
+  python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+  python -m pip install -q -e ".[test,experiments,smollm]"
+fi

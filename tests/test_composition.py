@@ -1,0 +1,343 @@
+"""Specification of the composition core (composition/), on tiny HF models built from configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from composition import (
+    ComposedModel,
+    CompositionConfig,
+    ConfigError,
+    LayerMapping,
+    UnsupportedModelError,
+    describe_decoder,
+    load_composition,
+)
+from composition.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from tests.tiny_models import VOCAB, tiny
+
+FAMILIES = ["llama", "gpt2", "qwen2", "gpt_neox"]
+# (anchor family, augmenting family): every family is an anchor once and an augmenting model once.
+PAIRS = [("llama", "gpt2"), ("gpt2", "qwen2"), ("qwen2", "gpt_neox"), ("gpt_neox", "llama")]
+
+
+def anchor_model(kind="llama", seed=0):
+    gqa = 2 if kind in ("llama", "qwen2") else None  # grouped-query attention where the family has it
+    return tiny(kind, hidden=64, layers=6, heads=4, kv_heads=gqa, seed=seed)
+
+
+def augment_model(kind="llama", seed=1):
+    return tiny(kind, hidden=32, layers=4, heads=2, seed=seed)
+
+
+def randomise_bridges(model: ComposedModel, seed=0):
+    """Give the bridges non-zero weights, as training would, so that they change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.bridges.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def composed(anchor_kind="llama", augment_kind="llama", pairs=((0, 0), (2, 3), (4, 6)), rotary=True, trained=True):
+    cfg = CompositionConfig(mappings=[LayerMapping(pairs=list(pairs))], rotary=rotary)
+    model = ComposedModel(anchor_model(anchor_kind), [augment_model(augment_kind)], cfg)
+    return randomise_bridges(model) if trained else model
+
+
+def tokens(batch=2, seq=12, seed=0):
+    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- 1. any HF decoder
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_decoder_layers_are_found_in_each_family(kind):
+    info = describe_decoder(anchor_model(kind))
+    assert info.num_layers == 6 and len(info.layers) == 6
+    assert info.hidden_size == 64 and info.num_heads == 4 and info.vocab_size == VOCAB
+
+
+@pytest.mark.parametrize("anchor_kind,augment_kind", PAIRS)
+def test_mixed_families_compose_and_train(anchor_kind, augment_kind):
+    model = composed(anchor_kind, augment_kind, trained=False)
+    ids = tokens()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = [p.grad for p in model.trainable_parameters()]
+    assert out.logits.shape == (2, 12, VOCAB)
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_encoder_decoder_model_is_rejected_with_a_clear_error():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
+        ComposedModel(anchor_model(), [t5])
+
+
+def test_plain_module_is_rejected_with_a_clear_error():
+    with pytest.raises(UnsupportedModelError, match="no .config"):
+        ComposedModel(torch.nn.Linear(2, 2), [augment_model()])
+
+
+# ---------------------------------------------------------------- 2. layer mapping
+def test_default_mapping_is_every_fourth_augmenting_layer_onto_evenly_spaced_anchor_layers():
+    assert LayerMapping().resolve(augment_layers=8, anchor_layers=16) == [(4, 8), (8, 16)]
+    assert LayerMapping(every=2).resolve(augment_layers=8, anchor_layers=12) == [(2, 3), (4, 6), (6, 9), (8, 12)]
+
+
+def test_explicit_pairs_are_used_as_given():
+    model = composed(pairs=[(0, 0), (4, 6)])
+    assert [(link.augment_index, link.anchor_index) for link in model.links] == [(0, 0), (4, 6)]
+
+
+@pytest.mark.parametrize(
+    "mapping,message",
+    [
+        (LayerMapping(pairs=[(5, 1)]), r"augment index 5 does not exist.*0 \(embeddings\) to 4"),
+        (LayerMapping(pairs=[(1, 7)]), r"anchor index 7 does not exist.*0 \(before its first layer\) to 6"),
+        (LayerMapping(every=9), r"every=9 selects no layer"),
+    ],
+)
+def test_invalid_mappings_say_what_is_valid(mapping, message):
+    with pytest.raises(ConfigError, match=message):
+        ComposedModel(anchor_model(), [augment_model()], CompositionConfig(mappings=[mapping]))
+
+
+def test_mapping_count_must_match_augmenting_models():
+    with pytest.raises(ConfigError, match="2 layer mappings for 1 augmenting"):
+        ComposedModel(anchor_model(), [augment_model()], CompositionConfig(mappings=[LayerMapping(), LayerMapping()]))
+
+
+def test_unknown_config_keys_are_rejected():
+    with pytest.raises(ConfigError, match=r"unknown composition keys \['heads'\]"):
+        CompositionConfig.from_dict({"heads": 4})
+
+
+# ---------------------------------------------------------------- 3. bridges start at the anchor
+@pytest.mark.parametrize("anchor_kind,augment_kind", PAIRS)
+def test_initial_composed_logits_equal_the_anchors(anchor_kind, augment_kind):
+    model = composed(anchor_kind, augment_kind, trained=False)
+    ids = tokens()
+    with torch.no_grad():
+        expected = model.anchor(ids).logits
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_trained_bridges_change_the_logits_at_input_and_output_sites():
+    ids = tokens()
+    for pairs in ([(0, 0)], [(4, 6)]):  # before the anchor's first layer; after its last layer
+        model = composed(pairs=pairs)
+        with torch.no_grad():
+            assert (model(ids).logits - model.anchor(ids).logits).abs().max() > 1e-3
+
+
+def test_anchor_called_alone_after_composition_gives_its_own_outputs():
+    model = composed()
+    ids = tokens()
+    fresh = anchor_model()
+    with torch.no_grad():
+        model(ids)
+        torch.testing.assert_close(model.anchor(ids).logits, fresh(ids).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- 4. causal across models, padding
+@pytest.mark.parametrize("rotary", [False, True])
+def test_changing_later_tokens_leaves_earlier_logits_unchanged(rotary):
+    model = composed(rotary=rotary)
+    ids = tokens(seq=12)
+    changed = ids.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % VOCAB
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("anchor_kind,augment_kind", PAIRS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_and_unpadded_batches_agree_on_real_tokens(anchor_kind, augment_kind, side):
+    model = composed(anchor_kind, augment_kind)
+    long, short = tokens(1, 10, seed=1), tokens(1, 6, seed=2)
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    padded = torch.cat([pad, short], 1) if side == "left" else torch.cat([short, pad], 1)
+    mask = (padded != 0).long()
+    with torch.no_grad():
+        batch = model(torch.cat([long, padded]), torch.cat([torch.ones_like(long), mask])).logits
+        alone_long, alone_short = model(long).logits, model(short).logits
+    real = mask[0].bool()
+    torch.testing.assert_close(batch[0], alone_long[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(batch[1][real], alone_short[0], rtol=0, atol=1e-5)
+
+
+def test_padding_is_ignored_by_the_loss():
+    model = composed()
+    short = tokens(1, 6)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)
+    with torch.no_grad():
+        alone = model(short, labels=short).loss
+        with_pad = model(padded, (padded != 0).long(), labels=padded).loss
+    torch.testing.assert_close(alone, with_pad, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 5. frozen bases
+def test_only_bridges_train_and_base_weights_stay_bit_identical():
+    model = composed(trained=False)
+    before = {k: v.clone() for k, v in list(model.anchor.state_dict().items()) + [
+        (f"aug.{k}", v) for k, v in model.augments[0].state_dict().items()]}
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert all((p.requires_grad == (id(p) in trainable)) for p in model.parameters())
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    for step in range(3):
+        ids = tokens(seed=step)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = dict(list(model.anchor.state_dict().items()) + [
+        (f"aug.{k}", v) for k, v in model.augments[0].state_dict().items()])
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.anchor.training and not model.augments[0].training
+    assert model.bridges[0].o.weight.abs().sum() > 0  # the bridges did move
+
+
+# ---------------------------------------------------------------- 6. several augmenting models
+def test_several_augmenting_models_each_with_its_own_mapping():
+    augments = [augment_model("llama", seed=1), tiny("gpt2", hidden=48, layers=2, heads=2, seed=3)]
+    cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(0, 0), (4, 6)]), LayerMapping(pairs=[(2, 3)])])
+    model = randomise_bridges(ComposedModel(anchor_model(), augments, cfg))
+    assert [(link.augment, link.augment_index, link.anchor_index) for link in model.links] == [
+        (0, 0, 0), (0, 4, 6), (1, 2, 3)]
+    assert model.bridges[2].proj.in_features == 48
+    ids = tokens()
+    with torch.no_grad():
+        both = model(ids).logits
+        torch.nn.init.zeros_(model.bridges[2].o.weight)  # silence the second model's bridge
+        first_only = model(ids).logits
+    assert (both - first_only).abs().max() > 1e-3
+    assert torch.equal(model.generate(ids, max_new_tokens=5), model.generate(ids, max_new_tokens=5, use_cache=False))
+
+
+# ---------------------------------------------------------------- 7. generation with caches
+@pytest.mark.parametrize("anchor_kind,augment_kind", PAIRS)
+def test_cached_greedy_decoding_equals_full_recomputation(anchor_kind, augment_kind):
+    model = composed(anchor_kind, augment_kind)
+    ids = tokens(2, 8)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # one left-padded row
+    cached = model.generate(ids, mask, max_new_tokens=10)
+    full = model.generate(ids, mask, max_new_tokens=10, use_cache=False)
+    assert cached.shape == (2, 18)
+    assert torch.equal(cached, full)
+
+
+def test_batched_generation_equals_each_prompt_alone():
+    model = composed()
+    a, b = tokens(1, 9, seed=1), tokens(1, 5, seed=2)
+    batch = torch.cat([a, torch.cat([b, torch.zeros(1, 4, dtype=torch.long)], 1)])  # right padded on input
+    mask = (torch.arange(9)[None] < torch.tensor([[9], [5]])).long()
+    together = model.generate(batch, mask, max_new_tokens=6)
+    assert torch.equal(together[0], model.generate(a, max_new_tokens=6)[0])
+    assert torch.equal(together[1, 4:], model.generate(b, max_new_tokens=6)[0])
+
+
+def test_each_decode_step_runs_each_model_on_one_token():
+    model = composed()
+    seen = {"anchor": [], "augment": []}
+    model.anchor_info.layers[0].register_forward_pre_hook(lambda m, a, k: seen["anchor"].append(a[0].shape[1]), with_kwargs=True)
+    model.encoders[0].info.layers[0].register_forward_pre_hook(lambda m, a, k: seen["augment"].append(a[0].shape[1]), with_kwargs=True)
+    model.generate(tokens(1, 7), max_new_tokens=4)
+    assert seen["anchor"] == [7, 1, 1, 1] and seen["augment"] == [7, 1, 1, 1]
+
+
+def test_eos_stops_a_row_and_pads_after_it():
+    model = composed()
+    ids = tokens(1, 6)
+    greedy = model.generate(ids, max_new_tokens=6)
+    first = int(greedy[0, 6])
+    stopped = model.generate(ids, max_new_tokens=6, eos_token_id=first, pad_token_id=0)
+    assert stopped.shape[1] == 7 and int(stopped[0, 6]) == first
+
+
+def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
+    model = composed()
+    ids = tokens(2, 6)
+    s1 = model.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.5, seed=7)
+    s2 = model.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.5, seed=7)
+    greedy = model.generate(ids, max_new_tokens=8)
+    top1 = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, seed=3)
+    tiny_p = model.generate(ids, max_new_tokens=8, do_sample=True, top_p=1e-6, seed=3)
+    assert torch.equal(s1, s2) and not torch.equal(s1, greedy)
+    assert torch.equal(top1, greedy) and torch.equal(tiny_p, greedy)
+
+
+def test_bad_generation_arguments_are_rejected():
+    model = composed()
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(tokens(), top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(tokens(), max_new_tokens=-1)
+
+
+# ---------------------------------------------------------------- 8. bridge-only checkpoints
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    model = composed()
+    model.save_pretrained(tmp_path / "bridges")
+    files = sorted(p.name for p in (tmp_path / "bridges").iterdir())
+    assert files == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    saved = load_file(str(tmp_path / "bridges" / WEIGHTS_FILE))
+    assert sum(t.numel() for t in saved.values()) == model.num_bridge_parameters()
+    assert all(k.split(".")[1] in {"augment_norm", "query_norm", "proj", "q", "k", "v", "o"} for k in saved)
+    loaded = ComposedModel.from_pretrained(tmp_path / "bridges", anchor=anchor_model(), augments=[augment_model()])
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_checkpoint_refuses_a_different_anchor(tmp_path):
+    composed().save_pretrained(tmp_path / "b")
+    with pytest.raises(ValueError, match="trained for the anchor LlamaForCausalLM with weights_sha256"):
+        ComposedModel.from_pretrained(tmp_path / "b", anchor=anchor_model(seed=5), augments=[augment_model()])
+    with pytest.raises(ValueError, match="augmenting model 0 LlamaForCausalLM with hidden_size=32"):
+        ComposedModel.from_pretrained(tmp_path / "b", anchor=anchor_model(),
+                                      augments=[tiny("llama", hidden=48, layers=4, heads=2)])
+
+
+def test_checkpoint_accepts_a_dtype_cast_of_the_same_models(tmp_path):
+    composed().save_pretrained(tmp_path / "b")
+    ComposedModel.from_pretrained(tmp_path / "b", anchor=anchor_model().bfloat16(), augments=[augment_model()])
+
+
+def test_overwriting_a_checkpoint_is_atomic(tmp_path):
+    model = composed()
+    model.save_pretrained(tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / CONFIG_FILE).read_text())
+    assert meta["format"] == "calm-ray-bridges" and meta["bridge_parameters"] == model.num_bridge_parameters()
+    model.save_pretrained(tmp_path / "b")  # replace in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folders left behind
+
+
+def test_missing_checkpoint_names_the_expected_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected composition_config.json and bridges.safetensors"):
+        ComposedModel.from_pretrained(tmp_path, anchor=anchor_model(), augments=[augment_model()])
+
+
+# ---------------------------------------------------------------- 9. loading by id or path
+def test_load_composition_from_local_folders_freezes_the_bases(tmp_path):
+    anchor_model().save_pretrained(tmp_path / "anchor")
+    augment_model().save_pretrained(tmp_path / "augment")
+    cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(0, 0), (4, 6)])])
+    model = load_composition(str(tmp_path / "anchor"), [str(tmp_path / "augment")], cfg, dtype="float32")
+    assert not model.anchor.training and not any(p.requires_grad for p in model.anchor.parameters())
+    model = randomise_bridges(model)
+    model.save_pretrained(tmp_path / "bridges")
+    again = load_composition(str(tmp_path / "anchor"), [str(tmp_path / "augment")], bridges=str(tmp_path / "bridges"))
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
