@@ -341,3 +341,26 @@ def test_load_composition_from_local_folders_freezes_the_bases(tmp_path):
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- the shared training loop
+def test_trainer_lowers_the_loss_and_resumes_exactly(tmp_path):
+    from composition.training import BridgeTrainer, TrainSettings
+
+    settings = TrainSettings(lr=3e-3, steps=8, warmup_steps=2)
+    batches = [tokens(4, 10, seed=s) for s in range(8)]
+    straight = BridgeTrainer(composed(trained=False), settings)
+    losses = [straight.step({"input_ids": b})["loss"] for b in batches]
+    assert losses[-1] < losses[0]
+
+    first = BridgeTrainer(composed(trained=False), settings)
+    for b in batches[:4]:
+        first.step({"input_ids": b})
+    first.save(tmp_path / "ckpt")
+    resumed = BridgeTrainer(composed(trained=False), settings)
+    assert resumed.load(tmp_path / "ckpt")["step"] == 4
+    for b in batches[4:]:
+        resumed.step({"input_ids": b})
+    for a, b in zip(straight.params, resumed.params):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert ComposedModel.from_pretrained(tmp_path / "ckpt" / "bridges", anchor_model(), [augment_model()])

@@ -1,0 +1,132 @@
+"""The bridge-training loop: one implementation, used in-process and by every Ray Train worker.
+
+    trainer = BridgeTrainer(model, TrainSettings(lr=1e-3, steps=1000))
+    for batch in batches:                       # dicts of [batch, seq] tensors
+        metrics = trainer.step(batch)           # loss, tokens, lr, step
+    trainer.save(folder)                        # bridges + optimizer state, safetensors only
+
+Only bridge parameters reach the optimiser. Under torch.distributed (Ray Train's workers) the
+bridge gradients are averaged across workers after each backward pass, and the initial bridge
+weights are broadcast from rank 0, so the frozen models are never wrapped or synchronised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from composition.checkpoint import atomic_folder, save_bridges
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings for the bridges (AdamW with linear warmup and cosine decay)."""
+
+    lr: float = 1e-3
+    steps: int = 1000
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.1
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class BridgeTrainer:
+    """Owns the optimiser over ``model.trainable_parameters()`` and the step counter."""
+
+    def __init__(self, model, settings: TrainSettings):
+        self.model = model
+        self.settings = settings
+        self.params = model.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.step_count = 0
+        if _distributed():
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
+
+    def step(self, batch: dict) -> dict:
+        """One optimiser step on ``batch``.
+
+        ``batch`` holds ``input_ids`` [batch, seq], optional ``attention_mask`` and ``labels``
+        (default: the input ids), and optional ``augment_states`` (per augmenting model
+        ``{index: [batch, seq, d_aug]}``, e.g. streamed from Ray actors).
+        Returns ``{"loss", "tokens", "lr", "step"}`` for this step.
+        """
+        self.model.train()
+        lr = self.settings.lr_at(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        out = self.model(ids, mask, labels=batch.get("labels", ids), augment_states=batch.get("augment_states"))
+        out.loss.backward()
+        if _distributed():
+            world = dist.get_world_size()
+            for p in self.params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        if self.settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        tokens = int(mask.sum()) if mask is not None else ids.numel()
+        return {"loss": float(out.loss.detach()), "tokens": tokens, "lr": lr, "step": self.step_count}
+
+    # -------------------------------------------------------------- checkpoints (safetensors + JSON only)
+    def save(self, folder: str | os.PathLike, extra: dict | None = None) -> None:
+        """Atomically write the bridges (loadable by ComposedModel.from_pretrained) plus the optimiser state."""
+        tensors, scalars = {}, {}
+        for i, p in enumerate(self.params):
+            state = self.optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    tensors[f"{i}.{key}"] = value.detach().contiguous().cpu()
+                else:
+                    scalars[f"{i}.{key}"] = float(value)
+        meta = {"step": self.step_count, "settings": asdict(self.settings), "scalars": scalars, **(extra or {})}
+        with atomic_folder(folder) as tmp:
+            save_bridges(self.model, tmp / "bridges")
+            save_file(tensors, str(tmp / OPTIMIZER_FILE))
+            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def load(self, folder: str | os.PathLike) -> dict:
+        """Restore bridges, optimiser state and step count from ``save``; returns the saved metadata."""
+        folder = Path(folder)
+        meta = json.loads((folder / STATE_FILE).read_text())
+        weights = load_file(str(folder / "bridges" / "bridges.safetensors"))
+        device = self.params[0].device
+        self.model.bridges.load_state_dict({k: v.to(device) for k, v in weights.items()})
+        tensors = load_file(str(folder / OPTIMIZER_FILE))
+        for i, p in enumerate(self.params):
+            state = {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                if f"{i}.{key}" in tensors:
+                    state[key] = tensors[f"{i}.{key}"].to(device)
+            if f"{i}.step" in meta["scalars"]:
+                state["step"] = torch.tensor(meta["scalars"][f"{i}.step"])
+            if state:
+                self.optimizer.state[p] = state
+        self.step_count = int(meta["step"])
+        return meta
