@@ -1,0 +1,80 @@
+"""Shared fixtures. One real Ray cluster per test session (``ray start --head``), token auth on.
+
+Tests that need Ray take the ``ray_cluster`` fixture; it starts the cluster on first use and
+stops it at the end of the session. The token is fresh per session and exported through
+``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN``, so ``ray job submit``, ``serve run`` and
+``ray.init(address=...)`` in subprocesses all authenticate.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_BIN = str(Path(sys.executable).with_name("ray"))
+
+# Token auth for every Ray client in this session, set before any test module imports ray
+# (ray reads RAY_AUTH_MODE once, at import).
+TOKEN = secrets.token_hex(16)
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = TOKEN
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    address: str  # GCS address for ray.init / ray start --address
+    dashboard: str  # http address for ray job submit
+    temp_dir: str
+    env: dict  # environment for subprocesses (token auth, addresses)
+
+    def run(self, *args: str, timeout: float = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        """Run a command with the cluster's environment; output captured as text."""
+        proc = subprocess.run(list(args), env=self.env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout, **kwargs)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    token = TOKEN
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    subprocess.run(
+        [RAY_BIN, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+         "--object-store-memory=1000000000", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, text=True, timeout=120,
+    )
+    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir,
+                         {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}"})
+    deadline = time.monotonic() + 60
+    while True:  # the job server comes up a little after `ray start` returns
+        proc = cluster.run(RAY_BIN, "job", "list", check=False, timeout=30)
+        if proc.returncode == 0:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Ray job server did not come up: {proc.stderr[-2000:]}")
+        time.sleep(1)
+    yield cluster
+    subprocess.run([RAY_BIN, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    shutil.rmtree(temp_dir, ignore_errors=True)
