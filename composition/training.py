@@ -5,7 +5,9 @@
         metrics = trainer.step(batch)           # loss, tokens, lr, step
     trainer.save(folder)                        # bridges + optimizer state, safetensors only
 
-Only bridge parameters reach the optimiser. Under torch.distributed (Ray Train's workers) the
+Any model with ``trainable_parameters()`` and ``forward(input_ids, attention_mask, labels=...,
+augment_states=...)`` can be trained (the key-value experiment pre-trains its small models with
+it too); for a ComposedModel only the bridge parameters reach the optimiser. Under torch.distributed (Ray Train's workers) the
 bridge gradients are averaged across workers after each backward pass, and the initial bridge
 weights are broadcast from rank 0, so the frozen models are never wrapped or synchronised.
 """
@@ -26,6 +28,7 @@ from composition.checkpoint import atomic_folder, save_bridges
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+WEIGHTS_FILE = "trainable.safetensors"
 
 
 @dataclass
@@ -96,7 +99,12 @@ class BridgeTrainer:
 
     # -------------------------------------------------------------- checkpoints (safetensors + JSON only)
     def save(self, folder: str | os.PathLike, extra: dict | None = None) -> None:
-        """Atomically write the bridges (loadable by ComposedModel.from_pretrained) plus the optimiser state."""
+        """Atomically write the trained weights and the optimiser state.
+
+        The folder holds ``trainable.safetensors`` (the trained parameters, in order),
+        ``optimizer.safetensors`` and ``trainer_state.json``; for a ComposedModel also ``bridges/``,
+        loadable with ``ComposedModel.from_pretrained``.
+        """
         tensors, scalars = {}, {}
         for i, p in enumerate(self.params):
             state = self.optimizer.state.get(p, {})
@@ -106,8 +114,11 @@ class BridgeTrainer:
                 else:
                     scalars[f"{i}.{key}"] = float(value)
         meta = {"step": self.step_count, "settings": asdict(self.settings), "scalars": scalars, **(extra or {})}
+        weights = {str(i): p.detach().contiguous().cpu() for i, p in enumerate(self.params)}
         with atomic_folder(folder) as tmp:
-            save_bridges(self.model, tmp / "bridges")
+            save_file(weights, str(tmp / WEIGHTS_FILE))
+            if hasattr(self.model, "bridges"):
+                save_bridges(self.model, tmp / "bridges")
             save_file(tensors, str(tmp / OPTIMIZER_FILE))
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -115,9 +126,15 @@ class BridgeTrainer:
         """Restore bridges, optimiser state and step count from ``save``; returns the saved metadata."""
         folder = Path(folder)
         meta = json.loads((folder / STATE_FILE).read_text())
-        weights = load_file(str(folder / "bridges" / "bridges.safetensors"))
+        weights = load_file(str(folder / WEIGHTS_FILE))
+        if len(weights) != len(self.params):
+            raise ValueError(f"{folder} holds {len(weights)} trained tensors, this model trains {len(self.params)}")
         device = self.params[0].device
-        self.model.bridges.load_state_dict({k: v.to(device) for k, v in weights.items()})
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if weights[str(i)].shape != p.shape:
+                    raise ValueError(f"{folder}: tensor {i} has shape {tuple(weights[str(i)].shape)}, expected {tuple(p.shape)}")
+                p.copy_(weights[str(i)].to(device))
         tensors = load_file(str(folder / OPTIMIZER_FILE))
         for i, p in enumerate(self.params):
             state = {}
