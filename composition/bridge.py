@@ -40,7 +40,9 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torc
     return torch.cat([rotated, x[..., 2 * half :]], dim=-1)
 
 
-def cross_model_mask(key_valid: torch.Tensor, query_start: int, num_queries: int) -> torch.Tensor:
+def cross_model_mask(
+    key_valid: torch.Tensor, query_start: int, num_queries: int, window: int | None = None
+) -> torch.Tensor:
     """Which augmenting positions each anchor position may attend to.
 
     Both models read the same token sequence, so positions share one index space.
@@ -49,13 +51,17 @@ def cross_model_mask(key_valid: torch.Tensor, query_start: int, num_queries: int
         key_valid: [batch, seq_keys] bool, False at padding.
         query_start: sequence index of the first query (the number of cached tokens).
         num_queries: number of query positions.
+        window: if set, a query sees only the last ``window`` keys up to its own index
+            (``window=1``: each anchor token reads the augmenting states of the same token).
     Returns:
         [batch, 1, num_queries, seq_keys] bool, True where attention is allowed:
-        key index <= query index and the key is not padding.
+        key index <= query index (and > query index - window) and the key is not padding.
     """
     key_idx = torch.arange(key_valid.shape[1], device=key_valid.device)
     query_idx = torch.arange(query_start, query_start + num_queries, device=key_valid.device)
     causal = key_idx[None, :] <= query_idx[:, None]  # [queries, keys]
+    if window is not None:
+        causal &= key_idx[None, :] > query_idx[:, None] - window
     return (causal[None] & key_valid[:, None, :])[:, None]
 
 

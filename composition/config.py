@@ -101,6 +101,10 @@ class CompositionConfig:
         rotary: rotary positions on bridge queries and keys (anchor and augmenting positions
             are aligned token by token), so a bridge can tell which augmenting token is which.
         rope_theta: rotary base.
+        window: local cross-attention: anchor token t sees only augmenting tokens in
+            (t - window, t]; None sees all of them up to t (the paper). ``window=1`` makes each
+            bridge a per-token map from the augmenting model's state to the anchor's, a strong prior
+            when both models read the same tokens (the key-value experiment uses it).
         norm: RMSNorm on the bridge's query input and on the augmenting states.
         bridge_dtype: dtype of the bridge parameters; inputs are cast to it and the output cast
             back to the anchor's dtype. float32 keeps training stable under a bf16 anchor.
@@ -110,6 +114,7 @@ class CompositionConfig:
     num_heads: int | None = None
     rotary: bool = False
     rope_theta: float = 10000.0
+    window: int | None = None
     norm: bool = True
     bridge_dtype: str = "float32"
 
@@ -121,6 +126,8 @@ class CompositionConfig:
             raise ConfigError(f"num_heads must be positive or null (anchor's head count), got {self.num_heads}")
         if self.bridge_dtype not in _DTYPES:
             raise ConfigError(f"bridge_dtype {self.bridge_dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.window is not None and int(self.window) < 1:
+            raise ConfigError(f"window must be a positive integer or null (no window), got {self.window}")
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
 

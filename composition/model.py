@@ -231,7 +231,7 @@ class ComposedModel(nn.Module):
                 v = torch.cat([cache.bridge_values[b], v], dim=2)
             keys.append(k)
             values.append(v)
-        mask = cross_model_mask(full_mask.bool(), past, seq)
+        mask = cross_model_mask(full_mask.bool(), past, seq, self.config.window)
 
         if labels is not None:
             # a label counts only where it and the token that predicts it are both real

@@ -364,3 +364,20 @@ def test_trainer_lowers_the_loss_and_resumes_exactly(tmp_path):
     for a, b in zip(straight.params, resumed.params):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert ComposedModel.from_pretrained(tmp_path / "ckpt" / "bridges", anchor_model(), [augment_model()])
+
+
+def test_window_one_bridge_reads_only_the_same_token():
+    model = composed(pairs=[(2, 6), (4, 6)], rotary=False)  # after the anchor's last layer: no mixing after
+    model.config.window = 1
+    ids = tokens(1, 10)
+    with torch.no_grad():
+        base = model(ids).logits
+        # anchor position 5 must not change when augmenting states at other positions change
+        states, _ = model.encode_augments(ids, torch.ones_like(ids), torch.arange(10)[None])
+        for index in states[0]:
+            states[0][index] = states[0][index].clone()
+            states[0][index][:, :5] += 3.0
+        moved = model(ids, augment_states=states).logits
+    assert (moved[:, :5] - base[:, :5]).abs().max() > 1e-3
+    torch.testing.assert_close(moved[:, 5], base[:, 5], rtol=0, atol=1e-6)
+    assert torch.equal(model.generate(ids, max_new_tokens=5), model.generate(ids, max_new_tokens=5, use_cache=False))
