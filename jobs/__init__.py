@@ -1,0 +1,1 @@
+"""Thin entry points: `ray job submit` targets and command-line tools."""
