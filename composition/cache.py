@@ -3,6 +3,9 @@
 Holds the anchor's HF KV cache, each augmenting model's HF KV cache, and each bridge's projected
 keys and values, plus the attention mask of all tokens seen so far. A forward pass with a cache
 runs each model on the new tokens only.
+
+The bridge keys and values live in buffers with spare room along the sequence (``SeqBuffer``), so
+appending a decoded token writes one position instead of copying everything seen so far.
 """
 
 from __future__ import annotations
@@ -10,6 +13,61 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+SEQ_DIM = 2  # bridge keys and values are [batch, heads, seq, head_dim]
+
+
+class SeqBuffer:
+    """A tensor that grows along ``SEQ_DIM``: ``data`` [batch, heads, capacity, head_dim], filled up to ``length``.
+
+    Capacity grows geometrically, so appending n tokens one at a time copies O(n) in total.
+    """
+
+    __slots__ = ("data", "length")
+
+    def __init__(self, past: torch.Tensor, capacity: int):
+        shape = list(past.shape)
+        shape[SEQ_DIM] = capacity
+        self.data = past.new_empty(shape)
+        self.length = past.shape[SEQ_DIM]
+        self.data.narrow(SEQ_DIM, 0, self.length).copy_(past)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is exactly this buffer's filled part (and nothing was appended after it)."""
+        return (
+            t.data_ptr() == self.data.data_ptr()
+            and t.shape[SEQ_DIM] == self.length
+            and t.stride() == self.data.stride()
+            and t.shape[:SEQ_DIM] == self.data.shape[:SEQ_DIM]
+            and t.shape[SEQ_DIM + 1 :] == self.data.shape[SEQ_DIM + 1 :]
+            and t.dtype == self.data.dtype
+        )
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        """Write ``new`` after the filled part (room must exist); returns the filled part, a view."""
+        n = new.shape[SEQ_DIM]
+        self.data.narrow(SEQ_DIM, self.length, n).copy_(new)
+        self.length += n
+        return self.data.narrow(SEQ_DIM, 0, self.length)
+
+
+def _capacity(needed: int) -> int:
+    return needed + max(64, needed // 2)
+
+
+def append_seq(buffer: SeqBuffer | None, past: torch.Tensor, new: torch.Tensor) -> tuple[SeqBuffer | None, torch.Tensor]:
+    """``torch.cat([past, new], dim=2)`` without copying ``past`` when it is the filled part of ``buffer``.
+
+    Returns (the buffer now holding the result, the result). A ``past`` that is not the buffer's
+    filled part (a fresh prefill, a reordered cache, a second continuation of an older cache) is
+    copied once into a new buffer with spare room. Under autograd it falls back to ``torch.cat``.
+    """
+    if torch.is_grad_enabled() and (past.requires_grad or new.requires_grad):
+        return None, torch.cat([past, new], dim=SEQ_DIM)
+    needed = past.shape[SEQ_DIM] + new.shape[SEQ_DIM]
+    if buffer is None or not buffer.holds(past) or buffer.data.shape[SEQ_DIM] < needed:
+        buffer = SeqBuffer(past, _capacity(needed))
+    return buffer, buffer.append(new)
 
 
 @dataclass
@@ -19,10 +77,33 @@ class CompositionCache:
     augments: list = field(default_factory=list)  # one HF Cache per augmenting model
     bridge_keys: list = field(default_factory=list)  # per bridge [batch, heads, seen, head_dim]
     bridge_values: list = field(default_factory=list)
+    # per bridge (key buffer, value buffer) behind bridge_keys / bridge_values; rebuilt when they do not match
+    buffers: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def seq_len(self) -> int:
         return self.attention_mask.shape[1]
+
+    def extend_bridges(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list]:
+        """Cached bridge keys/values followed by the new tokens' ones.
+
+        Args:
+            keys, values: per bridge [batch, heads, new, head_dim] for the new tokens.
+        Returns:
+            (keys, values) per bridge [batch, heads, seen + new, head_dim], and the buffers behind them
+            (give both to the next CompositionCache). This cache's own fields are left as they were.
+        """
+        all_keys, all_values, buffers = [], [], []
+        for b, (k, v) in enumerate(zip(keys, values)):
+            kbuf, vbuf = self.buffers[b] if b < len(self.buffers) else (None, None)
+            kbuf, k = append_seq(kbuf, self.bridge_keys[b], k)
+            vbuf, v = append_seq(vbuf, self.bridge_values[b], v)
+            all_keys.append(k)
+            all_values.append(v)
+            buffers.append((kbuf, vbuf))
+        return all_keys, all_values, buffers
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in ``index`` (e.g. to drop finished requests)."""
@@ -32,3 +113,4 @@ class CompositionCache:
                 c.reorder_cache(index)
         self.bridge_keys = [k[index] for k in self.bridge_keys]
         self.bridge_values = [v[index] for v in self.bridge_values]
+        self.buffers = []

@@ -226,11 +226,11 @@ class ComposedModel(nn.Module):
         keys, values = [], []
         for b, link in enumerate(self.links):
             k, v = self.bridges[b].keys_values(augment_states[link.augment][link.augment_index], positions)
-            if cache is not None:
-                k = torch.cat([cache.bridge_keys[b], k], dim=2)
-                v = torch.cat([cache.bridge_values[b], v], dim=2)
             keys.append(k)
             values.append(v)
+        buffers = []
+        if cache is not None:  # append to the cached keys/values in place of a full copy per step
+            keys, values, buffers = cache.extend_bridges(keys, values)
         mask = cross_model_mask(full_mask.bool(), past, seq, self.config.window)
 
         if labels is not None:
@@ -253,7 +253,7 @@ class ComposedModel(nn.Module):
         finally:
             self._running = None
         new_cache = (
-            CompositionCache(full_mask, out.cache, augment_caches, keys, values) if use_cache else None
+            CompositionCache(full_mask, out.cache, augment_caches, keys, values, buffers) if use_cache else None
         )
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, cache=new_cache)
 
