@@ -1,0 +1,87 @@
+"""How a decode engine reaches the augmenting models' ``AugmentRows``: in-process or through Ray Serve.
+
+The engine (``actors.engine.DecodeEngine``) calls three coroutines and gets tensors back:
+
+    states = await client.prefill([(id, tokens), ...])        # per augmenting model {index: [rows, longest, d]}
+    states = await client.step(ids, tokens, history)          # per augmenting model {index: [rows, 1, d]}
+    await client.release(ids)                                 # forget rows (None: all)
+
+``step`` hides cache misses: when an augmenting side reports rows it does not hold (a Serve call
+that reached another replica, a replica that restarted), the client re-sends those rows'
+histories (``history(id)``: every token of the row before the newest) and steps again. So an
+engine's requests survive the loss of an augmenting replica at the cost of one re-prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import torch
+
+from actors.augment_rows import AugmentRows
+from actors.codec import arrays_to_states
+
+
+class AugmentUnavailable(RuntimeError):
+    """The augmenting model could not be reached; the message says why and for how long it was tried."""
+
+
+class AugmentClient:
+    """Base: subclasses implement ``_call(augment, method, *args)`` returning AugmentRows' plain results."""
+
+    def __init__(self, num_augments: int, device: str | torch.device = "cpu"):
+        self.num_augments = num_augments
+        self.device = device
+        self.rebuilds = 0  # rows re-sent after a miss (for stats and tests)
+
+    async def _call(self, augment: int, method: str, *args):
+        raise NotImplementedError
+
+    def _decode(self, augment: int, result: dict) -> dict[int, torch.Tensor]:
+        (states,) = arrays_to_states(result["states"], result["dtype"], self.device)
+        return states
+
+    async def prefill(
+        self, rows: list[tuple[str, list[int]]], keep: list[str] | None = None
+    ) -> list[dict[int, torch.Tensor]]:
+        """States of new rows' tokens; ``keep``: the engine's other live rows (the rest are dropped)."""
+        results = await asyncio.gather(*(self._call(i, "prefill", rows, True, keep) for i in range(self.num_augments)))
+        return [self._decode(i, r) for i, r in enumerate(results)]
+
+    async def _step_one(self, augment: int, ids: list[str], tokens: list[int], history: Callable[[str], list[int]]):
+        lengths = [len(history(rid)) for rid in ids]
+        result = await self._call(augment, "step", ids, tokens, lengths)
+        if "missing" in result:
+            missing = result["missing"]
+            self.rebuilds += len(missing)
+            await self._call(augment, "prefill", [(rid, history(rid)) for rid in missing], False)
+            result = await self._call(augment, "step", ids, tokens, lengths)
+            if "missing" in result:
+                raise AugmentUnavailable(
+                    f"augmenting model {augment} lost rows {result['missing']} right after they were re-sent: "
+                    f"its calls are not reaching one replica (check the augmenting deployment's routing)"
+                )
+        return self._decode(augment, result)
+
+    async def step(
+        self, ids: list[str], tokens: list[int], history: Callable[[str], list[int]]
+    ) -> list[dict[int, torch.Tensor]]:
+        return list(await asyncio.gather(*(self._step_one(i, ids, tokens, history) for i in range(self.num_augments))))
+
+    async def release(self, ids: list[str] | None = None) -> None:
+        await asyncio.gather(*(self._call(i, "release", ids) for i in range(self.num_augments)))
+
+
+class LocalAugments(AugmentClient):
+    """AugmentRows in this process (no Ray): for tests, notebooks and the benchmark's reference.
+
+    Calls run in a worker thread, like a Serve replica's, and states still go through the codec.
+    """
+
+    def __init__(self, rows: list[AugmentRows], device: str | torch.device = "cpu"):
+        super().__init__(len(rows), device)
+        self.rows = rows
+
+    async def _call(self, augment: int, method: str, *args):
+        return await asyncio.to_thread(getattr(self.rows[augment], method), *args)

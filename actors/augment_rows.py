@@ -1,0 +1,171 @@
+"""AugmentRows: the augmenting model's side of one decode engine's batch, keyed by request id.
+
+A serving engine (``actors.engine.DecodeEngine``) decodes many requests in one batch. For every
+step it needs the augmenting model's hidden states of the batch's newest tokens, which needs the
+augmenting model's KV cache of every row. That cache lives here, next to the augmenting model
+(in a Serve replica or in-process), and mirrors the engine's rows by request id:
+
+    prefill([(id, tokens), ...])  -> states of the new rows' tokens   [new_rows, longest, d_aug]
+    step([id, ...], [token, ...], [length, ...])
+                                  -> states of one new token per row   [rows, 1, d_aug]
+                                     or {"missing": [ids]} when a row's cache is not here
+                                     or holds a different number of tokens than ``length``
+
+``step`` takes the engine's current row order: rows not listed are dropped (finished or
+cancelled requests), listed rows are reordered to match. A row this object does not hold (the
+call reached another replica, or this one restarted) is reported as missing instead of guessed,
+and the engine re-sends that row's history with ``prefill(..., return_states=False)``.
+
+States leave as numpy arrays through ``actors.codec`` (16-bit floats as raw int16 bits), so
+Ray's object store moves them without pickling tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from actors.batch_cache import left_pad_rows, leading_padding, merge_hf_caches, crop_left_hf_cache, select_rows_hf_cache
+from actors.codec import dtype_name, state_key, tensor_to_numpy
+from composition.augment import AugmentEncoder
+from composition.model import positions_from_mask
+
+
+class AugmentRows:
+    """Per-request augmenting caches for one engine, batched (see the module docstring).
+
+    Args:
+        encoder: the augmenting model wrapped to return its selected hidden states.
+        augment: which augmenting model of the composition this is (names the states ``aug{augment}_{index}``).
+        pad_id: token id placed in padding slots (masked, so any valid id works).
+        lock: serialises model calls when several AugmentRows share one encoder (its hooks hold
+            per-call state); one lock per encoder.
+    """
+
+    def __init__(self, encoder: AugmentEncoder, augment: int = 0, pad_id: int = 0, lock: threading.Lock | None = None):
+        self.encoder = encoder
+        self.augment = augment
+        self.pad_id = pad_id
+        self.lock = lock or threading.Lock()
+        self._busy = threading.Lock()  # one call at a time on these rows (a retried call may overlap the first)
+        self.ids: list[str] = []
+        self.attention_mask: torch.Tensor | None = None  # [rows, seen]
+        self.cache = None  # the augmenting model's HF DynamicCache for all rows
+        self.device = next(encoder.model.parameters()).device
+
+    # ------------------------------------------------------------------ bookkeeping
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def clear(self) -> None:
+        self.ids, self.attention_mask, self.cache = [], None, None
+
+    def __del__(self):  # called by Serve's multiplexing when it evicts this engine's rows
+        self.clear()
+
+    def _keep(self, ids: list[str]) -> None:
+        """Keep exactly rows ``ids`` (all held), in that order."""
+        if ids == self.ids:
+            return
+        if not ids:
+            self.clear()
+            return
+        where = {rid: i for i, rid in enumerate(self.ids)}
+        index = torch.tensor([where[rid] for rid in ids], dtype=torch.long, device=self.device)
+        self.attention_mask = self.attention_mask.index_select(0, index)
+        select_rows_hf_cache(self.cache, index)
+        self.ids = list(ids)
+        columns = leading_padding(self.attention_mask)
+        if 0 < columns < self.attention_mask.shape[1]:
+            self.attention_mask = self.attention_mask[:, columns:]
+            crop_left_hf_cache(self.cache, columns)
+
+    def release(self, ids: list[str] | None = None) -> None:
+        """Forget rows ``ids`` (all rows when None)."""
+        with self._busy:
+            self._release(ids)
+
+    def _release(self, ids: list[str] | None) -> None:
+        if ids is None:
+            self.clear()
+        else:
+            drop = set(ids)
+            self._keep([rid for rid in self.ids if rid not in drop])
+
+    def _encode(self, states: dict[int, torch.Tensor]) -> dict:
+        arrays = {state_key(self.augment, index): tensor_to_numpy(t) for index, t in states.items()}
+        dtype = dtype_name(next(iter(states.values())).dtype)
+        return {"states": arrays, "dtype": dtype}
+
+    # ------------------------------------------------------------------ model calls
+    def prefill(
+        self, rows: list[tuple[str, list[int]]], return_states: bool = True, keep: list[str] | None = None
+    ) -> dict | None:
+        """Run the augmenting model on new rows' tokens and append the rows to the batch.
+
+        Rows whose id is already held are replaced (a re-sent history); with ``keep``, held rows
+        not in it are dropped first (the engine's rows that finished since the last call). Returns
+        ``{"states": {"aug{i}_{index}": array [new_rows, longest, d_aug]}, "dtype": name}`` with
+        rows left-padded as ``left_pad_rows`` does, or None when ``return_states`` is False.
+        """
+        with self._busy:
+            return self._prefill(rows, return_states, keep)
+
+    @torch.no_grad()
+    def _prefill(self, rows, return_states, keep) -> dict | None:
+        ids = [rid for rid, _ in rows]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate request ids in one prefill: {ids}")
+        if keep is not None:
+            wanted = set(keep)
+            self._keep([rid for rid in self.ids if rid in wanted])
+        self._release(ids)
+        input_ids, mask = left_pad_rows([list(t) for _, t in rows], self.pad_id)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        with self.lock:
+            states, cache = self.encoder(input_ids, mask, positions_from_mask(mask), None, True)
+        if self.cache is None:
+            self.ids, self.attention_mask, self.cache = ids, mask, cache
+        else:
+            length = max(self.attention_mask.shape[1], mask.shape[1])
+            pad_old = length - self.attention_mask.shape[1]
+            pad_new = length - mask.shape[1]
+            self.attention_mask = torch.cat(
+                [torch.nn.functional.pad(self.attention_mask, (pad_old, 0)), torch.nn.functional.pad(mask, (pad_new, 0))]
+            )
+            merge_hf_caches(self.cache, cache, length)
+            self.ids = self.ids + ids
+        return self._encode(states) if return_states else None
+
+    def step(self, ids: list[str], tokens: list[int], lengths: list[int] | None = None) -> dict:
+        """States of one new token per row, for rows ``ids`` in that order (see the module docstring).
+
+        ``lengths[i]`` is how many tokens row ``ids[i]`` should already hold; a row holding another
+        count (a step applied twice after a lost reply, say) is reported missing, so a retried call
+        can never corrupt a row.
+        """
+        if len(ids) != len(tokens) or (lengths is not None and len(lengths) != len(ids)):
+            raise ValueError(f"{len(ids)} row ids for {len(tokens)} tokens and {len(lengths or [])} lengths")
+        with self._busy:
+            return self._step(ids, tokens, lengths)
+
+    @torch.no_grad()
+    def _step(self, ids, tokens, lengths) -> dict:
+        where = {rid: i for i, rid in enumerate(self.ids)}
+        missing = [rid for rid in ids if rid not in where]
+        if lengths is not None and self.attention_mask is not None:
+            held = self.attention_mask.sum(dim=1).tolist()
+            missing += [rid for rid, n in zip(ids, lengths) if rid in where and held[where[rid]] != n]
+        if missing:
+            self._release(missing)
+            return {"missing": missing}
+        self._keep(ids)
+        new = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # [rows, 1]
+        past = self.attention_mask.shape[1]
+        full_mask = torch.cat([self.attention_mask, torch.ones_like(new)], dim=1)
+        positions = positions_from_mask(full_mask)[:, past:]
+        with self.lock:
+            states, self.cache = self.encoder(new, full_mask, positions, self.cache, True)
+        self.attention_mask = full_mask
+        return self._encode(states)

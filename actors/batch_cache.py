@@ -1,0 +1,158 @@
+"""Row-level surgery on decode caches, for continuous batching of requests of different lengths.
+
+A serving engine keeps ONE cache for all the requests it is decoding, one batch row each. Rows
+join (a new request's prefill) and leave (a request finishes) between decode steps, and the rows
+of a batch have different lengths. Everything is left-padded to a common length:
+
+    row A  [pad pad  a0  a1  a2 ]      attention mask  [0 0 1 1 1]
+    row B  [ b0  b1  b2  b3  b4 ]                      [1 1 1 1 1]
+
+Padded key/value slots are masked by the attention mask, and positions come from the mask
+(``positions_from_mask``), so padding changes no result: a request decodes the same tokens in a
+batch as alone (up to float rounding of batched matmuls).
+
+Works on Hugging Face ``DynamicCache`` objects made of full-attention ``DynamicLayer``s (keys and
+values ``[batch, kv_heads, seq, head_dim]``) and on ``composition.cache.CompositionCache``.
+Sliding-window or static caches are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
+
+from composition.cache import CompositionCache
+
+
+def left_pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids, attention_mask), both [len(rows), longest] long, left-padded.
+
+    Both sides of a split model (augmenting replica, anchor replica) call this on the same rows,
+    so their padded layouts agree position by position.
+    """
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every row needs at least one token")
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, longest - len(r) :] = 1
+    return ids, mask
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zero-pad ``t`` on the left of dimension ``dim`` to ``length``."""
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    dim = dim % t.dim()
+    pad = [0, 0] * (t.dim() - dim - 1) + [missing, 0]  # F.pad counts from the last dimension
+    return F.pad(t, pad)
+
+
+def _layers(cache) -> list:
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(cache).__name__} is not a transformers Cache with .layers")
+    for layer in layers:
+        if type(layer) is not DynamicLayer:
+            raise TypeError(
+                f"continuous batching supports full-attention DynamicCache layers only, got {type(layer).__name__}: "
+                f"models with sliding-window or static caches cannot be served by this engine"
+            )
+    return layers
+
+
+def merge_hf_caches(first, second, length: int):
+    """Append ``second``'s rows to ``first`` (in place), both left-padded to ``length`` tokens.
+
+    Returns ``first``. Keys and values are [batch, kv_heads, seq, head_dim].
+    """
+    for a, b in zip(_layers(first), _layers(second), strict=True):
+        if not b.is_initialized:
+            continue
+        if not a.is_initialized:
+            raise ValueError("cannot merge a cache with an uninitialised layer into an initialised one")
+        a.keys = torch.cat([_pad_left(a.keys, length, -2), _pad_left(b.keys, length, -2)], dim=0)
+        a.values = torch.cat([_pad_left(a.values, length, -2), _pad_left(b.values, length, -2)], dim=0)
+    return first
+
+
+def crop_left_hf_cache(cache, columns: int) -> None:
+    """Drop the first ``columns`` sequence positions of every layer (in place)."""
+    if columns <= 0:
+        return
+    for layer in _layers(cache):
+        if layer.is_initialized:
+            layer.keys = layer.keys[..., columns:, :]
+            layer.values = layer.values[..., columns:, :]
+
+
+def select_rows_hf_cache(cache, index: torch.Tensor) -> None:
+    """Keep (and order) batch rows ``index`` of every layer (in place)."""
+    for layer in _layers(cache):
+        if layer.is_initialized:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+
+
+def leading_padding(attention_mask: torch.Tensor) -> int:
+    """Number of leading columns that are padding in every row of ``attention_mask`` [batch, seq]."""
+    real = attention_mask.bool().any(dim=0)
+    if not bool(real.any()):
+        return attention_mask.shape[1]
+    return int(real.float().argmax())
+
+
+def merge_composition_caches(first: CompositionCache, second: CompositionCache) -> CompositionCache:
+    """A cache holding ``first``'s rows then ``second``'s, left-padded to the longer one.
+
+    ``first`` is reused (its tensors replaced); ``second`` should not be used afterwards.
+    """
+    length = max(first.seq_len, second.seq_len)
+    first.attention_mask = torch.cat(
+        [_pad_left(first.attention_mask, length, 1), _pad_left(second.attention_mask, length, 1)], dim=0
+    )
+    if first.anchor is not None:
+        merge_hf_caches(first.anchor, second.anchor, length)
+    for a, b in zip(first.augments, second.augments, strict=True):
+        if (a is None) != (b is None):
+            raise ValueError("one cache holds augmenting caches and the other does not")
+        if a is not None:
+            merge_hf_caches(a, b, length)
+    first.bridge_keys = [
+        torch.cat([_pad_left(a, length, 2), _pad_left(b, length, 2)], dim=0)
+        for a, b in zip(first.bridge_keys, second.bridge_keys, strict=True)
+    ]
+    first.bridge_values = [
+        torch.cat([_pad_left(a, length, 2), _pad_left(b, length, 2)], dim=0)
+        for a, b in zip(first.bridge_values, second.bridge_values, strict=True)
+    ]
+    return first
+
+
+def select_rows(cache: CompositionCache, index: torch.Tensor) -> None:
+    """Keep (and order) rows ``index`` of a CompositionCache, then drop columns that became all padding."""
+    index = index.to(cache.attention_mask.device)
+    cache.attention_mask = cache.attention_mask.index_select(0, index)
+    for c in [cache.anchor, *cache.augments]:
+        if c is not None:
+            select_rows_hf_cache(c, index)
+    cache.bridge_keys = [k.index_select(0, index) for k in cache.bridge_keys]
+    cache.bridge_values = [v.index_select(0, index) for v in cache.bridge_values]
+    trim_left(cache)
+
+
+def trim_left(cache: CompositionCache) -> None:
+    """Drop leading columns that are padding in every row (after long rows left the batch)."""
+    columns = leading_padding(cache.attention_mask)
+    if columns == 0 or columns >= cache.seq_len:
+        return
+    cache.attention_mask = cache.attention_mask[:, columns:]
+    for c in [cache.anchor, *cache.augments]:
+        if c is not None:
+            crop_left_hf_cache(c, columns)
+    cache.bridge_keys = [k[:, :, columns:] for k in cache.bridge_keys]
+    cache.bridge_values = [v[:, :, columns:] for v in cache.bridge_values]

@@ -1,0 +1,341 @@
+"""DecodeEngine: continuous batching of decode steps for a composed model whose augmenting models run elsewhere.
+
+One engine runs in each anchor replica. Requests join and leave its batch between steps:
+
+    loop:
+        admit waiting requests (up to max_batch_size rows), prefill them together:
+            augmenting side: prefill(rows)            -> their hidden states  [new, longest, d_aug]
+            anchor + bridges: forward with those states -> first token of each, cache rows
+            merge the new cache rows into the batch cache (left padding, actors.batch_cache)
+        one decode step for every running row:
+            augmenting side: step(ids, newest tokens) -> states               [rows, 1, d_aug]
+            anchor + bridges: forward one token per row, with the batch cache -> next tokens
+        drop finished or cancelled rows from the cache
+
+So each new token costs one step of each model and no prefix is recomputed; with more requests
+in flight, each step carries more rows, and tokens/s grows with load. The anchor's model calls
+run in a worker thread so the replica's event loop keeps streaming tokens and taking requests.
+
+``generate(request)`` is an async generator of ``{"token_ids": [...], "finish_reason": ...}``
+chunks (``finish_reason`` is None until the last chunk, then "stop" for an end-of-sequence token,
+or "length"); closing it early (a client that went away) frees the request's row at the next step.
+Works without Ray: give it ``actors.augment_client.LocalAugments``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.augment_client import AugmentClient
+from actors.batch_cache import left_pad_rows, merge_composition_caches, select_rows
+from composition.cache import CompositionCache
+from composition.generate import sample_next
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    """One request, already tokenised and validated.
+
+    Attributes:
+        prompt_ids: the prompt's token ids (at least one).
+        max_tokens: new tokens to generate at most (>= 1).
+        temperature: 0 decodes greedily; > 0 samples.
+        top_p: nucleus sampling mass in (0, 1].
+        seed: seeds this request's sampler, so a seeded request gives the same text in any batch.
+        eos_ids: tokens that end the request (the token is emitted, then finish_reason "stop").
+        request_id: unique among the engine's live requests; made up when empty.
+    """
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    eos_ids: list[int] = field(default_factory=list)
+    request_id: str = ""
+
+
+class RequestFailed(RuntimeError):
+    """A request could not be completed; the message says why."""
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    tokens: list[int]  # prompt + generated so far
+    queue: asyncio.Queue
+    generator: torch.Generator | None
+    generated: int = 0
+    done: bool = False
+    cancelled: bool = False
+
+
+_ids = itertools.count()
+
+
+class DecodeEngine:
+    """Continuous-batching decoder (see the module docstring).
+
+    Args:
+        model: a ComposedModel whose bridges take external ``augment_states``.
+        augments: reaches the augmenting models' per-request caches.
+        max_batch_size: most rows decoded together; further requests wait for a free row.
+        max_context: longest sequence (prompt + new tokens) a request may reach.
+        pad_id: token id in padding slots.
+    """
+
+    def __init__(
+        self,
+        model,
+        augments: AugmentClient,
+        max_batch_size: int = 16,
+        max_context: int | None = None,
+        pad_id: int = 0,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.augments = augments
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context
+        self.pad_id = pad_id
+        self.device = next(model.anchor.parameters()).device
+        self._waiting: deque[_Row] = deque()
+        self._running: list[_Row] = []
+        self._by_id: dict[str, _Row] = {}
+        self._cache: CompositionCache | None = None
+        self._wake = asyncio.Event()
+        self._release_pending = False  # the batch emptied: tell the augmenting side to free its rows
+        self._task: asyncio.Task | None = None
+        self.counters = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "tokens": 0,
+                         "prefills": 0, "max_rows_in_step": 0}
+
+    # ------------------------------------------------------------------ public
+    def stats(self) -> dict:
+        """Live rows, waiting requests and counters (for health checks and tests)."""
+        return {
+            "running": len(self._running),
+            "waiting": len(self._waiting),
+            "rebuilt_rows": self.augments.rebuilds,
+            **self.counters,
+        }
+
+    async def generate(self, request: GenerationRequest):
+        """Async generator of ``{"token_ids": [...], "finish_reason": None | "stop" | "length"}``."""
+        self._check(request)
+        if not request.request_id:
+            request.request_id = f"r{next(_ids)}"
+        if request.request_id in self._by_id:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        generator = None
+        if request.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(request.seed if request.seed is not None else torch.seed())
+        row = _Row(request, list(request.prompt_ids), asyncio.Queue(), generator)
+        self._by_id[request.request_id] = row
+        self._waiting.append(row)
+        self.counters["requests"] += 1
+        self._ensure_loop()
+        try:
+            while True:
+                items = [await row.queue.get()]
+                while not row.queue.empty():  # coalesce tokens produced while the consumer was busy
+                    items.append(row.queue.get_nowait())
+                token_ids, finish = [], None
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    token_ids += item["token_ids"]
+                    finish = item["finish_reason"] or finish
+                yield {"token_ids": token_ids, "finish_reason": finish}
+                if finish is not None:
+                    return
+        finally:
+            if not row.done:  # the consumer went away (client disconnect, timeout): free the row
+                row.cancelled = True
+                self._wake.set()
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, r: GenerationRequest) -> None:
+        if not r.prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if r.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {r.max_tokens}")
+        if r.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {r.temperature}")
+        if not 0 < r.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {r.top_p}")
+        if self.max_context is not None and len(r.prompt_ids) + r.max_tokens > self.max_context:
+            raise ValueError(
+                f"prompt ({len(r.prompt_ids)} tokens) + max_tokens ({r.max_tokens}) exceeds the context of "
+                f"{self.max_context} tokens: shorten the prompt or lower max_tokens"
+            )
+
+    # ------------------------------------------------------------------ the loop
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            # A fresh context: the loop outlives the request that starts it, so it must not carry that
+            # request's context (Ray Serve would cancel the loop's calls when that request is cancelled).
+            self._task = asyncio.get_running_loop().create_task(self._loop(), context=contextvars.Context())
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        try:
+            await self._run()
+        finally:  # only on shutdown or a bug: no request may wait forever
+            self._fail(list(self._waiting) + list(self._running), RequestFailed("the decode engine stopped"))
+            self._waiting.clear()
+
+    async def _run(self) -> None:
+        while True:
+            if not self._waiting and not self._running:
+                if self._release_pending:  # in the loop, so it cannot overtake the next prefill
+                    self._release_pending = False
+                    try:
+                        await self.augments.release(None)
+                    except Exception:  # noqa: BLE001 - a failed release only holds memory until the next prefill
+                        log.warning("could not release augmenting rows", exc_info=True)
+                    continue
+                self._wake.clear()
+                await self._wake.wait()
+            self._drop_cancelled()
+            free = self.max_batch_size - len(self._running)
+            admit = []
+            while self._waiting and len(admit) < free:
+                row = self._waiting.popleft()
+                if not row.cancelled:
+                    admit.append(row)
+            if admit:
+                try:
+                    await self._prefill(admit)
+                except Exception as e:  # noqa: BLE001 - fail the affected requests, keep serving
+                    log.exception("prefill failed")
+                    # a failure after the new rows joined the batch leaves the batch cache unknown
+                    joined = any(r in self._running for r in admit)
+                    self._fail(admit + (self._running if joined else []), e)
+            if self._running:
+                try:
+                    await self._step()
+                except Exception as e:  # noqa: BLE001
+                    log.exception("decode step failed")
+                    self._fail(list(self._running), e)
+            await asyncio.sleep(0)  # let streams and new requests through between steps
+
+    def _fail(self, rows: list[_Row], error: Exception) -> None:
+        err = error if isinstance(error, RequestFailed) else RequestFailed(f"generation failed: {error}")
+        for row in rows:
+            if not row.done:
+                row.done = True
+                row.queue.put_nowait(err)
+                self._by_id.pop(row.request.request_id, None)
+                self.counters["failed"] += 1
+        self._running = [r for r in self._running if not r.done]
+        if not self._running:
+            self._cache = None
+            self._release_pending = True
+
+    def _drop_cancelled(self) -> None:
+        for row in list(self._waiting):
+            if row.cancelled:
+                self._waiting.remove(row)
+                self._finish(row, cancelled=True)
+        if any(r.cancelled and not r.done for r in self._running):
+            for row in self._running:
+                if row.cancelled and not row.done:
+                    self._finish(row, cancelled=True)
+            self._compact()
+
+    def _finish(self, row: _Row, cancelled: bool = False) -> None:
+        row.done = True
+        self._by_id.pop(row.request.request_id, None)
+        self.counters["cancelled" if cancelled else "finished"] += 1
+
+    def _compact(self) -> None:
+        """Drop done rows from the batch and its cache."""
+        keep = [i for i, r in enumerate(self._running) if not r.done]
+        if len(keep) == len(self._running):
+            return
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache = None
+            self._release_pending = True
+        else:
+            select_rows(self._cache, torch.tensor(keep, dtype=torch.long, device=self.device))
+
+    def _emit(self, rows: list[_Row], next_ids: list[int]) -> None:
+        for row, token in zip(rows, next_ids):
+            if row.done:
+                continue
+            row.tokens.append(token)
+            row.generated += 1
+            self.counters["tokens"] += 1
+            finish = None
+            if token in row.request.eos_ids:
+                finish = "stop"
+            elif row.generated >= row.request.max_tokens:
+                finish = "length"
+            row.queue.put_nowait({"token_ids": [token], "finish_reason": finish})
+            if finish is not None or row.cancelled:
+                self._finish(row, cancelled=row.cancelled and finish is None)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Next token per row from last-position logits [rows, vocab]; each row uses its own settings."""
+        next_ids = logits.argmax(dim=-1)
+        for i, row in enumerate(rows):
+            r = row.request
+            if r.temperature > 0:
+                next_ids[i] = sample_next(logits[i : i + 1], True, r.temperature, 0, r.top_p, row.generator)[0]
+        return next_ids.tolist()
+
+    # ------------------------------------------------------------------ model calls
+    async def _prefill(self, rows: list[_Row]) -> None:
+        self.counters["prefills"] += 1
+        prompts = [(r.request.request_id, r.tokens) for r in rows]
+        states = await self.augments.prefill(prompts, keep=[r.request.request_id for r in self._running])
+        ids, mask = left_pad_rows([r.tokens for r in rows], self.pad_id)
+        logits, cache = await asyncio.to_thread(self._forward, ids, mask, states, None)
+        next_ids = self._sample(rows, logits)
+        if self._cache is None:
+            self._cache = cache
+        else:
+            self._cache = merge_composition_caches(self._cache, cache)
+        self._running += rows
+        self._emit(rows, next_ids)
+        self._compact()
+
+    async def _step(self) -> None:
+        rows = list(self._running)
+        ids = [r.request.request_id for r in rows]
+        tokens = [r.tokens[-1] for r in rows]
+        self.counters["steps"] += 1
+        self.counters["max_rows_in_step"] = max(self.counters["max_rows_in_step"], len(rows))
+        states = await self.augments.step(ids, tokens, lambda rid: self._by_id[rid].tokens[:-1] if rid in self._by_id else [])
+        new = torch.tensor(tokens, dtype=torch.long)[:, None]
+        logits, self._cache = await asyncio.to_thread(self._forward, new, torch.ones_like(new), states, self._cache)
+        # rows cancelled while the step ran are still rows of this step's cache: finish them after it
+        self._emit(rows, self._sample(rows, logits))
+        self._drop_cancelled()
+        self._compact()
+
+    @torch.no_grad()
+    def _forward(self, ids, mask, states, cache):
+        """Anchor + bridges on new tokens ids/mask [rows, new]; returns (last logits [rows, vocab], cache)."""
+        out = self.model(
+            ids.to(self.device),
+            mask.to(self.device),
+            augment_states=states,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float(), out.cache

@@ -1,0 +1,529 @@
+"""The OpenAI-shaped HTTP protocol: request validation, errors, responses, server-sent events.
+
+``OpenAIFrontend`` turns an HTTP request into token ids, runs them through a token stream (a
+Serve handle to the anchor deployment, or a local DecodeEngine), and answers in OpenAI's formats:
+
+    POST /v1/completions       {"prompt": "...", "max_tokens": 16, "stream": false, ...}
+    POST /v1/chat/completions  {"messages": [{"role": "user", "content": "..."}], ...}
+    GET  /v1/models, GET /health
+
+Every bad input gets a 4xx with ``{"error": {"message", "type", "param", "code"}}``: the message
+says what is wrong and what is accepted. Streaming answers are ``data: {chunk}\\n\\n`` events
+ending with ``data: [DONE]``. Stop strings and detokenisation happen here; the engine only sees
+token ids. Plain Python + FastAPI/Starlette types; no Ray (the deployment wraps it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+MAX_STOP_SEQUENCES = 4
+
+
+# ---------------------------------------------------------------------- errors
+class ApiError(Exception):
+    """An error answered as OpenAI's JSON error body with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+_EXPECTED = {
+    "prompt": "a non-empty string, a list holding one string, or a list of token ids",
+    "stop": "a string or a list of strings",
+    "messages": "a non-empty list of {\"role\": ..., \"content\": ...} objects",
+    "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts",
+    "max_tokens": "an integer", "max_completion_tokens": "an integer", "seed": "an integer", "n": "an integer",
+    "temperature": "a number", "top_p": "a number", "stream": "true or false", "model": "a string",
+}
+_BRANCH_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """The first pydantic error as "'field' must be ..., got ..." (and the field's path)."""
+    err = e.errors()[0]
+    # drop union-branch labels such as 'str' or 'list[int]' from the location
+    loc = [x for x in err["loc"] if isinstance(x, int) or ("[" not in str(x) and str(x) not in _BRANCH_LABELS)]
+    path = ".".join(str(x) for x in loc) or None
+    name = next((str(x) for x in reversed(loc) if isinstance(x, str)), None)
+    if err["type"] == "missing":
+        return f"'{path}' is required", path
+    got = err.get("input")
+    shown = json.dumps(got)[:60] if _jsonable(got) else type(got).__name__
+    expected = _EXPECTED.get(name or "")
+    if expected and not err["type"].startswith(("too_short", "literal")):
+        return f"'{path}' must be {expected}, got {shown}", path
+    return f"'{path}': {err['msg']}, got {shown}", path
+
+
+def _jsonable(x) -> bool:
+    try:
+        json.dumps(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------- request bodies
+class _Body(BaseModel):
+    # strict: "5" is not an int and true is not a number; unknown fields (user, logit_bias=None, ...) are ignored
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str] | list[int]
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+
+
+# ---------------------------------------------------------------------- text assembly
+class TextAssembler:
+    """Token ids -> text deltas, cut at the first stop string; holds back a possible stop-string start."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the text already emitted
+        self.stopped = False
+        self.text = ""
+
+    def add(self, token_ids: list[int]) -> str:
+        """Append tokens; return the text that is now safe to emit."""
+        if self.stopped:
+            return ""
+        self.ids += token_ids
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self.text = text[:cut]
+            return self._flush(len(self.text))
+        self.text = text
+        safe = len(text)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+            safe -= 1
+        for s in self.stop:  # a suffix that may grow into a stop string stays back
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        return self._flush(safe)
+
+    def finish(self) -> str:
+        return self._flush(len(self.text))
+
+    def _flush(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        delta = self.text[self.sent : upto]
+        self.sent = upto
+        return delta
+
+
+# ---------------------------------------------------------------------- the frontend
+@dataclass
+class Limits:
+    context: int  # longest prompt + completion, in tokens
+    default_max_tokens: int = 256
+    max_tokens: int | None = None  # largest max_tokens a request may ask for (None: the context)
+    request_timeout_s: float = 120.0
+    max_retries: int = 2  # resumes after the anchor replica serving a request died
+
+
+@dataclass
+class _Prepared:
+    kind: Literal["completion", "chat"]
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    ignore_eos: bool
+    stream: bool
+    include_usage: bool
+
+
+class OpenAIFrontend:
+    """Validates OpenAI requests, runs them through ``open_stream`` and formats the answers.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (its chat template serves /v1/chat/completions).
+        model_name: the one model id served (``model`` in requests must match when given).
+        limits: context and max_tokens limits, timeout, retries.
+        open_stream: ``request dict -> async iterator of {"token_ids", "finish_reason"}``; the
+            dict holds request_id, prompt_ids, max_tokens, temperature, top_p, seed, eos_ids.
+        retryable: exceptions meaning "the replica serving the request died": the request is
+            resumed (prompt + tokens so far) on another replica, up to ``limits.max_retries`` times.
+        overloaded: exceptions meaning "queue full": answered 503.
+    """
+
+    def __init__(self, tokenizer, model_name: str, limits: Limits,
+                 open_stream: Callable[[dict], AsyncIterator[dict]],
+                 retryable: tuple[type[BaseException], ...] = (), overloaded: tuple[type[BaseException], ...] = ()):
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.limits = limits
+        self.open_stream = open_stream
+        self.retryable = retryable
+        self.overloaded = overloaded
+        self.created = int(time.time())
+        eos = tokenizer.eos_token_id
+        self.eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.counters = {"retries": 0, "timeouts": 0}
+
+    # ------------------------------------------------------------------ endpoints
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "calm-ray", "max_model_len": self.limits.context}]}
+
+    async def completions(self, request: Request) -> Response:
+        return await self._handle(request, "completion")
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._handle(request, "chat")
+
+    async def _handle(self, request: Request, kind: str) -> Response:
+        try:
+            body = await self._json(request)
+            prepared = self._prepare(body, kind)
+        except ApiError as e:
+            return e.response()
+        rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex[:24]
+        pieces = self._pieces(prepared, rid)
+        try:
+            first = await pieces.__anext__()  # errors before the first token still get a real status code
+        except ApiError as e:
+            await pieces.aclose()
+            return e.response()
+        except StopAsyncIteration:
+            return ApiError(500, "the model produced no output").response()
+        if prepared.stream:
+            return StreamingResponse(self._sse(prepared, rid, first, pieces), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        text, finish, completion_tokens = first
+        try:
+            async for delta, f, n in pieces:
+                text += delta
+                finish, completion_tokens = f or finish, n
+        except ApiError as e:
+            return e.response()
+        return JSONResponse(self._full_response(prepared, rid, text, finish, completion_tokens))
+
+    # ------------------------------------------------------------------ parsing and validation
+    async def _json(self, request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e}): send a JSON object") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    def _prepare(self, body: dict, kind: str) -> _Prepared:
+        try:
+            req = (CompletionBody if kind == "completion" else ChatBody).model_validate(body)
+        except ValidationError as e:
+            message, field = _validation_message(e)
+            raise ApiError(400, message, param=field) from None
+        if req.model is not None and req.model != self.model_name:
+            raise ApiError(404, f"the model '{req.model}' does not exist: this server serves '{self.model_name}' "
+                                f"(GET /v1/models)", param="model", type_="invalid_request_error",
+                           code="model_not_found")
+        if req.n not in (None, 1):
+            raise ApiError(400, f"n={req.n} is not supported: this server returns one choice per request", "n")
+        if kind == "completion":
+            if req.echo:
+                raise ApiError(400, "echo is not supported", "echo")
+            if req.logprobs:
+                raise ApiError(400, "logprobs are not supported", "logprobs")
+            if req.suffix:
+                raise ApiError(400, "suffix is not supported", "suffix")
+            if req.best_of not in (None, 1):
+                raise ApiError(400, "best_of is not supported", "best_of")
+            prompt_ids = self._completion_prompt(req.prompt)
+            max_tokens = req.max_tokens
+        else:
+            if req.logprobs:
+                raise ApiError(400, "logprobs are not supported", "logprobs")
+            prompt_ids = self._chat_prompt(req.messages)
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        context = self.limits.context
+        if len(prompt_ids) >= context:
+            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens long but the model's context is {context} "
+                                f"tokens (prompt and completion together): shorten the prompt", "prompt",
+                           code="context_length_exceeded")
+        param = "max_completion_tokens" if kind == "chat" and req.max_completion_tokens is not None else "max_tokens"
+        limit = min(self.limits.max_tokens or context, context)
+        if max_tokens is None:
+            max_tokens = min(self.limits.default_max_tokens, limit, context - len(prompt_ids))
+        elif max_tokens < 1:
+            raise ApiError(400, f"{param} must be at least 1, got {max_tokens}", param)
+        elif max_tokens > limit:
+            raise ApiError(400, f"{param}={max_tokens} is more than this server allows ({limit})", param)
+        elif len(prompt_ids) + max_tokens > context:
+            raise ApiError(400, f"the model's context is {context} tokens, but the prompt ({len(prompt_ids)} tokens) "
+                                f"plus {param} ({max_tokens}) needs {len(prompt_ids) + max_tokens}: lower {param}",
+                           param, code="context_length_exceeded")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        if not 0 <= temperature <= 2:
+            raise ApiError(400, f"temperature must be between 0 and 2, got {temperature}", "temperature")
+        top_p = 1.0 if req.top_p is None else req.top_p
+        if not 0 < top_p <= 1:
+            raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
+        if req.seed is not None and not _INT64_MIN <= req.seed <= _UINT64_MAX:
+            raise ApiError(400, f"seed must fit in 64 bits, got {req.seed}", "seed")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP_SEQUENCES or any(not s for s in stop):
+            raise ApiError(400, f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings, got {stop!r}", "stop")
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+        return _Prepared(kind, prompt_ids, max_tokens, temperature, top_p, req.seed, stop, req.ignore_eos,
+                         req.stream, bool(req.stream_options and req.stream_options.include_usage))
+
+    def _completion_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            vocab = len(self.tokenizer)
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise ApiError(400, f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "prompt")
+            return list(prompt)
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, f"prompt holds {len(prompt)} strings: send one prompt per request", "prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise ApiError(400, "the prompt is empty: send at least one character", "prompt")
+        ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise ApiError(400, "the prompt encodes to no tokens", "prompt")
+        return ids
+
+    def _chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ApiError(400, f"the model '{self.model_name}' has no chat template, so it cannot take chat "
+                                f"messages: use POST /v1/completions with a plain prompt", "messages",
+                           code="chat_template_missing")
+        turns = [{"role": m.role, "content": m.text()} for m in messages]
+        if not any(t["content"] for t in turns):
+            raise ApiError(400, "every message is empty: send some content", "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. role order)
+            raise ApiError(400, f"the chat template refused these messages: {e}", "messages") from None
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------ generation
+    async def _pieces(self, p: _Prepared, rid: str):
+        """Async iterator of (text delta, finish_reason or None, completion tokens so far).
+
+        Runs the token stream with the request timeout, resumes it on another replica after a
+        replica death, applies stop strings; raises ApiError for failures.
+        """
+        text = TextAssembler(self.tokenizer, p.stop)
+        generated: list[int] = []
+        deadline = time.monotonic() + self.limits.request_timeout_s
+        attempts = 0
+        while True:
+            request = {
+                "request_id": f"{rid}-{attempts}",
+                "prompt_ids": p.prompt_ids + generated,
+                "max_tokens": p.max_tokens - len(generated),
+                "temperature": p.temperature,
+                "top_p": p.top_p,
+                "seed": p.seed,
+                "eos_ids": [] if p.ignore_eos else self.eos_ids,
+            }
+            stream = None
+            settled = False  # the stream ended or failed by itself: nothing to cancel
+            try:
+                stream = self.open_stream(request)
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    try:
+                        chunk = await asyncio.wait_for(stream.__anext__(), timeout=remaining)
+                    except StopAsyncIteration:
+                        settled = True
+                        raise ApiError(500, "the token stream ended without a finish reason") from None
+                    except asyncio.TimeoutError:
+                        raise
+                    except BaseException as e:
+                        settled = not isinstance(e, asyncio.CancelledError)
+                        raise
+                    generated += chunk["token_ids"]
+                    finish = chunk["finish_reason"]
+                    settled = finish is not None
+                    delta = text.add(chunk["token_ids"])
+                    if text.stopped:
+                        yield delta, "stop", len(generated)
+                        return
+                    if finish is not None:
+                        yield delta + text.finish(), finish, len(generated)
+                        return
+                    if delta:
+                        yield delta, None, len(generated)
+            except asyncio.TimeoutError as e:
+                if time.monotonic() < deadline:  # not ours: a timeout inside the stream
+                    raise ApiError(503, f"the model did not answer in time ({type(e).__name__}): retry later",
+                                   type_="overloaded") from None
+                self.counters["timeouts"] += 1
+                raise ApiError(504, f"the request took longer than the server's request timeout of "
+                                    f"{self.limits.request_timeout_s:g} s: lower max_tokens", type_="timeout") from None
+            except self.overloaded:
+                raise ApiError(503, "the server is at capacity (request queue full): retry later",
+                               type_="overloaded") from None
+            except self.retryable as e:
+                attempts += 1
+                self.counters["retries"] += 1
+                if attempts > self.limits.max_retries:
+                    raise ApiError(503, f"the replica serving this request failed {attempts} times ({type(e).__name__}): "
+                                        f"retry later") from None
+                continue
+            except ApiError:
+                raise
+            except ValueError as e:
+                raise ApiError(400, str(e)) from None
+            except Exception as e:  # noqa: BLE001 - answered as a 500 with the reason
+                raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from None
+            finally:
+                if stream is not None and not settled:  # stop string, timeout or a client that left
+                    await _close(stream)
+
+    def _usage(self, p: _Prepared, completion_tokens: int) -> dict:
+        return {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion_tokens,
+                "total_tokens": len(p.prompt_ids) + completion_tokens}
+
+    def _full_response(self, p: _Prepared, rid: str, text: str, finish: str, completion_tokens: int) -> dict:
+        if p.kind == "completion":
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                      "logprobs": None}
+            obj = "chat.completion"
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
+                "choices": [choice], "usage": self._usage(p, completion_tokens)}
+
+    def _chunk(self, p: _Prepared, rid: str, created: int, delta: str | None, finish: str | None,
+               first: bool = False) -> dict:
+        if p.kind == "completion":
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        else:
+            d: dict[str, Any] = {}
+            if first:
+                d["role"] = "assistant"
+            if delta or first:
+                d["content"] = delta or ""
+            choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+            obj = "chat.completion.chunk"
+        return {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
+
+    async def _sse(self, p: _Prepared, rid: str, first, pieces) -> AsyncIterator[str]:
+        created = int(time.time())
+        completion_tokens = 0
+
+        def event(obj) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+
+        try:
+            delta, finish, completion_tokens = first
+            if p.kind == "chat":  # OpenAI opens a chat stream with the assistant role
+                yield event(self._chunk(p, rid, created, "", None, first=True))
+            if delta:
+                yield event(self._chunk(p, rid, created, delta, None))
+            if finish is None:
+                async for delta, finish, completion_tokens in pieces:
+                    if delta:
+                        yield event(self._chunk(p, rid, created, delta, None))
+                    if finish is not None:
+                        break
+            yield event(self._chunk(p, rid, created, None, finish))
+            if p.include_usage:
+                yield event({"id": rid, "object": self._chunk(p, rid, created, None, None)["object"],
+                             "created": created, "model": self.model_name, "choices": [],
+                             "usage": self._usage(p, completion_tokens)})
+        except ApiError as e:
+            yield event(e.body())
+        finally:
+            await pieces.aclose()  # a client that went away cancels the generation here
+        yield "data: [DONE]\n\n"
+
+
+async def _close(stream) -> None:
+    """Stop a token stream early (best effort): Serve's response generators cancel, async generators close."""
+    try:
+        cancel = getattr(stream, "cancel", None)
+        if cancel is not None:
+            cancel()
+        elif getattr(stream, "aclose", None) is not None:
+            await stream.aclose()
+    except Exception:  # noqa: BLE001 - the request is over either way
+        pass

@@ -1,0 +1,264 @@
+"""Serving settings and the checks of a Serve config file's keys.
+
+``ServingArgs`` are the application's ``args`` (what to load and the request limits). Serve's
+own config schema accepts unknown keys silently: a misspelt ``autoscaling_config`` key such as
+``target_num_ongoing_requests_per_replica`` (its old name) would do nothing. ``check_serve_config``
+walks a whole config file and names every key that Serve or this project would ignore, with the
+keys that are valid there, before anything is deployed:
+
+    problems = check_serve_config(yaml.safe_load(open("configs/serve.yaml")))
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+APP_IMPORT_PATH = "jobs.serve:app_builder"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+INGRESS, ANCHOR = "Ingress", "Anchor"
+
+
+def augment_deployment_name(index: int) -> str:
+    return f"Augment{index}"
+
+
+class ServeConfigError(ValueError):
+    """A serving config that would not work as written; the message lists every problem."""
+
+
+class ServingArgs(BaseModel):
+    """What one served composed model loads, and its request limits (the application's ``args``).
+
+    Paths must exist on every node that runs a replica.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = "calm-ray"  # the id clients put in "model"
+    anchor: str  # Hugging Face folder (or hub id where the hub is reachable)
+    augments: list[str]  # one folder per augmenting model, in the bridges' order
+    bridges: str  # folder written by ComposedModel.save_pretrained
+    tokenizer: str | None = None  # default: the anchor's folder (the models share one tokenizer)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"  # "cuda" in replicas that have num_gpus
+    max_batch_size: int = 16  # rows one anchor replica decodes together
+    max_context: int | None = None  # default: the smallest max_position_embeddings of the models
+    default_max_tokens: int = 256  # when a request gives none
+    max_tokens_limit: int | None = None  # largest max_tokens a request may ask for (default: the context)
+    request_timeout_s: float = 120.0  # a request running longer is stopped and answered 504
+    max_retries: int = 2  # resumes of a request whose anchor replica died
+    augment_retry_s: float = 30.0  # how long an engine keeps trying to reach an augmenting replica
+    torch_threads: int | None = None  # torch.set_num_threads in each replica (None: torch's default)
+
+    @field_validator("augments", mode="before")
+    @classmethod
+    def _split(cls, v):
+        # `serve run jobs.serve:app_builder augments=a,b` passes one string
+        return [p for p in v.split(",") if p] if isinstance(v, str) else v
+
+    @field_validator("augments")
+    @classmethod
+    def _some(cls, v):
+        if not v:
+            raise ValueError("give at least one augmenting model folder")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype {v!r} is not one of float32, bfloat16, float16")
+        return v
+
+    @field_validator("max_batch_size", "default_max_tokens")
+    @classmethod
+    def _positive(cls, v):
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @classmethod
+    def from_dict(cls, args: dict[str, Any]) -> "ServingArgs":
+        """Validated args; a ServeConfigError naming each bad or unknown key."""
+        if not isinstance(args, dict):
+            raise ServeConfigError(f"args must be a mapping, got {type(args).__name__}")
+        try:
+            return cls.model_validate(args)
+        except ValidationError as e:
+            raise ServeConfigError("; ".join(_describe(err, "args", sorted(cls.model_fields)) for err in e.errors())) from None
+
+    def resolved(self) -> "ServingArgs":
+        """A copy whose relative paths are absolute, taken from the project root when they exist there.
+
+        Replicas do not share the caller's working directory, so ``assets/kv_pair/anchor`` in a config
+        means ``<project root>/assets/kv_pair/anchor`` wherever Serve builds the application.
+        """
+
+        def fix(path: str | None) -> str | None:
+            if path is None or Path(path).is_absolute():
+                return path
+            for base in (Path.cwd(), PROJECT_ROOT):
+                if (base / path).exists():
+                    return str((base / path).resolve())
+            return path  # a hub id, or missing (check_paths says so)
+
+        return self.model_copy(update={"anchor": fix(self.anchor), "bridges": fix(self.bridges),
+                                       "tokenizer": fix(self.tokenizer), "augments": [fix(p) for p in self.augments]})
+
+    def check_paths(self) -> None:
+        """Raise ServeConfigError when a model folder is missing (before any replica tries to load it)."""
+        missing = []
+        for role, path in [("anchor", self.anchor), ("bridges", self.bridges), ("tokenizer", self.tokenizer)] + [
+            (f"augments[{i}]", p) for i, p in enumerate(self.augments)
+        ]:
+            if path is not None and not Path(path).exists():
+                missing.append(f"{role} folder {path!r} does not exist")
+        if missing:
+            raise ServeConfigError(
+                "; ".join(missing) + ": train or copy the model pair there first (for assets/kv_pair, run the "
+                "key-value experiment), or point the config at existing Hugging Face folders"
+            )
+
+    def deployment_names(self) -> list[str]:
+        return [INGRESS, ANCHOR] + [augment_deployment_name(i) for i in range(len(self.augments))]
+
+
+def _describe(err: dict, where: str, valid: list[str]) -> str:
+    loc = ".".join(str(x) for x in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return _unknown(f"{where}.{loc}", err["loc"][-1], valid)
+    return f"{where}.{loc}: {err['msg']}"
+
+
+def _unknown(path: str, key, valid) -> str:
+    close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{path}: unknown key '{key}'{hint}; valid keys: {', '.join(sorted(map(str, valid)))}"
+
+
+def _schemas():
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import (
+        DeploymentSchema,
+        HTTPOptionsSchema,
+        LoggingConfig,
+        RayActorOptionsSchema,
+        ServeApplicationSchema,
+        ServeDeploySchema,
+        gRPCOptionsSchema,
+    )
+
+    return dict(top=ServeDeploySchema, http=HTTPOptionsSchema, grpc=gRPCOptionsSchema, logging=LoggingConfig,
+                app=ServeApplicationSchema, deployment=DeploymentSchema, autoscaling=AutoscalingConfig,
+                actor=RayActorOptionsSchema)
+
+
+def _keys(model) -> set[str]:
+    keys = set(model.model_fields)
+    keys |= {f.alias for f in model.model_fields.values() if f.alias}
+    return keys
+
+
+def _check_keys(obj, model, path: str, problems: list[str]) -> bool:
+    if not isinstance(obj, dict):
+        problems.append(f"{path}: expected a mapping, got {type(obj).__name__}")
+        return False
+    valid = _keys(model)
+    for key in obj:
+        if key not in valid:
+            problems.append(_unknown(path, key, valid))
+    return True
+
+
+def _check_values(obj: dict, model, path: str, problems: list[str]) -> None:
+    """Let Serve's own model check the values of one section (nested dicts are not checked by the top schema)."""
+    try:
+        model.model_validate(obj)
+    except ValidationError as e:
+        for err in e.errors():
+            if err["type"] != "extra_forbidden":  # unknown keys are reported by _check_keys
+                problems.append(f"{path}.{'.'.join(map(str, err['loc']))}: {err['msg']}")
+    except (ValueError, TypeError) as e:
+        problems.append(f"{path}: {e}")
+
+
+def check_serve_config(config: dict) -> list[str]:
+    """Every problem in a Serve config file (``serve deploy`` format) for this project; [] when fine.
+
+    Checks the keys at every level against Serve's own schema (top level, http_options,
+    applications, deployments, autoscaling_config, ray_actor_options), this application's args
+    (ServingArgs) and deployment names, then lets Serve's schema check the types.
+    """
+    s = _schemas()
+    problems: list[str] = []
+    if not _check_keys(config, s["top"], "config", problems):
+        return problems
+    for key, schema in [("http_options", "http"), ("grpc_options", "grpc"), ("logging_config", "logging")]:
+        if key in config:
+            _check_keys(config[key], s[schema], f"config.{key}", problems)
+    apps = config.get("applications")
+    if not isinstance(apps, list) or not apps:
+        problems.append("config.applications: give a list with at least one application")
+        apps = []
+    for i, app in enumerate(apps):
+        where = f"applications[{i}]"
+        if not _check_keys(app, s["app"], where, problems):
+            continue
+        if app.get("import_path") != APP_IMPORT_PATH:
+            problems.append(f"{where}.import_path is {app.get('import_path')!r}: this project's application is "
+                            f"'{APP_IMPORT_PATH}'")
+            continue
+        try:
+            args = ServingArgs.from_dict(app.get("args") or {})
+        except ServeConfigError as e:
+            problems.append(f"{where}.{e}")
+            args = None
+        if args is not None:
+            names = args.deployment_names()
+        else:  # args are broken; still check deployment names against the augmenting models listed
+            raw = (app.get("args") or {}).get("augments")
+            count = len(raw.split(",")) if isinstance(raw, str) else len(raw) if isinstance(raw, list) else None
+            names = None if count is None else [INGRESS, ANCHOR] + [augment_deployment_name(k) for k in range(count)]
+        for j, dep in enumerate(app.get("deployments") or []):
+            dwhere = f"{where}.deployments[{j}]"
+            if not _check_keys(dep, s["deployment"], dwhere, problems):
+                continue
+            if names is not None and dep.get("name") not in names:
+                problems.append(f"{dwhere}.name {dep.get('name')!r} is not a deployment of this application; "
+                                f"its deployments are {', '.join(names)}")
+            if "autoscaling_config" in dep and dep["autoscaling_config"] is not None:
+                if _check_keys(dep["autoscaling_config"], s["autoscaling"], f"{dwhere}.autoscaling_config", problems):
+                    _check_values(dep["autoscaling_config"], s["autoscaling"], f"{dwhere}.autoscaling_config",
+                                  problems)
+                if "num_replicas" in dep and dep["num_replicas"] not in (None, "auto"):
+                    problems.append(f"{dwhere}: give num_replicas or autoscaling_config, not both")
+            if "ray_actor_options" in dep:
+                if _check_keys(dep["ray_actor_options"], s["actor"], f"{dwhere}.ray_actor_options", problems):
+                    _check_values(dep["ray_actor_options"], s["actor"], f"{dwhere}.ray_actor_options", problems)
+            if dep.get("max_queued_requests") == -1 and dep.get("name") in (INGRESS, ANCHOR):
+                problems.append(f"{dwhere}.max_queued_requests is -1 (unbounded): requests would wait forever "
+                                f"under overload instead of getting a 503; give a bound")
+    if not problems:
+        try:
+            s["top"].model_validate(config)
+        except ValidationError as e:
+            problems += [f"config.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+    return problems
+
+
+def load_serve_config(path: str | Path) -> dict:
+    """Read and check a config file; ServeConfigError listing every problem."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ServeConfigError(f"config file {path} does not exist")
+    config = yaml.safe_load(path.read_text())
+    problems = check_serve_config(config)
+    if problems:
+        raise ServeConfigError(f"{path} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    return config

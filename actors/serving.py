@@ -1,0 +1,286 @@
+"""Ray Serve deployments of a composed model, behind an OpenAI-shaped FastAPI ingress.
+
+    HTTP --> Ingress (FastAPI: validation, tokenising, chat template, stop strings, SSE)
+               | handle.options(stream=True).generate  (one streaming call per request)
+               v
+             Anchor replica: anchor + bridges + DecodeEngine (continuous batching of decode steps)
+               | handle.options(multiplexed_model_id=<engine id>).prefill / .step  (one call per batch step)
+               v
+             Augment{i} replica: augmenting model i + AugmentRows per engine (its KV caches)
+
+Each deployment is a thin shell around a plain object that works without Ray
+(``OpenAIFrontend``, ``DecodeEngine``, ``AugmentRows``); resources and scaling live in config.
+
+Where the per-request caches live, and how a step finds them: a request's anchor cache is in the
+anchor replica that runs it (the whole request is one streaming call, so it never moves). Its
+augmenting cache is in one augmenting replica: each anchor replica's engine sends every augmenting
+call with ``multiplexed_model_id=<engine id>``; Serve's multiplexing routes an id to the replica
+that already loaded it (here: that holds the engine's rows), so an engine sticks to one augmenting
+replica, and different engines spread over the replicas. Should a call land elsewhere (that
+replica died, scaled down, or evicted the engine), the rows are reported missing and re-sent
+(re-prefilled from the token history): requests go on instead of failing.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+
+import torch
+from fastapi import FastAPI, Request
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    RequestCancelledError,
+)
+from ray.serve.handle import DeploymentHandle
+
+from actors.augment_client import AugmentClient, AugmentUnavailable
+from actors.augment_rows import AugmentRows
+from actors.engine import DecodeEngine, GenerationRequest
+from actors.openai_api import Limits, OpenAIFrontend
+from actors.serve_config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
+from composition.augment import AugmentEncoder
+from composition.checkpoint import fingerprint, read_meta
+from composition.loading import load_causal_lm, load_tokenizer
+
+log = logging.getLogger("ray.serve")
+
+# the replica died, or left the routing table: the call can go to another replica
+TRANSIENT = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+# ---------------------------------------------------------------------- loading helpers
+def _threads(settings: ServingArgs) -> None:
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+
+
+def check_model_matches(role: str, saved: dict, model) -> None:
+    """Refuse a model that differs from the one the bridges were trained with (ValueError naming the field)."""
+    got = fingerprint(model)
+    for key, value in saved.items():
+        if got.get(key) != value:
+            raise ValueError(
+                f"bridges were trained for {role} {saved.get('architecture')} with {key}={value}, the served "
+                f"model has {key}={got.get(key)}: serve the models the bridges were trained with"
+            )
+
+
+def model_shell(path: str):
+    """An augmenting model's architecture without weights (meta device): what the anchor side needs to
+    build the composition, whose augmenting states come from another deployment."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+
+
+def model_context(paths: list[str]) -> int:
+    """The smallest max_position_embeddings (or n_positions) among the models' configs."""
+    from transformers import AutoConfig
+
+    sizes = []
+    for p in paths:
+        cfg = AutoConfig.from_pretrained(p)
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        size = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if size:
+            sizes.append(int(size))
+    if not sizes:
+        raise ValueError(f"none of {paths} states its context length: set max_context in the serving args")
+    return min(sizes)
+
+
+# ---------------------------------------------------------------------- augmenting models
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, max_queued_requests=256)
+class AugmentDeployment:
+    """Augmenting model ``index`` and, per anchor engine, the KV caches of that engine's rows."""
+
+    def __init__(self, args: dict, index: int):
+        settings = ServingArgs.from_dict(args)
+        _threads(settings)
+        model = load_causal_lm(settings.augments[index], settings.dtype, settings.device)
+        meta = read_meta(settings.bridges)
+        check_model_matches(f"augmenting model {index}", meta["augments"][index], model)
+        indices = sorted({a for i, a, _ in meta["links"] if i == index})
+        self.index = index
+        self.encoder = AugmentEncoder(model, indices)
+        self.lock = threading.Lock()  # one model call at a time: the encoder's hooks hold per-call state
+
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def rows_of(self, engine_id: str) -> AugmentRows:
+        """The rows of one anchor engine (a Serve "model", so Serve routes the engine back here)."""
+        return AugmentRows(self.encoder, self.index, 0, self.lock)
+
+    async def _rows(self) -> AugmentRows:
+        engine_id = serve.get_multiplexed_model_id()
+        if not engine_id:
+            raise ValueError("call with handle.options(multiplexed_model_id=<engine id>)")
+        return await self.rows_of(engine_id)
+
+    async def prefill(self, rows: list, return_states: bool = True, keep: list | None = None):
+        target = await self._rows()
+        return await asyncio.to_thread(target.prefill, rows, return_states, keep)
+
+    async def step(self, ids: list, tokens: list, lengths: list | None = None):
+        target = await self._rows()
+        return await asyncio.to_thread(target.step, ids, tokens, lengths)
+
+    async def release(self, ids: list | None = None):
+        target = await self._rows()
+        await asyncio.to_thread(target.release, ids)
+
+
+class ServeAugments(AugmentClient):
+    """Reaches the augmenting deployments through Serve, sticky per engine (multiplexed model id).
+
+    A call that fails because a replica died or left is retried with backoff for ``retry_s``
+    (the next replica reports the engine's rows missing, and ``AugmentClient.step`` re-sends them);
+    a call that takes longer than ``call_timeout_s`` is cancelled and retried the same way.
+    """
+
+    def __init__(self, handles: "list[DeploymentHandle]", engine_id: str, device="cpu", retry_s: float = 30.0,
+                 call_timeout_s: float = 60.0):
+        super().__init__(len(handles), device)
+        self.handles = [h.options(multiplexed_model_id=engine_id) for h in handles]
+        self.retry_s = retry_s
+        self.call_timeout_s = call_timeout_s
+        self.retries = 0
+
+    async def _call(self, augment: int, method: str, *args):
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.05
+        while True:
+            response = getattr(self.handles[augment], method).remote(*args)
+            try:
+                return await asyncio.wait_for(response, timeout=self.call_timeout_s)
+            except (*TRANSIENT, BackPressureError, RequestCancelledError, asyncio.TimeoutError,
+                    asyncio.CancelledError) as e:
+                task = asyncio.current_task()
+                if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
+                    raise  # this engine is being shut down, not the call failing
+                if isinstance(e, asyncio.TimeoutError):  # the call may still run: stop it (best effort)
+                    try:
+                        response.cancel()
+                    except Exception:  # noqa: BLE001
+                        pass
+                if time.monotonic() + delay > deadline:
+                    raise AugmentUnavailable(
+                        f"augmenting deployment {augment_deployment_name(augment)} did not answer {method} for "
+                        f"{self.retry_s:g} s (last error: {type(e).__name__}: {e})"
+                    ) from e
+                self.retries += 1
+                log.warning("augmenting call %s failed (%s); retrying in %.2f s", method, type(e).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+
+
+# ---------------------------------------------------------------------- anchor + bridges
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16, max_queued_requests=64)
+class AnchorDeployment:
+    """The anchor with its bridges, decoding all its requests in one continuously batched engine."""
+
+    def __init__(self, args: dict, *augments: DeploymentHandle):
+        from composition.model import ComposedModel
+
+        settings = ServingArgs.from_dict(args)
+        _threads(settings)
+        anchor = load_causal_lm(settings.anchor, settings.dtype, settings.device)
+        meta = read_meta(settings.bridges)
+        check_model_matches("the anchor", meta["anchor"], anchor)
+        shells = [model_shell(p) for p in settings.augments]
+        model = ComposedModel.from_pretrained(settings.bridges, anchor, shells, check_models=False)
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a replica (tests)
+            replica = "local"
+        self.engine_id = f"engine-{replica}-{uuid.uuid4().hex[:8]}"
+        context = settings.max_context or model_context([settings.anchor, *settings.augments])
+        client = ServeAugments(list(augments), self.engine_id, settings.device, settings.augment_retry_s)
+        self.engine = DecodeEngine(model, client, settings.max_batch_size, context,
+                                   pad_id=anchor.config.pad_token_id or 0)
+
+    async def generate(self, request: dict):
+        """Stream ``{"token_ids": [...], "finish_reason": ...}`` chunks for one request."""
+        stream = self.engine.generate(GenerationRequest(**request))
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            # Serve cancels a request by raising CancelledError at our `yield`, which would leave the
+            # engine's generator suspended (its row decoding on); closing it frees the row now.
+            await stream.aclose()
+
+    async def stats(self) -> dict:
+        return {"engine_id": self.engine_id, **self.engine.stats(), "augment_retries": self.engine.augments.retries}
+
+
+# ---------------------------------------------------------------------- HTTP ingress
+api = FastAPI(title="calm-ray", description="A composed model (anchor + augmenting models + bridges), OpenAI-shaped")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128, max_queued_requests=128)
+@serve.ingress(api)
+class Ingress:
+    """OpenAI-shaped HTTP front: /v1/completions, /v1/chat/completions, /v1/models, /health."""
+
+    def __init__(self, args: dict, anchor: DeploymentHandle):
+        settings = ServingArgs.from_dict(args)
+        tokenizer = load_tokenizer(settings.tokenizer or settings.anchor)
+        context = settings.max_context or model_context([settings.anchor, *settings.augments])
+        limits = Limits(context=context, default_max_tokens=settings.default_max_tokens,
+                        max_tokens=settings.max_tokens_limit, request_timeout_s=settings.request_timeout_s,
+                        max_retries=settings.max_retries)
+        streaming = anchor.options(stream=True)
+        self.frontend = OpenAIFrontend(
+            tokenizer, settings.model_name, limits,
+            open_stream=lambda request: streaming.generate.remote(request),
+            retryable=TRANSIENT, overloaded=(BackPressureError,),
+        )
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return self.frontend.models()
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self.frontend.completions(request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self.frontend.chat_completions(request)
+
+
+def build_app(settings: ServingArgs, deployment_options: dict[str, dict] | None = None):
+    """The Serve application: Ingress -> Anchor -> Augment0..N-1.
+
+    Args:
+        settings: what to load and the request limits.
+        deployment_options: per deployment name, ``Deployment.options`` overrides (num_replicas,
+            autoscaling_config, max_ongoing_requests, max_queued_requests, ray_actor_options, ...),
+            as in the ``deployments:`` list of a Serve config file.
+    """
+    options = dict(deployment_options or {})
+    unknown = set(options) - set(settings.deployment_names())
+    if unknown:
+        raise ValueError(f"no deployment named {sorted(unknown)}; this application has {settings.deployment_names()}")
+    args = settings.model_dump()
+
+    def opts(name: str, **defaults) -> dict:
+        return {"name": name, **defaults, **options.get(name, {})}
+
+    augments = [
+        AugmentDeployment.options(**opts(augment_deployment_name(i))).bind(args, i)
+        for i in range(len(settings.augments))
+    ]
+    anchor = AnchorDeployment.options(**opts(ANCHOR, max_ongoing_requests=settings.max_batch_size)).bind(args, *augments)
+    return Ingress.options(**opts(INGRESS)).bind(args, anchor)

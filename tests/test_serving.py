@@ -1,0 +1,395 @@
+"""The composed model served over real HTTP on 127.0.0.1 by Ray Serve (OpenAI-shaped).
+
+One application (Ingress -> Anchor -> Augment0, tiny models, character tokenizer) is deployed once
+on the session's Ray cluster; tests talk to it with the official ``openai`` client and with raw
+httpx. Greedy answers are compared with in-process ``ComposedModel.generate`` on the same files.
+Autoscaling is tested on a second application deployed with ``serve deploy`` from a config derived
+from configs/serve.yaml (tests/test_serving_autoscale.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from actors.serve_config import ServingArgs  # noqa: E402
+from actors.serving import build_app  # noqa: E402
+from composition.loading import load_tokenizer  # noqa: E402
+from tests.test_serving_pair import build_pair, load_in_process, reference_completion  # noqa: E402
+
+APP = "calm-test"
+MODEL = "calm-test-model"
+CONTEXT = 512
+PROMPTS = [
+    "The key of door seven is",
+    "a",
+    "Once upon a time, in a land far away,",
+    "xyz 123",
+    "Q: 2+2?\nA:",
+    "The quick brown fox",
+    "def f(x):\n    return",
+    "Roses are red,",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``check()`` until it returns a truthy value; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return build_pair(tmp_path_factory.mktemp("served_pair"), context=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def reference(pair):
+    return load_in_process(pair), load_tokenizer(pair.anchor)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, pair):
+    """Base URL of the served application; Serve's HTTP proxy bound to 127.0.0.1 on a free port."""
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.address, namespace="serve")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServingArgs(model_name=MODEL, anchor=pair.anchor, augments=[pair.augment], bridges=pair.bridges,
+                           max_batch_size=8, max_context=CONTEXT, default_max_tokens=16, request_timeout_s=90, augment_retry_s=90,
+                           torch_threads=1)
+    options = {
+        "Ingress": {"ray_actor_options": {"num_cpus": 0.1}},
+        "Anchor": {"ray_actor_options": {"num_cpus": 0.3}, "max_ongoing_requests": 8, "max_queued_requests": 8},
+        "Augment0": {"ray_actor_options": {"num_cpus": 0.3}},
+    }
+    serve.run(build_app(settings, options), name=APP, route_prefix="/")
+    url = f"http://127.0.0.1:{serve.context._get_global_client().http_config.port}"
+    wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, 60, "the health endpoint")
+    yield url
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def anchor_stats() -> dict:
+    return serve.get_deployment_handle("Anchor", app_name=APP).stats.remote().result(timeout_s=30)
+
+
+def expected_text(reference, prompt_ids, max_tokens) -> tuple[str, int]:
+    model, tok = reference
+    new = reference_completion(model, tok, prompt_ids, max_tokens)
+    return tok.decode(new, skip_special_tokens=True), len(new)
+
+
+def post(server, path, body, timeout=120):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{server}{path}", content=data, headers={"Content-Type": "application/json"}, timeout=timeout)
+
+
+def assert_serves(server):
+    """The server still answers a valid request."""
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "ok", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+# ---------------------------------------------------------------------- answers
+def test_models_and_health(server):
+    assert httpx.get(f"{server}/health", timeout=10).json() == {"status": "ok"}
+    models = httpx.get(f"{server}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert models["data"][0]["max_model_len"] == CONTEXT
+
+
+def test_greedy_completion_equals_in_process_generate(client, reference):
+    _, tok = reference
+    prompt = PROMPTS[0]
+    want, n = expected_text(reference, tok(prompt)["input_ids"], 24)
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    assert out.choices[0].text == want
+    assert out.choices[0].finish_reason == ("length" if n == 24 else "stop")
+    assert out.usage.prompt_tokens == len(prompt)  # one token per character
+    assert out.usage.completion_tokens == n
+    assert out.usage.total_tokens == len(prompt) + n
+
+
+def test_greedy_chat_uses_the_chat_template_and_equals_in_process_generate(client, reference):
+    _, tok = reference
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is the key?"}]
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered.endswith("<assistant>")
+    prompt_ids = tok(rendered, add_special_tokens=False)["input_ids"]
+    want, n = expected_text(reference, prompt_ids, 20)
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == want
+    assert out.usage.prompt_tokens == len(prompt_ids)
+    assert out.usage.completion_tokens == n
+
+
+def test_streamed_completion_through_the_openai_client_equals_the_whole_answer(client, reference):
+    _, tok = reference
+    prompt = PROMPTS[2]
+    want, _ = expected_text(reference, tok(prompt)["input_ids"], 30)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stream=True))
+    assert len(chunks) > 2  # really streamed, not one blob
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_streamed_chat_over_raw_http_is_openai_server_sent_events(server, reference):
+    _, tok = reference
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    prompt_ids = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"]
+    want, n = expected_text(reference, prompt_ids, 25)
+    body = {"model": MODEL, "messages": messages, "max_tokens": 25, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == want
+    finishes = [e["choices"][0]["finish_reason"] for e in events if e["choices"]]
+    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == n
+
+
+def test_stop_strings_cut_the_answer_before_the_stop(client, reference):
+    _, tok = reference
+    prompt = PROMPTS[5]
+    full, _ = expected_text(reference, tok(prompt)["input_ids"], 30)
+    stop = full[5:7]
+    assert len(stop) == 2
+    for stream in (False, True):
+        if stream:
+            chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=[stop],
+                                               stream=True)
+            chunks = list(chunks)
+            text = "".join(c.choices[0].text for c in chunks)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=stop)
+            text, finish = out.choices[0].text, out.choices[0].finish_reason
+        assert text == full[: full.index(stop)]
+        assert finish == "stop"
+
+
+def test_seeded_sampling_repeats_and_temperature_changes_the_answer(client):
+    def sample(seed):
+        return client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=24, temperature=1.0, top_p=0.95,
+                                         seed=seed).choices[0].text
+
+    first = sample(1234)
+    assert sample(1234) == first
+    greedy = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=24, temperature=0).choices[0].text
+    assert any(sample(s) != greedy for s in (1, 2, 3))
+
+
+# ---------------------------------------------------------------------- bad input
+LONG = "x" * (CONTEXT + 10)
+BAD_INPUTS = [
+    # (endpoint, body, status, words in the message)
+    ("/v1/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, "must be a JSON object"),
+    ("/v1/completions", {"model": MODEL}, 400, "'prompt' is required"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt is empty"),
+    ("/v1/completions", {"prompt": 5}, 400, "'prompt' must be"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "'max_tokens' must be an integer"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400, "max_tokens must be at least 1"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400, "more than this server allows"),
+    ("/v1/completions", {"prompt": LONG}, 400, f"context is {CONTEXT} tokens"),
+    ("/v1/completions", {"prompt": "x" * 500, "max_tokens": 100}, 400, "lower max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be a number"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 7}, 400, "between 0 and 2"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "'stream' must be true or false"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "up to 4"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "'gpt-4' does not exist"),
+    ("/v1/chat/completions", {"messages": []}, 400, "'messages'"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages' must be"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
+     "max_completion_tokens must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, words", BAD_INPUTS, ids=[f"{i}" for i in range(len(BAD_INPUTS))])
+def test_bad_input_gets_a_4xx_json_error_that_says_what_is_wrong(server, path, body, status, words):
+    r = post(server, path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words in error["message"], error
+    assert error["type"] == "invalid_request_error"
+    assert_serves(server)
+
+
+def test_the_openai_client_raises_its_own_error_types_for_bad_input(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=-1)
+
+
+# ---------------------------------------------------------------------- load, disconnects, failures
+async def _complete(http: httpx.AsyncClient, server: str, prompt: str, max_tokens: int, stream: bool = False,
+                    on_first_token=None):
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if not stream:
+        r = await http.post(f"{server}/v1/completions", json=body)
+        return r.status_code, (r.json()["choices"][0]["text"] if r.status_code == 200 else r.text)
+    text = []
+    async with http.stream("POST", f"{server}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return r.status_code, await r.aread()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return 500, event
+                text.append(event["choices"][0]["text"])
+                if on_first_token is not None and len(text) == 1:
+                    on_first_token()
+    return 200, "".join(text)
+
+
+def _expected_for(reference, prompts, max_tokens):
+    _, tok = reference
+    return [expected_text(reference, tok(p)["input_ids"], max_tokens)[0] for p in prompts]
+
+
+def test_sixteen_concurrent_clients_all_get_their_own_greedy_answer(server, reference):
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(16)]
+    want = _expected_for(reference, prompts, 20)
+    before = anchor_stats()
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.wait_for(
+                asyncio.gather(*(_complete(http, server, p, 20, stream=i % 2 == 0) for i, p in enumerate(prompts))),
+                timeout=180)
+
+    results = asyncio.run(main())
+    assert [status for status, _ in results] == [200] * 16
+    assert [text for _, text in results] == want
+    after = anchor_stats()
+    assert after["max_rows_in_step"] > 1  # requests shared decode steps
+    assert after["running"] == 0 and after["waiting"] == 0
+    assert after["failed"] == before["failed"]
+
+
+def test_a_full_queue_answers_503_quickly_instead_of_hanging(server):
+    # Anchor: 8 running + 8 queued at most (see the fixture); 40 long requests at once
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.wait_for(
+                asyncio.gather(*(_complete(http, server, PROMPTS[0], 150) for _ in range(40))), timeout=240)
+
+    results = asyncio.run(main())
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 503}, [r for r in results if r[0] not in (200, 503)][:2]
+    assert statuses.count(503) > 0 and statuses.count(200) >= 8
+    rejected = next(text for s, text in results if s == 503)
+    assert "capacity" in json.loads(rejected)["error"]["message"]
+    assert_serves(server)
+
+
+def test_a_client_that_disconnects_frees_its_batch_row(server):
+    before = anchor_stats()
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # got the first token: hang up
+    def dropped():
+        s = anchor_stats()
+        return s if s["cancelled"] > before["cancelled"] and s["running"] == 0 else False
+
+    try:
+        wait_until(dropped, 30, "the engine to drop the disconnected request")
+    except AssertionError:
+        raise AssertionError(f"before {before} now {anchor_stats()}") from None
+    assert anchor_stats()["finished"] == before["finished"]  # it was cancelled, not run to the end
+    assert_serves(server)
+
+
+def _replica_actor(cluster, deployment: str):
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=cluster.dashboard, filters=[("class_name", "=", f"ServeReplica:{APP}:{deployment}"), ("state", "=", "ALIVE")])
+    assert actors, f"no live replica of {deployment}"
+    return ray.get_actor(actors[0].name, namespace="serve")
+
+
+def _load_with_a_kill(cluster, server, reference, deployment: str):
+    """8 streaming requests; kill the replica of ``deployment`` as soon as tokens flow; every request must
+    finish with its own greedy answer."""
+    prompts = PROMPTS
+    want = _expected_for(reference, prompts, 120)
+    victim = _replica_actor(cluster, deployment)
+
+    async def main():
+        flowing = asyncio.Event()
+        async with httpx.AsyncClient(timeout=120) as http:
+            tasks = [asyncio.create_task(_complete(http, server, p, 120, stream=True, on_first_token=flowing.set))
+                     for p in prompts]
+            await asyncio.wait_for(flowing.wait(), timeout=60)
+            ray.kill(victim, no_restart=True)
+            in_flight = sum(not t.done() for t in tasks)
+            return in_flight, await asyncio.wait_for(asyncio.gather(*tasks), timeout=180)
+
+    in_flight, results = asyncio.run(main())
+    assert in_flight >= 1  # the kill hit requests that were still generating
+    assert [s for s, _ in results] == [200] * len(prompts), results
+    assert [t for _, t in results] == want
+    assert_serves(server)
+
+
+def test_killing_the_augmenting_replica_under_load_loses_no_request(ray_cluster, server, reference):
+    before = anchor_stats()
+    _load_with_a_kill(ray_cluster, server, reference, "Augment0")
+    after = anchor_stats()
+    assert after["rebuilt_rows"] > before["rebuilt_rows"]  # the new replica got the rows' histories
+    assert after["failed"] == before["failed"]
+
+
+def test_killing_the_anchor_replica_under_load_resumes_its_requests_elsewhere(ray_cluster, server, reference):
+    old = anchor_stats()["engine_id"]
+    _load_with_a_kill(ray_cluster, server, reference, "Anchor")
+    assert anchor_stats()["engine_id"] != old  # a new replica finished the requests

@@ -1,0 +1,110 @@
+"""Serving configs: the shipped files are valid, and keys Serve would silently ignore are named."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from actors.serve_config import ServeConfigError, ServingArgs, check_serve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped(name: str) -> dict:
+    return yaml.safe_load((ROOT / "configs" / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["serve.yaml", "serve_tiny.yaml"])
+def test_shipped_configs_have_no_unknown_or_bad_keys(name):
+    assert check_serve_config(shipped(name)) == []
+
+
+def test_serve_tiny_serves_the_default_pair_on_localhost_8000():
+    config = shipped("serve_tiny.yaml")
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    args = config["applications"][0]["args"]
+    assert (args["anchor"], args["augments"], args["bridges"]) == (
+        "assets/kv_pair/anchor", ["assets/kv_pair/augment"], "assets/kv_pair/bridges")
+
+
+def test_serve_yaml_autoscales_every_deployment():
+    deployments = shipped("serve.yaml")["applications"][0]["deployments"]
+    assert {d["name"] for d in deployments} == {"Ingress", "Anchor", "Augment0"}
+    for d in deployments:
+        auto = d["autoscaling_config"]
+        assert auto["min_replicas"] <= auto["max_replicas"] and "target_ongoing_requests" in auto
+        assert {"upscale_delay_s", "downscale_delay_s"} <= set(auto)
+        assert d["max_queued_requests"] > 0
+
+
+def _edit(path: list, value):
+    config = copy.deepcopy(shipped("serve.yaml"))
+    target = config
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return config
+
+
+ANCHOR = ["applications", 0, "deployments", 1]
+MISTAKES = [
+    # (where, value, words in the problem)
+    (ANCHOR + ["autoscaling_config", "target_num_ongoing_requests_per_replica"], 4,
+     "unknown key 'target_num_ongoing_requests_per_replica' (did you mean 'target_ongoing_requests'?)"),
+    (ANCHOR + ["autoscaling_config", "max_replica"], 4, "did you mean 'max_replicas'?"),
+    (ANCHOR + ["max_concurrent_queries"], 4, "unknown key 'max_concurrent_queries'"),
+    (ANCHOR + ["ray_actor_options", "num_gpu"], 1, "did you mean 'num_gpus'?"),
+    (ANCHOR + ["name"], "Anchr", "'Anchr' is not a deployment of this application"),
+    (ANCHOR + ["max_queued_requests"], -1, "unbounded"),
+    (ANCHOR + ["num_replicas"], 2, "not both"),
+    (["applications", 0, "args", "max_batch"], 8, "did you mean 'max_batch_size'?"),
+    (["applications", 0, "args", "dtype"], "fp8", "dtype 'fp8' is not one of"),
+    (["applications", 0, "import_path"], "other:app", "this project's application is 'jobs.serve:app_builder'"),
+    (["http_options", "hots"], "0.0.0.0", "did you mean 'host'?"),
+    (["proxy_locaton"], "EveryNode", "did you mean 'proxy_location'?"),
+    (ANCHOR + ["autoscaling_config", "min_replicas"], "one", "min_replicas"),
+]
+
+
+@pytest.mark.parametrize("path, value, words", MISTAKES, ids=[str(m[2])[:30] for m in MISTAKES])
+def test_a_key_serve_would_ignore_or_reject_is_named_with_the_fix(path, value, words):
+    problems = check_serve_config(_edit(path, value))
+    assert any(words in p for p in problems), problems
+
+
+def test_the_cli_check_refuses_a_bad_config_with_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_edit(ANCHOR + ["autoscaling_config", "target_num_ongoing_requests_per_replica"], 4)))
+    proc = subprocess.run([sys.executable, "-m", "jobs.serve", "--config", str(bad), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "target_ongoing_requests" in proc.stderr
+
+
+def test_the_cli_check_names_missing_model_folders(tmp_path):
+    config = _edit(["applications", 0, "args", "anchor"], str(tmp_path / "nowhere"))
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "jobs.serve", "--config", str(path), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "nowhere' does not exist" in proc.stderr
+
+
+def test_serving_args_take_a_comma_list_from_the_serve_run_command_line():
+    args = ServingArgs.from_dict({"anchor": "a", "augments": "b,c", "bridges": "d"})
+    assert args.augments == ["b", "c"]
+    assert args.deployment_names() == ["Ingress", "Anchor", "Augment0", "Augment1"]
+    with pytest.raises(ServeConfigError, match="augments"):
+        ServingArgs.from_dict({"anchor": "a", "augments": [], "bridges": "d"})
+
+
+def test_relative_model_paths_are_taken_from_the_project_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # replicas do not run in the caller's directory
+    args = ServingArgs.from_dict({"anchor": "configs", "augments": ["configs"], "bridges": "configs"}).resolved()
+    assert args.anchor == str(ROOT / "configs")

@@ -1,0 +1,158 @@
+"""The serving engine without Ray: continuous batching gives the same greedy tokens as in-process generate.
+
+DecodeEngine + LocalAugments run the exact code path of the Serve replicas (cache surgery,
+codec, re-prefill after a lost augmenting cache) in one process, so these tests are fast and
+pin the batching logic down; tests/test_serving.py repeats the key checks over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from actors.augment_client import LocalAugments
+from actors.augment_rows import AugmentRows
+from actors.engine import DecodeEngine, GenerationRequest
+from composition.loading import load_tokenizer
+from tests.test_serving_pair import build_pair, load_in_process, reference_completion
+
+PROMPTS = ["The key of door seven is", "a", "Once upon a time, in a land far away,", "xyz 123", "Q: 2+2?\nA:"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return build_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def model(pair):
+    return load_in_process(pair)
+
+
+@pytest.fixture(scope="module")
+def tok(pair):
+    return load_tokenizer(pair.anchor)
+
+
+def make_engine(model, max_batch_size=8):
+    rows = AugmentRows(model.encoders[0], augment=0, pad_id=0, lock=threading.Lock())
+    return DecodeEngine(model, LocalAugments([rows]), max_batch_size=max_batch_size, max_context=512), rows
+
+
+async def collect(engine, request):
+    tokens, finish = [], None
+    async for chunk in engine.generate(request):
+        tokens += chunk["token_ids"]
+        finish = chunk["finish_reason"]
+    return tokens, finish
+
+
+def test_concurrent_greedy_requests_match_in_process_generate(model, tok):
+    engine, _ = make_engine(model)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    lengths = [5, 30, 17, 1, 40]
+
+    async def main():
+        # staggered arrivals: requests join a batch that is already decoding
+        async def one(i):
+            await asyncio.sleep(0.01 * i)
+            return await collect(engine, GenerationRequest(prompts[i], lengths[i], eos_ids=[tok.eos_token_id]))
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    results = asyncio.run(main())
+    for prompt, n, (tokens, finish) in zip(prompts, lengths, results):
+        assert tokens == reference_completion(model, tok, prompt, n)
+        assert finish == ("stop" if tokens[-1] == tok.eos_token_id else "length")
+    assert engine.counters["max_rows_in_step"] > 1  # requests really shared decode steps
+    assert engine.stats()["running"] == 0
+
+
+def test_a_lost_augmenting_cache_is_rebuilt_and_the_answer_is_unchanged(model, tok):
+    engine, rows = make_engine(model)
+    prompt = tok(PROMPTS[2])["input_ids"]
+
+    async def main():
+        tokens = []
+        async for chunk in engine.generate(GenerationRequest(prompt, 30)):
+            tokens += chunk["token_ids"]
+            if len(tokens) == 10:
+                rows.clear()  # what a restarted augmenting replica looks like
+        return tokens
+
+    tokens = asyncio.run(main())
+    assert engine.augments.rebuilds == 1
+    assert tokens == reference_completion(model, tok, prompt, 30)[: len(tokens)]
+    assert len(tokens) == 30 or tokens[-1] == tok.eos_token_id
+
+
+def test_a_consumer_that_stops_reading_frees_its_row(model, tok):
+    engine, rows = make_engine(model)
+    prompt = tok(PROMPTS[0])["input_ids"]
+
+    async def main():
+        stream = engine.generate(GenerationRequest(prompt, 400))
+        await stream.__anext__()
+        await stream.aclose()  # what a client disconnect does to the replica's generator
+        for _ in range(200):
+            if engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        # a later request still works
+        return await collect(engine, GenerationRequest(prompt, 3))
+
+    tokens, _ = asyncio.run(main())
+    assert engine.counters["cancelled"] == 1
+    assert engine.stats()["running"] == 0
+    assert len(tokens) == 3
+
+
+def test_seeded_sampling_gives_the_same_tokens_alone_and_in_a_batch(model, tok):
+    prompt = tok(PROMPTS[0])["input_ids"]
+    other = tok(PROMPTS[2])["input_ids"]
+
+    def request():
+        return GenerationRequest(prompt, 20, temperature=0.9, top_p=0.9, seed=7)
+
+    async def alone():
+        return (await collect(make_engine(model)[0], request()))[0]
+
+    async def batched():
+        engine = make_engine(model)[0]
+        results = await asyncio.gather(collect(engine, request()),
+                                       collect(engine, GenerationRequest(other, 20, temperature=1.0)))
+        return results[0][0]
+
+    assert asyncio.run(alone()) == asyncio.run(batched())
+
+
+def test_requests_beyond_the_batch_size_wait_for_a_free_row(model, tok):
+    engine, _ = make_engine(model, max_batch_size=2)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, GenerationRequest(p, 8)) for p in prompts))
+
+    results = asyncio.run(main())
+    assert all(len(t) == 8 or t[-1] == tok.eos_token_id for t, _ in results)
+    for prompt, (tokens, _) in zip(prompts, results):
+        assert tokens == reference_completion(model, tok, prompt, 8)[: len(tokens)]
+    assert engine.counters["max_rows_in_step"] == 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(prompt_ids=[], max_tokens=3), "prompt is empty"),
+    (dict(prompt_ids=[5], max_tokens=0), "max_tokens must be >= 1"),
+    (dict(prompt_ids=[5] * 500, max_tokens=20), "exceeds the context of 512"),
+    (dict(prompt_ids=[5], max_tokens=3, top_p=0.0), "top_p"),
+])
+def test_invalid_requests_are_refused_with_the_reason(model, bad, message):
+    engine, _ = make_engine(model)
+
+    async def main():
+        return await collect(engine, GenerationRequest(**bad))
+
+    with pytest.raises(ValueError, match=message):
+        asyncio.run(main())

@@ -1,0 +1,91 @@
+"""The OpenAI frontend over real HTTP without Ray: request timeouts and stop strings across chunks.
+
+``OpenAIFrontend`` in front of a local ``DecodeEngine`` (the Serve replicas' code, in-process),
+served by uvicorn on 127.0.0.1: timeouts can be made short here without slowing the Serve tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+
+from actors.augment_client import LocalAugments
+from actors.augment_rows import AugmentRows
+from actors.engine import DecodeEngine, GenerationRequest
+from actors.openai_api import Limits, OpenAIFrontend, TextAssembler
+from composition.loading import load_tokenizer
+from tests.test_serving import free_port, wait_until
+from tests.test_serving_pair import build_pair, load_in_process
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(base url, engine) of a frontend with a 0.3 s request timeout."""
+    pair = build_pair(tmp_path_factory.mktemp("frontend_pair"))
+    model = load_in_process(pair)
+    tok = load_tokenizer(pair.anchor)
+    engine = DecodeEngine(model, LocalAugments([AugmentRows(model.encoders[0], 0, 0, threading.Lock())]),
+                          max_batch_size=4, max_context=512)
+    frontend = OpenAIFrontend(tok, "local", Limits(context=512, request_timeout_s=0.3),
+                              open_stream=lambda r: engine.generate(GenerationRequest(**r)))
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await frontend.completions(request)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 30, "uvicorn to start", interval=0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_a_request_past_the_timeout_gets_a_504_and_frees_its_row(served):
+    url, engine = served
+    started = time.monotonic()
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 500, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 504, r.text
+    assert "request timeout of 0.3 s" in r.json()["error"]["message"]
+    assert time.monotonic() - started < 10
+    wait_until(lambda: engine.stats()["running"] == 0, 10, "the timed-out row to be dropped")
+    assert engine.counters["cancelled"] >= 1
+    ok = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_a_streamed_request_past_the_timeout_ends_with_an_error_event(served):
+    url, _ = served
+    body = {"prompt": "a", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert '"type": "timeout"' in lines[-2]
+
+
+class _CharTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_stop_strings_split_across_chunks_never_leak_into_the_stream():
+    text = TextAssembler(_CharTokenizer(), stop=["END"])
+    out = [text.add([ord(c)]) for c in "abcEN"]
+    assert "".join(out) == "abc"  # "EN" may start "END": held back
+    out.append(text.add([ord("D"), ord("x")]))
+    assert text.stopped and "".join(out) == "abc"
+
+
+def test_held_back_text_is_released_when_it_did_not_become_a_stop_string():
+    text = TextAssembler(_CharTokenizer(), stop=["END"])
+    out = [text.add([ord(c)]) for c in "abEN"] + [text.add([ord("!")]), text.finish()]
+    assert "".join(out) == "abEN!" and not text.stopped
