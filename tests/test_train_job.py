@@ -1,0 +1,377 @@
+"""The Ray Train job (jobs/train.py) as a user drives it: configs, `ray job submit`, failures, resume.
+
+Tiny real models (a 4-layer anchor and a 4-layer augmenting Llama sharing a character-level
+tokenizer) and a prompt->completion data file are written to a temporary folder; jobs run on the
+session's real Ray cluster (token auth on) through the `ray job submit` CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.tiny_models import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_BIN = str(Path(sys.executable).with_name("ray"))
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 =;+-.,:?"
+STEP_LINE = re.compile(r"pid=(\d+)\)\S*\s+step (\d+)/(\d+) loss")
+RESUME_LINE = re.compile(r"resumed from checkpoint at step (\d+)")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def char_tokenizer():
+    """A character-level tokenizer (WordLevel over single characters) with pad/eos/bos/unk."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Model folders, data file and a base config dict for them."""
+    root = tmp_path_factory.mktemp("train_pair")
+    tok = char_tokenizer()
+    for name, hidden, seed in (("anchor", 64, 0), ("augment", 32, 1)):
+        model = tiny("llama", hidden=hidden, layers=4, heads=4, vocab=64, seed=seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    with open(root / "train.jsonl", "w") as f:
+        for k in range(64):
+            f.write(json.dumps({"prompt": f"k{k}=", "completion": f"{(k * 7) % 100};"}) + "\n")
+    base = {
+        "anchor": str(root / "anchor"),
+        "augments": [str(root / "augment")],
+        "composition": {"mappings": [{"pairs": [[2, 2], [4, 4]]}]},
+        "data": {"train": str(root / "train.jsonl"), "format": "prompt_completion", "max_length": 16},
+        "training": {"steps": 6, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 3,
+                     "log_every": 1},
+        "ray": {"num_workers": 2, "cpus_per_worker": 0.5, "augment_actors": 1, "cpus_per_augment_actor": 0.5,
+                "max_failures": 2},
+        "storage_path": str(root / "runs"),
+    }
+    return root, base
+
+
+def write_config(folder: Path, base: dict, name: str, **overrides) -> Path:
+    cfg = json.loads(json.dumps(base))
+    for key, value in overrides.items():  # "training.steps" -> cfg["training"]["steps"]
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is DELETE:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    cfg.setdefault("name", name)
+    cfg.setdefault("output", str(folder / name / "bridges"))
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+DELETE = object()
+
+
+def submit(cluster, config: Path, submission_id: str) -> None:
+    """`ray job submit --working-dir <repo> -- python -m jobs.train --config X` (returns once submitted).
+
+    The entrypoint names this interpreter rather than `python`, so the job runs in the same
+    environment even when the test runner's PATH does not lead to it.
+    """
+    deadline = time.monotonic() + 90
+    while True:
+        proc = cluster.run(RAY_BIN, "job", "submit", "--address", cluster.dashboard, "--submission-id",
+                           submission_id, "--working-dir", str(ROOT), "--no-wait", "--", sys.executable, "-m",
+                           "jobs.train", "--config", str(config), timeout=120, check=False)
+        if proc.returncode == 0:
+            return
+        # a fresh cluster answers `ray job list` before its job agent is up: poll until it accepts jobs
+        if "No available agent" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+            raise AssertionError(f"ray job submit exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        time.sleep(0.5)
+
+
+def job_client(cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(cluster.dashboard)
+
+
+def wait_job(cluster, submission_id: str, timeout: float = 240, on_poll=None):
+    """Poll until the job is terminal; returns (status, logs). ``on_poll(logs)`` runs between polls."""
+    from ray.job_submission import JobStatus
+
+    client = job_client(cluster)
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get_job_status(submission_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status, client.get_job_logs(submission_id)
+        if time.monotonic() > deadline:
+            client.stop_job(submission_id)
+            raise AssertionError(f"job {submission_id} still {status} after {timeout}s:\n"
+                                 f"{client.get_job_logs(submission_id)[-4000:]}")
+        if on_poll:
+            on_poll(client.get_job_logs(submission_id))
+        time.sleep(0.2)
+
+
+def steps_in(logs: str) -> list[tuple[int, int]]:
+    """(pid, step) of every progress line, in log order."""
+    return [(int(m.group(1)), int(m.group(2))) for m in STEP_LINE.finditer(logs)]
+
+
+def load_pair(root: Path):
+    from composition.loading import load_causal_lm
+
+    return load_causal_lm(str(root / "anchor")), [load_causal_lm(str(root / "augment"))]
+
+
+@pytest.fixture(scope="module")
+def first_job(ray_cluster, pair, tmp_path_factory):
+    """The tiny config submitted once; returns (config path, status, logs, output folder)."""
+    root, base = pair
+    folder = tmp_path_factory.mktemp("first_job")
+    config = write_config(folder, base, "first")
+    submit(ray_cluster, config, "train-first")
+    status, logs = wait_job(ray_cluster, "train-first")
+    return config, status, logs, folder / "first" / "bridges"
+
+
+# ------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"trainig": {"steps": 3}}, r"unknown key 'trainig' \(did you mean 'training'\?\)"),
+        ({"training.bach_size": 8}, r"unknown key 'training.bach_size' \(did you mean 'batch_size'\?\)"),
+        ({"anchor": DELETE}, r"missing required key 'anchor'"),
+        ({"anchor": "/nonexistent/anchor"}, r"'anchor': model folder /nonexistent/anchor does not exist"),
+        ({"data.train": "/nonexistent/train.jsonl"}, r"'data.train\[0\]': file /nonexistent/train.jsonl does not exist"),
+        ({"data.train": "/tmp/train.csv"}, r"'data.train\[0\]'.*extension '.csv'; supported are"),
+        ({"composition.mappings": [{"pairs": [[9, 2]]}]},
+         r"composition.mappings\[0\] \(augments\[0\]\): augment index 9 does not exist: the augmenting model has 4 layers"),
+        ({"composition.mappings": [{"pairs": [[2, 7]]}]}, r"anchor index 7 does not exist: the anchor has 4 layers"),
+        ({"composition.mappings": [{"every": 2}, {"every": 2}]},
+         r"'composition.mappings' has 2 entries for 1 augmenting models"),
+        ({"composition.gate": 1}, r"composition: unknown composition keys \['gate'\]"),
+        ({"training.batch_size": 7}, r"'training.batch_size' \(7\) .* divide evenly over 'ray.num_workers' \(2\)"),
+        ({"training.steps": "ten"}, r"'training.steps' must be an integer, got 'ten'"),
+        ({"ray.gpus_per_augment_actor": -0.5}, r"'ray.gpus_per_augment_actor' must be >= 0"),
+        ({"data.format": "chat"}, r"'data.format' must be one of text, prompt_completion"),
+        ({"data.prompt_field": "question"}, r"'data.prompt_field': the data has no field 'question'"),
+        ({"training.batch_size": 128}, r"gives 64 usable examples, fewer than one global batch"),
+        ({"activation_cache": {"enabled": True}}, r"'activation_cache.path' is not set"),
+    ],
+    ids=lambda v: None if isinstance(v, str) else str(v)[:40],
+)
+def test_invalid_config_is_rejected_with_the_key_and_fix(pair, tmp_path, overrides, message):
+    from actors.train_config import TrainConfigError
+    from jobs.train import prepare
+
+    root, base = pair
+    config = write_config(tmp_path, base, "bad", **overrides)
+    with pytest.raises(TrainConfigError, match=message):
+        prepare(str(config))
+
+
+def test_bad_config_fails_before_any_cluster_work(pair, tmp_path):
+    """RAY_ADDRESS points at nothing: had the job touched Ray first, this would be a connection error."""
+    root, base = pair
+    config = write_config(tmp_path, base, "bad", **{"composition.mappings": [{"pairs": [[9, 2]]}]})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "127.0.0.1:1"}
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(config)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config error: composition.mappings[0] (augments[0]): augment index 9 does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ streaming
+def test_augment_encoder_emits_only_selected_layers_as_raw_16_bit(pair):
+    import numpy as np
+
+    from actors.augment import AugmentBatchEncoder
+
+    root, _ = pair
+    encoder = AugmentBatchEncoder([str(root / "augment")], [[2, 4]], dtype="bfloat16", device="cpu")
+    batch = {"input_ids": np.full((2, 5), 7, dtype=np.int32), "attention_mask": np.ones((2, 5), dtype=np.int32),
+             "labels": np.full((2, 5), 7, dtype=np.int32)}
+    out = encoder(batch)
+    assert sorted(out) == ["attention_mask", "aug0_2", "aug0_4", "input_ids", "labels"]
+    assert out["aug0_4"].dtype == np.int16 and out["aug0_4"].shape == (2, 5, 32)  # bf16 bits, d_aug = 32
+
+
+@pytest.fixture(scope="module")
+def ray_client(ray_cluster):
+    """This process as a Ray driver on the session cluster (for the Ray Data tests)."""
+    import ray
+
+    ray.init(address=ray_cluster.address)
+    yield ray
+    ray.shutdown()
+
+
+def streamed_dataset(cfg, examples):
+    from actors.augment import with_augment_states
+    from actors.train_data import to_ray_dataset
+
+    return with_augment_states(to_ray_dataset(examples, 8), cfg.augments, [[2, 4]], "float32", batch_size=8,
+                               max_actors=1, cpus_per_actor=0.5, gpus_per_actor=0)
+
+
+def test_streamed_states_give_the_in_process_loss(ray_client, pair, tmp_path):
+    """Same batch, fp32: bridges fed by the Ray Data actor pool == bridges fed in-process (1e-5)."""
+    from actors.training import build_model, decode_batch
+    from jobs.train import prepare
+
+    root, base = pair
+    cfg, facts, examples = prepare(str(write_config(tmp_path, base, "equal")))
+    arrays = next(iter(streamed_dataset(cfg, examples).iter_batches(batch_size=8, batch_format="numpy")))
+    assert sorted(arrays) == ["attention_mask", "aug0_2", "aug0_4", "input_ids", "labels"]  # only the bridged layers
+    batch = decode_batch(arrays, "float32", "cpu")
+
+    model = build_model(cfg, "cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.trainable_parameters():  # bridges start as a no-op: make them read the states
+            p.normal_(0, 0.2)
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        in_process = model(ids, mask, labels=labels).loss
+        streamed = model(ids, mask, labels=labels, augment_states=batch["augment_states"]).loss
+        shuffled = [{k: v.flip(0) for k, v in batch["augment_states"][0].items()}]
+        wrong = model(ids, mask, labels=labels, augment_states=shuffled).loss
+    assert abs(streamed.item() - in_process.item()) <= 1e-5
+    assert abs(wrong.item() - in_process.item()) > 1e-4  # the states do reach the loss
+
+
+def test_activation_cache_is_written_once_and_holds_the_streamed_states(ray_client, pair, tmp_path):
+    import numpy as np
+
+    from actors.augment import AugmentBatchEncoder
+    from actors.train_data import cache_manifest, cached_dataset, estimate_cache_bytes
+    from jobs.train import prepare
+
+    root, base = pair
+    config = write_config(tmp_path, base, "cached", activation_cache={"enabled": True, "path": str(tmp_path / "cache")})
+    cfg, facts, examples = prepare(str(config))
+    n = len(examples["input_ids"])
+    manifest = cache_manifest(cfg, facts["links"], "float32", n)
+    builds = []
+
+    def build():
+        builds.append(1)
+        return streamed_dataset(cfg, examples)
+
+    cached_dataset(cfg, manifest, build)
+    rows = cached_dataset(cfg, manifest, build).take_batch(n, batch_format="numpy")  # second open: reused
+    assert len(builds) == 1
+    assert len(rows["input_ids"]) == n
+    assert estimate_cache_bytes(n, 16, facts["links"], [32], 4) == sum(a.nbytes for a in rows.values())
+    fresh = AugmentBatchEncoder(cfg.augments, [[2, 4]], "float32", "cpu")(
+        {"input_ids": rows["input_ids"][:8], "attention_mask": rows["attention_mask"][:8]})
+    for key in ("aug0_2", "aug0_4"):
+        np.testing.assert_allclose(rows[key][:8], fresh[key], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ ray job submit
+def test_job_submit_trains_and_exports_loadable_bridges(first_job, pair):
+    from ray.job_submission import JobStatus
+
+    from composition.model import ComposedModel
+
+    config, status, logs, output = first_job
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert [s for _, s in steps_in(logs)] == [1, 2, 3, 4, 5, 6]
+    assert (output / "composition_config.json").is_file() and (output / "bridges.safetensors").is_file()
+    anchor, augments = load_pair(pair[0])
+    model = ComposedModel.from_pretrained(output, anchor, augments)
+    assert [(link.augment_index, link.anchor_index) for link in model.links] == [(2, 2), (4, 4)]
+    assert any(p.abs().sum() > 0 for p in model.trainable_parameters())
+
+
+def test_job_submit_without_the_token_is_refused(ray_cluster, tmp_path):
+    env = {k: v for k, v in ray_cluster.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    proc = subprocess.run([RAY_BIN, "job", "submit", "--address", ray_cluster.dashboard, "--no-wait", "--",
+                           "echo", "hi"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert re.search(r"(?i)unauthori[sz]ed|authentication|401|token", proc.stdout + proc.stderr)
+
+
+def test_rerunning_the_job_continues_from_its_last_checkpoint(ray_cluster, first_job):
+    from ray.job_submission import JobStatus
+
+    config, status, _, output = first_job
+    assert status == JobStatus.SUCCEEDED
+    before = (output / "bridges.safetensors").read_bytes()
+    raw = yaml.safe_load(config.read_text())
+    raw["training"]["steps"] = 9  # same name and storage_path: the same run, trained further
+    config.write_text(yaml.safe_dump(raw))
+    submit(ray_cluster, config, "train-first-again")
+    status, logs = wait_job(ray_cluster, "train-first-again")
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert RESUME_LINE.search(logs).group(1) == "6"
+    assert [s for _, s in steps_in(logs)] == [7, 8, 9]  # no finished step is trained again
+    assert (output / "bridges.safetensors").read_bytes() != before
+
+
+def test_killed_training_worker_resumes_from_the_last_checkpoint(ray_cluster, pair, tmp_path):
+    from ray.job_submission import JobStatus
+
+    from composition.training import STATE_FILE
+
+    root, base = pair
+    steps, every = 24, 4
+    config = write_config(tmp_path, base, "killed", **{"training.steps": steps, "training.checkpoint_every": every})
+    run_dir = Path(base["storage_path"]) / "killed"
+    submit(ray_cluster, config, "train-killed")
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint(logs: str) -> None:
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        if killed or not snapshot.is_file():
+            return
+        try:
+            registered = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (ValueError, KeyError):  # being rewritten
+            return
+        ranks = re.findall(r"RayTrainWorker pid=(\d+)\)\S*\s+worker 0/2", logs)
+        if registered and ranks:
+            os.kill(int(ranks[0]), signal.SIGKILL)  # rank 0: the worker that writes checkpoints
+            killed.append(int(ranks[0]))
+
+    status, logs = wait_job(ray_cluster, "train-killed", on_poll=kill_after_first_checkpoint)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert killed, "the run finished before a checkpoint was seen: nothing was killed"
+    resumed = [int(m.group(1)) for m in RESUME_LINE.finditer(logs)]
+    assert len(resumed) == 1 and resumed[0] >= every and resumed[0] % every == 0, resumed
+    c = resumed[0]
+    seen = steps_in(logs)
+    before = [s for pid, s in seen if pid == killed[0]]
+    after = [s for pid, s in seen if pid != killed[0]]
+    assert before == list(range(1, len(before) + 1)) and before[-1] >= c  # the killed attempt got past c
+    assert after == list(range(c + 1, steps + 1))  # the restart trains c+1..steps: steps <= c never again
+    last = sorted(run_dir.glob("checkpoint_0*"))[-1]
+    state = json.loads((last / "bridge_trainer" / STATE_FILE).read_text())
+    assert state["step"] == steps
+    assert state["attempts"] == [{"first_step": 1, "last_checkpointed_step": c},
+                                 {"first_step": c + 1, "last_checkpointed_step": steps}]
+    assert (tmp_path / "killed" / "bridges" / "bridges.safetensors").is_file()
