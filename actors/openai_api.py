@@ -85,6 +85,10 @@ def _jsonable(x) -> bool:
         return False
 
 
+class _DeadlineExceeded(Exception):
+    """The request ran past the server's request timeout."""
+
+
 # ---------------------------------------------------------------------- request bodies
 class _Body(BaseModel):
     # strict: "5" is not an int and true is not a number; unknown fields (user, logit_bias=None, ...) are ignored
@@ -141,39 +145,62 @@ class ChatBody(_Sampling):
 
 # ---------------------------------------------------------------------- text assembly
 class TextAssembler:
-    """Token ids -> text deltas, cut at the first stop string; holds back a possible stop-string start."""
+    """Token ids -> text deltas, cut at the first stop string; holds back a possible stop-string start.
+
+    Decoding is incremental (the usual prefix/read offsets): each call decodes a few trailing tokens,
+    not the whole answer, so a long streamed answer costs O(1) per token.
+    """
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.longest_stop = max((len(s) for s in stop), default=0)
         self.ids: list[int] = []
+        self.prefix_offset = 0  # ids[prefix_offset:read_offset] is context already turned into text
+        self.read_offset = 0
+        self.text = ""  # all decoded text so far (cut at a stop string once found)
         self.sent = 0  # characters of the text already emitted
         self.stopped = False
-        self.text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _extend(self) -> None:
+        """Append the text of tokens decoded since the last call (the standard incremental detokeniser)."""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):  # wait out incomplete characters
+            self.text += full[len(prefix) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
 
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; return the text that is now safe to emit."""
         if self.stopped:
             return ""
         self.ids += token_ids
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            self.text = text[:cut]
-            return self._flush(len(self.text))
-        self.text = text
-        safe = len(text)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
-            safe -= 1
+        self._extend()
+        if self.stop:
+            window = max(0, self.sent - self.longest_stop)  # a stop string can only start after this
+            hits = [i for i in (self.text.find(s, window) for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                self.text = self.text[: min(hits)]
+                return self._flush(len(self.text))
+        safe = len(self.text)
         for s in self.stop:  # a suffix that may grow into a stop string stays back
             for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe -= k
+                if self.text.endswith(s[:k]):
+                    safe = min(safe, len(self.text) - k)
                     break
         return self._flush(safe)
 
     def finish(self) -> str:
+        if not self.stopped:
+            full = self._decode(self.ids[self.prefix_offset :])
+            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            self.text += full[len(prefix) :]  # whatever was held back as incomplete
+            self.prefix_offset = self.read_offset = len(self.ids)
         return self._flush(len(self.text))
 
     def _flush(self, upto: int) -> str:
@@ -387,7 +414,7 @@ class OpenAIFrontend:
         """
         text = TextAssembler(self.tokenizer, p.stop)
         generated: list[int] = []
-        deadline = time.monotonic() + self.limits.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + self.limits.request_timeout_s
         attempts = 0
         while True:
             request = {
@@ -404,16 +431,19 @@ class OpenAIFrontend:
             try:
                 stream = self.open_stream(request)
                 while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise asyncio.TimeoutError
+                    scope = asyncio.timeout_at(deadline)
                     try:
-                        chunk = await asyncio.wait_for(stream.__anext__(), timeout=remaining)
+                        async with scope:  # around the await only: never around a yield
+                            chunk = await stream.__anext__()
                     except StopAsyncIteration:
                         settled = True
                         raise ApiError(500, "the token stream ended without a finish reason") from None
-                    except asyncio.TimeoutError:
-                        raise
+                    except asyncio.TimeoutError as e:
+                        if scope.expired():
+                            raise _DeadlineExceeded from None
+                        settled = True
+                        raise ApiError(503, f"the model did not answer in time ({type(e).__name__}): retry later",
+                                       type_="overloaded") from None
                     except BaseException as e:
                         settled = not isinstance(e, asyncio.CancelledError)
                         raise
@@ -429,10 +459,7 @@ class OpenAIFrontend:
                         return
                     if delta:
                         yield delta, None, len(generated)
-            except asyncio.TimeoutError as e:
-                if time.monotonic() < deadline:  # not ours: a timeout inside the stream
-                    raise ApiError(503, f"the model did not answer in time ({type(e).__name__}): retry later",
-                                   type_="overloaded") from None
+            except _DeadlineExceeded:
                 self.counters["timeouts"] += 1
                 raise ApiError(504, f"the request took longer than the server's request timeout of "
                                     f"{self.limits.request_timeout_s:g} s: lower max_tokens", type_="timeout") from None

@@ -53,6 +53,8 @@ class ServingArgs(BaseModel):
     max_retries: int = 2  # resumes of a request whose anchor replica died
     augment_retry_s: float = 30.0  # how long an engine keeps trying to reach an augmenting replica
     torch_threads: int | None = None  # torch.set_num_threads in each replica (None: torch's default)
+    model_thread: bool = False  # run model calls in a worker thread (keeps the replica's loop free during
+    # long CPU forwards); off by default: for small or GPU models the thread hop and GIL contention cost more
 
     @field_validator("augments", mode="before")
     @classmethod

@@ -97,7 +97,9 @@ def model_context(paths: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------- augmenting models
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, max_queued_requests=256)
+# called once per decode step: no access-log line per call
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, max_queued_requests=256,
+                  logging_config={"enable_access_log": False})
 class AugmentDeployment:
     """Augmenting model ``index`` and, per anchor engine, the KV caches of that engine's rows."""
 
@@ -111,6 +113,10 @@ class AugmentDeployment:
         self.index = index
         self.encoder = AugmentEncoder(model, indices)
         self.lock = threading.Lock()  # one model call at a time: the encoder's hooks hold per-call state
+        self.model_thread = settings.model_thread
+
+    async def _run(self, fn, *args):
+        return await asyncio.to_thread(fn, *args) if self.model_thread else fn(*args)
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def rows_of(self, engine_id: str) -> AugmentRows:
@@ -125,15 +131,15 @@ class AugmentDeployment:
 
     async def prefill(self, rows: list, return_states: bool = True, keep: list | None = None):
         target = await self._rows()
-        return await asyncio.to_thread(target.prefill, rows, return_states, keep)
+        return await self._run(target.prefill, rows, return_states, keep)
 
     async def step(self, ids: list, tokens: list, lengths: list | None = None):
         target = await self._rows()
-        return await asyncio.to_thread(target.step, ids, tokens, lengths)
+        return await self._run(target.step, ids, tokens, lengths)
 
     async def release(self, ids: list | None = None):
         target = await self._rows()
-        await asyncio.to_thread(target.release, ids)
+        await self._run(target.release, ids)
 
 
 class ServeAugments(AugmentClient):
@@ -203,7 +209,7 @@ class AnchorDeployment:
         context = settings.max_context or model_context([settings.anchor, *settings.augments])
         client = ServeAugments(list(augments), self.engine_id, settings.device, settings.augment_retry_s)
         self.engine = DecodeEngine(model, client, settings.max_batch_size, context,
-                                   pad_id=anchor.config.pad_token_id or 0)
+                                   pad_id=anchor.config.pad_token_id or 0, model_thread=settings.model_thread)
 
     async def generate(self, request: dict):
         """Stream ``{"token_ids": [...], "finish_reason": ...}`` chunks for one request."""

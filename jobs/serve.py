@@ -61,7 +61,8 @@ def run_config(config: dict, address: str | None = None, blocking: bool = True) 
             while True:
                 time.sleep(5)
         except KeyboardInterrupt:
-            serve.shutdown()
+            for name in names:  # only this command's applications: the cluster may serve others
+                serve.delete(name)
     return names
 
 

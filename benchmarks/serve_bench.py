@@ -1,0 +1,264 @@
+"""Serving benchmark: the composed model over HTTP (Ray Serve) against in-process generate, same machine, same run.
+
+For 1, 4 and 16 concurrent clients (each streaming greedy completions of exactly --max-tokens
+tokens, ``ignore_eos``) it measures latency p50/p99, time to first token p50/p99, per-request and
+total tokens/s; the in-process reference is ``ComposedModel.generate`` on one prompt at a time (and,
+for scale, on a static batch of the same size). Prints a table and writes JSON; asserts nothing.
+
+    python benchmarks/serve_bench.py                       # a generated pair (--size small)
+    python benchmarks/serve_bench.py --pair assets/kv_pair # a trained pair: anchor/ augment/ bridges/
+    python benchmarks/serve_bench.py --device cuda --dtype bfloat16 --size large   # on a GPU node
+
+Targets (issue 5): 1 client >= 0.5x in-process tokens/s; 16 clients >= 3x the 1-client total.
+Starts its own local Ray; the machine should be otherwise idle for meaningful numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {  # anchor (hidden, layers), augmenting (hidden, layers)
+    "tiny": (64, 4, 32, 4),
+    "small": (256, 8, 128, 4),
+    "medium": (512, 8, 256, 6),
+    "large": (2048, 16, 1024, 8),  # the shape measured on an H100 in docs/platform-facts
+}
+PROMPT = "The key of door number seven is kept in the blue box on the third shelf, and"
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def summarise(name: str, clients: int, records: list[dict], wall: float) -> dict:
+    tokens = sum(r["tokens"] for r in records)
+    return {
+        "mode": name, "clients": clients, "requests": len(records), "tokens": tokens, "wall_s": wall,
+        "latency_p50_s": percentile([r["latency"] for r in records], 0.5),
+        "latency_p99_s": percentile([r["latency"] for r in records], 0.99),
+        "ttft_p50_s": percentile([r["ttft"] for r in records], 0.5),
+        "ttft_p99_s": percentile([r["ttft"] for r in records], 0.99),
+        "per_request_tokens_per_s": statistics.mean(r["tokens"] / r["latency"] for r in records),
+        "total_tokens_per_s": tokens / wall,
+    }
+
+
+# ---------------------------------------------------------------------- in-process reference
+def in_process(model, prompt_ids: list[int], max_tokens: int, repeats: int, batch: int) -> dict:
+    import torch
+
+    ids = torch.tensor([prompt_ids] * batch)
+    model.generate(ids, max_new_tokens=4)  # warm up
+    records = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1)  # the prefill alone: time to first token
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=max_tokens)
+        latency = time.perf_counter() - t0
+        assert out.shape[1] == len(prompt_ids) + max_tokens
+        records += [{"latency": latency, "ttft": ttft, "tokens": max_tokens}] * batch
+    # the ttft runs are not part of the generation: count only the generate calls in the wall time
+    wall = sum(r["latency"] for r in records[::batch])
+    return summarise(f"in-process generate (batch {batch})", batch, records, wall)
+
+
+# ---------------------------------------------------------------------- over HTTP
+async def one_request(http, url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    async with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if event["choices"] and event["choices"][0]["text"] and ttft is None:
+                ttft = time.perf_counter() - t0
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    latency = time.perf_counter() - t0
+    return {"latency": latency, "ttft": ttft if ttft is not None else latency, "tokens": tokens}
+
+
+async def http_level(url: str, clients: int, requests_per_client: int, max_tokens: int) -> dict:
+    import httpx
+
+    records: list[dict] = []
+
+    async def client(i: int, http):
+        for j in range(requests_per_client):
+            records.append(await one_request(http, url, f"{PROMPT} ({i}.{j})", max_tokens))
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        await one_request(http, url, PROMPT, 4)  # warm up the path
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        wall = time.perf_counter() - start
+    return summarise("Ray Serve over HTTP", clients, records, wall)
+
+
+def serve_app(pair, args) -> tuple[str, str]:
+    import ray
+    from ray import serve
+
+    from actors.serve_config import ServingArgs
+    from actors.serving import build_app
+
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, namespace="serve",
+             num_gpus=1 if args.device == "cuda" else 0, log_to_driver=False)
+    port = args.port
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServingArgs(model_name="bench", anchor=pair["anchor"], augments=[pair["augment"]],
+                           bridges=pair["bridges"], dtype=args.dtype, device=args.device,
+                           max_batch_size=max(args.clients), torch_threads=args.threads, request_timeout_s=600)
+    gpu = args.device == "cuda"
+    options = {
+        "Ingress": {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 256, "max_queued_requests": 256},
+        "Anchor": {"ray_actor_options": {"num_cpus": 1, **({"num_gpus": 0.5} if gpu else {})},
+                   "max_ongoing_requests": max(args.clients), "max_queued_requests": 256},
+        "Augment0": {"ray_actor_options": {"num_cpus": 1, **({"num_gpus": 0.25} if gpu else {})}},
+    }
+    serve.run(build_app(settings, options), name="bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}", "bench"
+
+
+# ---------------------------------------------------------------------- main
+def make_pair(args) -> dict:
+    if args.pair:
+        base = Path(args.pair)
+        return {"anchor": str(base / "anchor"), "augment": str(base / "augment"), "bridges": str(base / "bridges")}
+    from tests.test_serving_pair import build_pair
+
+    ah, al, gh, gl = SIZES[args.size]
+    folder = Path(tempfile.mkdtemp(prefix="serve_bench_"))
+    pair = build_pair(folder, anchor_hidden=ah, anchor_layers=al, augment_hidden=gh, augment_layers=gl, context=2048)
+    return {"anchor": pair.anchor, "augment": pair.augment, "bridges": pair.bridges}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair", help="folder with anchor/, augment/, bridges/ (default: generate one of --size)")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--clients", default="1,4,16")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least 2 per client)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in each replica")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--out", default=str(ROOT / "results" / "serve_bench.json"))
+    args = p.parse_args(argv)
+    args.clients = [int(c) for c in args.clients.split(",")]
+
+    import torch
+
+    from composition.loading import load_causal_lm, load_tokenizer
+    from composition.model import ComposedModel
+
+    torch.set_num_threads(args.threads)
+    pair = make_pair(args)
+    tok = load_tokenizer(pair["anchor"])
+    prompt_ids = tok(PROMPT)["input_ids"]
+    anchor = load_causal_lm(pair["anchor"], args.dtype, args.device)
+    augment = load_causal_lm(pair["augment"], args.dtype, args.device)
+    model = ComposedModel.from_pretrained(pair["bridges"], anchor, [augment])
+
+    rows = [in_process(model, prompt_ids, args.max_tokens, repeats=6, batch=1)]
+    for c in args.clients:
+        if c > 1:
+            rows.append(in_process(model, prompt_ids, args.max_tokens, repeats=2, batch=c))
+    del model, anchor, augment
+
+    url, app = serve_app(pair, args)
+    try:
+        from ray import serve
+
+        anchor = serve.get_deployment_handle("Anchor", app_name=app)
+        for c in args.clients:
+            per_client = max(2, args.requests // c)
+            before = anchor.stats.remote().result()
+            row = asyncio.run(http_level(url, c, per_client, args.max_tokens))
+            after = anchor.stats.remote().result()
+            steps = max(1, after["steps"] - before["steps"])
+            # where a decode step's time goes inside the anchor replica (per step, milliseconds)
+            row["engine_ms_per_step"] = {k: 1000 * (after[k] - before[k]) / steps
+                                         for k in ("step_s", "augment_s", "anchor_s")}
+            row["engine_rows_per_step"] = (after["tokens"] - before["tokens"]) / steps
+            rows.append(row)
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+
+    ref = rows[0]["total_tokens_per_s"]
+    served = {r["clients"]: r for r in rows if r["mode"].startswith("Ray Serve")}
+    one = served[min(served)]["total_tokens_per_s"]
+    checks = {
+        "serve_1_client_vs_in_process": one / ref,
+        "serve_16_clients_vs_1_client": served[max(served)]["total_tokens_per_s"] / one,
+    }
+    header = f"{'mode':36} {'clients':>7} {'tok/s total':>11} {'tok/s/req':>9} {'p50 s':>7} {'p99 s':>7} {'TTFT p50':>9} {'TTFT p99':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['mode']:36} {r['clients']:>7} {r['total_tokens_per_s']:>11.1f} {r['per_request_tokens_per_s']:>9.1f} "
+              f"{r['latency_p50_s']:>7.3f} {r['latency_p99_s']:>7.3f} {r['ttft_p50_s']:>9.4f} {r['ttft_p99_s']:>9.4f}")
+    print("\nInside the anchor replica, per decode step (ms): step / waiting for the augmenting replica / anchor forward")
+    for r in rows:
+        if "engine_ms_per_step" in r:
+            e = r["engine_ms_per_step"]
+            print(f"  {r['clients']:>2} clients: {e['step_s']:.2f} / {e['augment_s']:.2f} / {e['anchor_s']:.2f}"
+                  f"  ({r['engine_rows_per_step']:.1f} rows per step)")
+    print(f"\nServe 1 client / in-process: {checks['serve_1_client_vs_in_process']:.2f}x (target >= 0.5x)")
+    print(f"Serve {max(served)} clients / Serve 1 client: {checks['serve_16_clients_vs_1_client']:.2f}x (target >= 3x)")
+
+    ah, al, gh, gl = SIZES[args.size] if not args.pair else (None, None, None, None)
+    result = {
+        "benchmark": "serve_bench",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": args.device,
+                    "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else None,
+                    "torch_threads": args.threads, "torch": torch.__version__},
+        "model": {"pair": args.pair or f"generated --size {args.size}", "dtype": args.dtype,
+                  "anchor_hidden_layers": [ah, al], "augment_hidden_layers": [gh, gl]},
+        "settings": {"max_tokens": args.max_tokens, "prompt_tokens": len(prompt_ids), "clients": args.clients,
+                     "requests": args.requests},
+        "rows": rows,
+        "checks": checks,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
