@@ -67,6 +67,8 @@ class AugmentClient:
     async def step(
         self, ids: list[str], tokens: list[int], history: Callable[[str], list[int]]
     ) -> list[dict[int, torch.Tensor]]:
+        if self.num_augments == 1:  # the common case: no gather machinery per step
+            return [await self._step_one(0, ids, tokens, history)]
         return list(await asyncio.gather(*(self._step_one(i, ids, tokens, history) for i in range(self.num_augments))))
 
     async def release(self, ids: list[str] | None = None) -> None:

@@ -130,7 +130,14 @@ def merge_composition_caches(first: CompositionCache, second: CompositionCache) 
         torch.cat([_pad_left(a, length, 2), _pad_left(b, length, 2)], dim=0)
         for a, b in zip(first.bridge_values, second.bridge_values, strict=True)
     ]
+    _drop_buffers(first)
     return first
+
+
+def _drop_buffers(cache: CompositionCache) -> None:
+    """Forget the spare-room buffers behind the bridge keys/values (they no longer hold them)."""
+    if hasattr(cache, "buffers"):
+        cache.buffers = []
 
 
 def select_rows(cache: CompositionCache, index: torch.Tensor) -> None:
@@ -142,6 +149,7 @@ def select_rows(cache: CompositionCache, index: torch.Tensor) -> None:
             select_rows_hf_cache(c, index)
     cache.bridge_keys = [k.index_select(0, index) for k in cache.bridge_keys]
     cache.bridge_values = [v.index_select(0, index) for v in cache.bridge_values]
+    _drop_buffers(cache)
     trim_left(cache)
 
 
@@ -156,3 +164,4 @@ def trim_left(cache: CompositionCache) -> None:
             crop_left_hf_cache(c, columns)
     cache.bridge_keys = [k[:, :, columns:] for k in cache.bridge_keys]
     cache.bridge_values = [v[:, :, columns:] for v in cache.bridge_values]
+    _drop_buffers(cache)

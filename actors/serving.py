@@ -164,7 +164,8 @@ class ServeAugments(AugmentClient):
         while True:
             response = getattr(self.handles[augment], method).remote(*args)
             try:
-                return await asyncio.wait_for(response, timeout=self.call_timeout_s)
+                async with asyncio.timeout(self.call_timeout_s):  # no extra task per call, unlike wait_for
+                    return await response
             except (*TRANSIENT, BackPressureError, RequestCancelledError, asyncio.TimeoutError,
                     asyncio.CancelledError) as e:
                 task = asyncio.current_task()

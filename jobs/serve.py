@@ -47,22 +47,22 @@ def run_config(config: dict, address: str | None = None, blocking: bool = True) 
     http.setdefault("host", "127.0.0.1")  # bind locally unless the config says otherwise
     serve.start(http_options=http, proxy_location=config.get("proxy_location", "EveryNode"))
     names = []
-    for app in config["applications"]:
-        settings = ServingArgs.from_dict(app.get("args") or {}).resolved()
-        settings.check_paths()
-        options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
-        name = app.get("name", "default")
-        serve.run(build_app(settings, options), name=name, route_prefix=app.get("route_prefix", "/"), blocking=False)
-        names.append(name)
-    host, port = http.get("host"), http.get("port", 8000)
-    print(f"serving {', '.join(names)} on http://{host}:{port} (OpenAI API under /v1)", flush=True)
-    if blocking:
-        try:
-            while True:
-                time.sleep(5)
-        except KeyboardInterrupt:
-            for name in names:  # only this command's applications: the cluster may serve others
-                serve.delete(name)
+    try:
+        for app in config["applications"]:
+            settings = ServingArgs.from_dict(app.get("args") or {}).resolved()
+            settings.check_paths()
+            options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
+            name = app.get("name", "default")
+            names.append(name)
+            serve.run(build_app(settings, options), name=name, route_prefix=app.get("route_prefix", "/"),
+                      blocking=False)
+        host, port = http.get("host"), http.get("port", 8000)
+        print(f"serving {', '.join(names)} on http://{host}:{port} (OpenAI API under /v1); Ctrl-C stops", flush=True)
+        while blocking:
+            time.sleep(5)
+    except KeyboardInterrupt:
+        for name in names:  # only this command's applications: the cluster may serve others
+            serve.delete(name)
     return names
 
 

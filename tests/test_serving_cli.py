@@ -1,0 +1,69 @@
+"""`python -m jobs.serve --config ...`: the development entry point runs a config until Ctrl-C.
+
+The command is started as a user would (a subprocess with the cluster's environment), answers
+over HTTP, and on SIGINT removes its own application and leaves the rest of Serve running.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from tests.test_serving import free_port, wait_until  # noqa: E402
+from tests.test_serving_pair import build_pair  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = "calm-cli"
+
+
+def test_python_m_jobs_serve_runs_a_config_and_stops_only_its_app_on_ctrl_c(ray_cluster, tmp_path):
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.address, namespace="serve")
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # keeps a running instance as it is
+    port = serve.context._get_global_client().http_config.port
+    pair = build_pair(tmp_path / "pair")
+
+    config = yaml.safe_load((ROOT / "configs/serve_tiny.yaml").read_text())
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app.update(name=APP, route_prefix="/cli")
+    app["args"].update(anchor=pair.anchor, augments=[pair.augment], bridges=pair.bridges, model_name="cli")
+    for d in app["deployments"]:
+        d["ray_actor_options"] = {"num_cpus": 0.1}
+    path = tmp_path / "serve_tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--config", str(path), "--address", ray_cluster.address],
+                            cwd=ROOT, env=ray_cluster.env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/cli"
+    try:
+        def healthy():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                return httpx.get(f"{url}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 180, "the CLI's application to answer", interval=1)
+        wait_until(lambda: "serving calm-cli on" in (tmp_path / "serve.log").read_text(), 60, "the CLI's ready line")
+        r = httpx.post(f"{url}/v1/completions", json={"model": "cli", "prompt": "hello", "max_tokens": 5}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    wait_until(lambda: APP not in serve.status().applications, 60, "the CLI's application to be deleted")
+    assert serve.status().proxies  # Serve itself still runs for the other applications
