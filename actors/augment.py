@@ -46,9 +46,10 @@ class AugmentBatchEncoder:
         return [enc(input_ids, attention_mask, positions)[0] for enc in self.encoders]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``batch`` with ``input_ids`` and ``attention_mask`` [batch, seq] -> the same plus ``aug{i}_{index}`` columns."""
-        ids = torch.from_numpy(np.array(batch["input_ids"], dtype=np.int64)).to(self.device)  # small copies:
-        mask = torch.from_numpy(np.array(batch["attention_mask"], dtype=np.int64)).to(self.device)  # batches are read-only
+        """``input_ids`` and ``attention_mask`` [batch, seq] (+ any columns) -> the same plus ``aug{i}_{index}``."""
+        # small copies: the batches Ray hands over are read-only
+        ids = torch.from_numpy(np.array(batch["input_ids"], dtype=np.int64)).to(self.device)
+        mask = torch.from_numpy(np.array(batch["attention_mask"], dtype=np.int64)).to(self.device)
         states = self.encode(ids, mask)
         return {**batch, **states_to_arrays(states)}
 

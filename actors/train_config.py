@@ -251,7 +251,9 @@ def _check_values(cfg: TrainJobConfig) -> None:
     if cfg.device not in _DEVICES:
         raise TrainConfigError(f"'device' must be one of {', '.join(_DEVICES)}, got {cfg.device!r}")
     if not d.train:
-        raise TrainConfigError("missing required key 'data.train': give a file or a list of files (jsonl, parquet or text)")
+        raise TrainConfigError(
+            "missing required key 'data.train': give a file or a list of files (jsonl, parquet or text)"
+        )
     if d.format not in _FORMATS:
         raise TrainConfigError(f"'data.format' must be one of {', '.join(_FORMATS)}, got {d.format!r}")
     if d.max_length < 2:
@@ -274,7 +276,9 @@ def _check_values(cfg: TrainJobConfig) -> None:
     if cfg.device == "cuda" and r.gpus_per_worker == 0:
         raise TrainConfigError("'device: cuda' needs GPUs for the training workers: set 'ray.gpus_per_worker' > 0")
     if cfg.activation_cache.enabled and not cfg.activation_cache.path:
-        raise TrainConfigError("'activation_cache.enabled' is true but 'activation_cache.path' is not set: give a folder")
+        raise TrainConfigError(
+            "'activation_cache.enabled' is true but 'activation_cache.path' is not set: give a folder"
+        )
     if len(cfg.composition.mappings) != len(cfg.augments):
         raise TrainConfigError(
             f"'composition.mappings' has {len(cfg.composition.mappings)} entries for {len(cfg.augments)} augmenting "
@@ -306,7 +310,8 @@ def _model_config(key: str, name_or_path: str):
     except Exception as e:  # noqa: BLE001 - any loader failure becomes a config error naming the key
         raise TrainConfigError(
             f"'{key}': cannot read a model config from {name_or_path!r} (not a local folder, and loading it as a "
-            f"Hugging Face hub id failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}); give a local model folder"
+            f"Hugging Face hub id failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"give a local model folder"
         ) from None
 
 

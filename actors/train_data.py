@@ -123,7 +123,9 @@ def prepare_examples(cfg: TrainJobConfig, anchor_vocab: int) -> dict[str, np.nda
             f"('training.batch_size' = {cfg.training.batch_size}); add data or lower the batch size"
         )
     if int(arrays["input_ids"].max()) >= anchor_vocab:
-        raise TrainConfigError(f"'tokenizer' produced ids >= the anchor's vocabulary ({anchor_vocab}): use the models' tokenizer")
+        raise TrainConfigError(
+            f"'tokenizer' produced ids >= the anchor's vocabulary ({anchor_vocab}): use the models' tokenizer"
+        )
     order = np.random.default_rng(cfg.training.seed).permutation(n)
     return {k: v[order] for k, v in arrays.items()}
 

@@ -105,7 +105,8 @@ def submit(cluster, config: Path, submission_id: str) -> None:
             return
         # a fresh cluster answers `ray job list` before its job agent is up: poll until it accepts jobs
         if "No available agent" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
-            raise AssertionError(f"ray job submit exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise AssertionError(
+                f"ray job submit exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         time.sleep(0.5)
 
 
