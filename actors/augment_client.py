@@ -34,6 +34,7 @@ class AugmentClient:
         self.num_augments = num_augments
         self.device = device
         self.rebuilds = 0  # rows re-sent after a miss (for stats and tests)
+        self.replica_s = 0.0  # time the augmenting side reported spending in step calls
 
     async def _call(self, augment: int, method: str, *args):
         raise NotImplementedError
@@ -62,6 +63,7 @@ class AugmentClient:
                     f"augmenting model {augment} lost rows {result['missing']} right after they were re-sent: "
                     f"its calls are not reaching one replica (check the augmenting deployment's routing)"
                 )
+        self.replica_s += result.get("replica_s", 0.0)
         return self._decode(augment, result)
 
     async def step(

@@ -131,6 +131,7 @@ class DecodeEngine:
             "running": len(self._running),
             "waiting": len(self._waiting),
             "rebuilt_rows": self.augments.rebuilds,
+            "augment_replica_s": round(self.augments.replica_s, 4),
             **self.counters,
             **{k: round(v, 4) for k, v in self.timers.items()},
         }

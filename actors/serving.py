@@ -134,8 +134,11 @@ class AugmentDeployment:
         return await self._run(target.prefill, rows, return_states, keep)
 
     async def step(self, ids: list, tokens: list, lengths: list | None = None):
+        start = time.perf_counter()
         target = await self._rows()
-        return await self._run(target.step, ids, tokens, lengths)
+        result = await self._run(target.step, ids, tokens, lengths)
+        result["replica_s"] = time.perf_counter() - start  # lets the engine tell transport from compute
+        return result
 
     async def release(self, ids: list | None = None):
         target = await self._rows()

@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     from composition.model import ComposedModel
 
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()  # the machine may be shared: record how busy it was
     pair = make_pair(args)
     tok = load_tokenizer(pair["anchor"])
     prompt_ids = tok(PROMPT)["input_ids"]
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
             steps = max(1, after["steps"] - before["steps"])
             # where a decode step's time goes inside the anchor replica (per step, milliseconds)
             row["engine_ms_per_step"] = {k: 1000 * (after[k] - before[k]) / steps
-                                         for k in ("step_s", "augment_s", "anchor_s")}
+                                         for k in ("step_s", "augment_s", "augment_replica_s", "anchor_s")}
             row["engine_rows_per_step"] = (after["tokens"] - before["tokens"]) / steps
             rows.append(row)
     finally:
@@ -228,13 +229,16 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['mode']:36} {r['clients']:>7} {r['total_tokens_per_s']:>11.1f} {r['per_request_tokens_per_s']:>9.1f} "
               f"{r['latency_p50_s']:>7.3f} {r['latency_p99_s']:>7.3f} {r['ttft_p50_s']:>9.4f} {r['ttft_p99_s']:>9.4f}")
-    print("\nInside the anchor replica, per decode step (ms): step / waiting for the augmenting replica / anchor forward")
+    print("\nInside the anchor replica, per decode step (ms): step / waiting for the augmenting replica"
+          " (of which inside it) / anchor forward")
     for r in rows:
         if "engine_ms_per_step" in r:
             e = r["engine_ms_per_step"]
-            print(f"  {r['clients']:>2} clients: {e['step_s']:.2f} / {e['augment_s']:.2f} / {e['anchor_s']:.2f}"
+            print(f"  {r['clients']:>2} clients: {e['step_s']:.2f} / {e['augment_s']:.2f} ({e['augment_replica_s']:.2f})"
+                  f" / {e['anchor_s']:.2f}"
                   f"  ({r['engine_rows_per_step']:.1f} rows per step)")
     print(f"\nServe 1 client / in-process: {checks['serve_1_client_vs_in_process']:.2f}x (target >= 0.5x)")
+    print(f"load average (1 min) before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"Serve {max(served)} clients / Serve 1 client: {checks['serve_16_clients_vs_1_client']:.2f}x (target >= 3x)")
 
     ah, al, gh, gl = SIZES[args.size] if not args.pair else (None, None, None, None)
@@ -243,7 +247,8 @@ def main(argv=None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": args.device,
                     "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else None,
-                    "torch_threads": args.threads, "torch": torch.__version__},
+                    "torch_threads": args.threads, "torch": torch.__version__,
+                    "load_average_before_after": [load_before[0], os.getloadavg()[0]]},
         "model": {"pair": args.pair or f"generated --size {args.size}", "dtype": args.dtype,
                   "anchor_hidden_layers": [ah, al], "augment_hidden_layers": [gh, gl]},
         "settings": {"max_tokens": args.max_tokens, "prompt_tokens": len(prompt_ids), "clients": args.clients,
