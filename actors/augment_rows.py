@@ -131,9 +131,8 @@ class AugmentRows:
             length = max(self.attention_mask.shape[1], mask.shape[1])
             pad_old = length - self.attention_mask.shape[1]
             pad_new = length - mask.shape[1]
-            self.attention_mask = torch.cat(
-                [torch.nn.functional.pad(self.attention_mask, (pad_old, 0)), torch.nn.functional.pad(mask, (pad_new, 0))]
-            )
+            pad = torch.nn.functional.pad
+            self.attention_mask = torch.cat([pad(self.attention_mask, (pad_old, 0)), pad(mask, (pad_new, 0))])
             merge_hf_caches(self.cache, cache, length)
             self.ids = self.ids + ids
         return self._encode(states) if return_states else None

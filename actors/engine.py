@@ -326,7 +326,7 @@ class DecodeEngine:
         self.counters["steps"] += 1
         self.counters["max_rows_in_step"] = max(self.counters["max_rows_in_step"], len(rows))
         t0 = time.perf_counter()
-        states = await self.augments.step(ids, tokens, lambda rid: self._by_id[rid].tokens[:-1] if rid in self._by_id else [])
+        states = await self.augments.step(ids, tokens, self._history)
         t1 = time.perf_counter()
         new = torch.tensor(tokens, dtype=torch.long)[:, None]
         logits, self._cache = await self._run_model(self._forward, new, torch.ones_like(new), states, self._cache)
@@ -343,6 +343,11 @@ class DecodeEngine:
         if self.model_thread:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
+
+    def _history(self, request_id: str) -> list[int]:
+        """Every token of a live row before its newest one (what its augmenting cache holds)."""
+        row = self._by_id.get(request_id)
+        return row.tokens[:-1] if row is not None else []
 
     @torch.no_grad()
     def _forward(self, ids, mask, states, cache):

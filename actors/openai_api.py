@@ -470,8 +470,8 @@ class OpenAIFrontend:
                 attempts += 1
                 self.counters["retries"] += 1
                 if attempts > self.limits.max_retries:
-                    raise ApiError(503, f"the replica serving this request failed {attempts} times ({type(e).__name__}): "
-                                        f"retry later") from None
+                    raise ApiError(503, f"the replica serving this request failed {attempts} times "
+                                        f"({type(e).__name__}): retry later") from None
                 continue
             except ApiError:
                 raise

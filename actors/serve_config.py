@@ -91,7 +91,8 @@ class ServingArgs(BaseModel):
         try:
             return cls.model_validate(args)
         except ValidationError as e:
-            raise ServeConfigError("; ".join(_describe(err, "args", sorted(cls.model_fields)) for err in e.errors())) from None
+            valid = sorted(cls.model_fields)
+            raise ServeConfigError("; ".join(_describe(err, "args", valid) for err in e.errors())) from None
 
     def resolved(self) -> "ServingArgs":
         """A copy whose relative paths are absolute, taken from the project root when they exist there.

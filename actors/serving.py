@@ -292,5 +292,6 @@ def build_app(settings: ServingArgs, deployment_options: dict[str, dict] | None 
         AugmentDeployment.options(**opts(augment_deployment_name(i))).bind(args, i)
         for i in range(len(settings.augments))
     ]
-    anchor = AnchorDeployment.options(**opts(ANCHOR, max_ongoing_requests=settings.max_batch_size)).bind(args, *augments)
+    anchor_options = opts(ANCHOR, max_ongoing_requests=settings.max_batch_size)
+    anchor = AnchorDeployment.options(**anchor_options).bind(args, *augments)
     return Ingress.options(**opts(INGRESS)).bind(args, anchor)

@@ -209,7 +209,7 @@ def main(argv=None) -> int:
             # where a decode step's time goes inside the anchor replica (per step, milliseconds)
             row["engine_ms_per_step"] = {k: 1000 * (after[k] - before[k]) / steps
                                          for k in ("step_s", "augment_s", "augment_replica_s", "anchor_s")}
-            row["engine_rows_per_step"] = (after["tokens"] - before["tokens"]) / steps
+            row["engine_tokens_per_step"] = (after["tokens"] - before["tokens"]) / steps  # incl. prefill tokens
             rows.append(row)
     finally:
         from ray import serve
@@ -223,22 +223,26 @@ def main(argv=None) -> int:
         "serve_1_client_vs_in_process": one / ref,
         "serve_16_clients_vs_1_client": served[max(served)]["total_tokens_per_s"] / one,
     }
-    header = f"{'mode':36} {'clients':>7} {'tok/s total':>11} {'tok/s/req':>9} {'p50 s':>7} {'p99 s':>7} {'TTFT p50':>9} {'TTFT p99':>9}"
+    header = (f"{'mode':36} {'clients':>7} {'tok/s total':>11} {'tok/s/req':>9} {'p50 s':>7} {'p99 s':>7} "
+              f"{'TTFT p50':>9} {'TTFT p99':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['mode']:36} {r['clients']:>7} {r['total_tokens_per_s']:>11.1f} {r['per_request_tokens_per_s']:>9.1f} "
+        print(f"{r['mode']:36} {r['clients']:>7} {r['total_tokens_per_s']:>11.1f} "
+              f"{r['per_request_tokens_per_s']:>9.1f} "
               f"{r['latency_p50_s']:>7.3f} {r['latency_p99_s']:>7.3f} {r['ttft_p50_s']:>9.4f} {r['ttft_p99_s']:>9.4f}")
     print("\nInside the anchor replica, per decode step (ms): step / waiting for the augmenting replica"
           " (of which inside it) / anchor forward")
     for r in rows:
         if "engine_ms_per_step" in r:
             e = r["engine_ms_per_step"]
-            print(f"  {r['clients']:>2} clients: {e['step_s']:.2f} / {e['augment_s']:.2f} ({e['augment_replica_s']:.2f})"
+            print(f"  {r['clients']:>2} clients: {e['step_s']:.2f} / {e['augment_s']:.2f} "
+                  f"({e['augment_replica_s']:.2f})"
                   f" / {e['anchor_s']:.2f}"
-                  f"  ({r['engine_rows_per_step']:.1f} rows per step)")
+                  f"  ({r['engine_tokens_per_step']:.1f} tokens per step)")
     print(f"\nServe 1 client / in-process: {checks['serve_1_client_vs_in_process']:.2f}x (target >= 0.5x)")
-    print(f"load average (1 min) before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"load average (1 min) before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
     print(f"Serve {max(served)} clients / Serve 1 client: {checks['serve_16_clients_vs_1_client']:.2f}x (target >= 3x)")
 
     ah, al, gh, gl = SIZES[args.size] if not args.pair else (None, None, None, None)
@@ -246,7 +250,8 @@ def main(argv=None) -> int:
         "benchmark": "serve_bench",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": args.device,
-                    "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else None,
+                    "gpu": (torch.cuda.get_device_name(0)
+                            if args.device == "cuda" and torch.cuda.is_available() else None),
                     "torch_threads": args.threads, "torch": torch.__version__,
                     "load_average_before_after": [load_before[0], os.getloadavg()[0]]},
         "model": {"pair": args.pair or f"generated --size {args.size}", "dtype": args.dtype,

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="Serve config file (serve deploy format)")
     parser.add_argument("--check", action="store_true", help="only check the config's keys and values")
-    parser.add_argument("--deploy", action="store_true", help="submit to the cluster at --address instead of running here")
+    parser.add_argument("--deploy", action="store_true",
+                        help="submit to the cluster at --address instead of running here")
     parser.add_argument("--address", default=None,
                         help="Ray address to run on (default: a new local Ray), or the dashboard URL with --deploy")
     a = parser.parse_args(argv)

@@ -77,7 +77,8 @@ def server(ray_cluster, pair):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServingArgs(model_name=MODEL, anchor=pair.anchor, augments=[pair.augment], bridges=pair.bridges,
-                           max_batch_size=8, max_context=CONTEXT, default_max_tokens=16, request_timeout_s=90, augment_retry_s=90,
+                           max_batch_size=8, max_context=CONTEXT, default_max_tokens=16, request_timeout_s=90,
+                           augment_retry_s=90,
                            torch_threads=1)
     options = {
         "Ingress": {"ray_actor_options": {"num_cpus": 0.1}},
@@ -352,7 +353,8 @@ def test_a_client_that_disconnects_frees_its_batch_row(server):
 def _replica_actor(cluster, deployment: str):
     from ray.util.state import list_actors
 
-    actors = list_actors(address=cluster.dashboard, filters=[("class_name", "=", f"ServeReplica:{APP}:{deployment}"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=cluster.dashboard, filters=[
+        ("class_name", "=", f"ServeReplica:{APP}:{deployment}"), ("state", "=", "ALIVE")])
     assert actors, f"no live replica of {deployment}"
     return ray.get_actor(actors[0].name, namespace="serve")
 

@@ -43,8 +43,8 @@ def test_python_m_jobs_serve_runs_a_config_and_stops_only_its_app_on_ctrl_c(ray_
     path.write_text(yaml.safe_dump(config))
 
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--config", str(path), "--address", ray_cluster.address],
-                            cwd=ROOT, env=ray_cluster.env, stdout=log, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "jobs.serve", "--config", str(path), "--address", ray_cluster.address]
+    proc = subprocess.Popen(command, cwd=ROOT, env=ray_cluster.env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/cli"
     try:
         def healthy():

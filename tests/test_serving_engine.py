@@ -11,7 +11,6 @@ import asyncio
 import threading
 
 import pytest
-import torch
 
 from actors.augment_client import LocalAugments
 from actors.augment_rows import AugmentRows

@@ -6,7 +6,6 @@ served by uvicorn on 127.0.0.1: timeouts can be made short here without slowing 
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 

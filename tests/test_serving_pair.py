@@ -68,7 +68,8 @@ def build_pair(folder: str | Path, anchor_hidden: int = 64, anchor_layers: int =
         model.save_pretrained(folder / name)
         tok.save_pretrained(folder / name)
     make_char_tokenizer(chat_template=None).save_pretrained(folder / "tokenizer_no_template")
-    composed = ComposedModel(anchor, [augment], CompositionConfig(mappings=[LayerMapping(pairs=[(0, 0), (2, 2), (4, 4)])]))
+    mapping = LayerMapping(pairs=[(0, 0), (2, 2), (4, 4)])
+    composed = ComposedModel(anchor, [augment], CompositionConfig(mappings=[mapping]))
     torch.manual_seed(seed + 2)
     with torch.no_grad():
         for bridge in composed.bridges:
