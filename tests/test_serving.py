@@ -82,7 +82,7 @@ def server(ray_cluster, pair):
                            torch_threads=1)
     options = {
         "Ingress": {"ray_actor_options": {"num_cpus": 0.1}},
-        "Anchor": {"ray_actor_options": {"num_cpus": 0.3}, "max_ongoing_requests": 8, "max_queued_requests": 8},
+        "Anchor": {"ray_actor_options": {"num_cpus": 0.3}, "max_ongoing_requests": 8, "max_queued_requests": 16},
         "Augment0": {"ray_actor_options": {"num_cpus": 0.3}},
     }
     serve.run(build_app(settings, options), name=APP, route_prefix="/")
@@ -315,7 +315,7 @@ def test_sixteen_concurrent_clients_all_get_their_own_greedy_answer(server, refe
 
 
 def test_a_full_queue_answers_503_quickly_instead_of_hanging(server):
-    # Anchor: 8 running + 8 queued at most (see the fixture); 40 long requests at once
+    # Anchor: 8 running + 16 queued at most (see the fixture); 40 long requests at once
     async def main():
         async with httpx.AsyncClient(timeout=120) as http:
             return await asyncio.wait_for(
