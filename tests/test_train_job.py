@@ -225,6 +225,8 @@ def ray_client(ray_cluster):
     """This process as a Ray driver on the session cluster (for the Ray Data tests)."""
     import ray
 
+    if ray.is_initialized():  # another module (the serving tests) left this process connected
+        ray.shutdown()
     ray.init(address=ray_cluster.address)
     yield ray
     ray.shutdown()
