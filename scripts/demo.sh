@@ -15,7 +15,12 @@ python -m jobs.kv_arithmetic --config configs/kv_quick.yaml
 echo; echo "=== serving the composed model on http://127.0.0.1:8000 (configs/serve_tiny.yaml)"
 python -m jobs.serve --config configs/serve_tiny.yaml > /tmp/calm-ray-serve.log 2>&1 &
 server=$!
-trap 'kill -INT $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+stop_server() {  # Ctrl-C for the server (it removes its app and its embedded Ray); force after 30 s
+  kill -INT $server 2>/dev/null || return 0
+  for _ in $(seq 30); do kill -0 $server 2>/dev/null || return 0; sleep 1; done
+  kill -KILL $server 2>/dev/null; .venv/bin/ray stop --force > /dev/null 2>&1 || true
+}
+trap stop_server EXIT
 deadline=$((SECONDS + 240))
 until curl -sf http://127.0.0.1:8000/health > /dev/null; do
   if [ $SECONDS -gt $deadline ] || ! kill -0 $server 2>/dev/null; then
