@@ -43,20 +43,10 @@ import numpy as np
 import torch
 
 TARGET_RATIO = 0.8
-CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 =;+-.,:?"
+from tests.tiny_models import CHARS, char_tokenizer  # noqa: E402,F401  (shared with the tests)
 
 
 # ---------------------------------------------------------------------------------- models and data
-def char_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
-                                   unk_token="<unk>")
 
 
 def write_models(root: Path, anchor_hidden: int, anchor_layers: int) -> None:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.tiny_models import CHARS, char_tokenizer  # noqa: F401
 import torch
 import yaml
 
@@ -24,23 +26,11 @@ from tests.tiny_models import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
-CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 =;+-.,:?"
 STEP_LINE = re.compile(r"pid=(\d+)\)\S*\s+step (\d+)/(\d+) loss")
 RESUME_LINE = re.compile(r"resumed from checkpoint at step (\d+)")
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-def char_tokenizer():
-    """A character-level tokenizer (WordLevel over single characters) with pad/eos/bos/unk."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
-                                   unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")

@@ -30,3 +30,19 @@ def tiny(kind: str, hidden: int = 32, layers: int = 4, heads: int = 4, kv_heads:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     return model.float().eval()
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 =;+-.,:?"
+
+
+def char_tokenizer():
+    """A character-level tokenizer (WordLevel over single characters) with pad/eos/bos/unk."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                   unk_token="<unk>")
