@@ -3,7 +3,7 @@
 One bridge reads one augmenting hidden state ``[batch, seq_aug, d_aug]`` and adds to one anchor
 hidden state ``[batch, seq, d_anchor]``:
 
-    kv   = proj(norm(h_aug))                      # f_proj: d_aug -> d_anchor
+    kv   = proj(norm(h_aug))                      # f_proj: d_aug -> d_anchor (linear, or an MLP)
     out  = o(attn(q(norm(h_anchor)), k(kv), v(kv), mask))
     h_anchor <- h_anchor + out
 
@@ -76,6 +76,7 @@ class Bridge(nn.Module):
         rotary: bool = False,
         rope_theta: float = 10000.0,
         norm: bool = True,
+        proj_hidden: int | None = None,
     ):
         super().__init__()
         if d_anchor % num_heads:
@@ -89,7 +90,12 @@ class Bridge(nn.Module):
         self.rope_theta = rope_theta
         self.augment_norm = RMSNorm(d_augment) if norm else nn.Identity()
         self.query_norm = RMSNorm(d_anchor) if norm else nn.Identity()
-        self.proj = nn.Linear(d_augment, d_anchor)  # f_proj
+        if proj_hidden:  # f_proj as an MLP: a non-linear read-out of the augmenting state
+            self.proj = nn.Sequential(
+                nn.Linear(d_augment, proj_hidden), nn.GELU(), nn.Linear(proj_hidden, d_anchor)
+            )
+        else:  # the paper's linear f_proj
+            self.proj = nn.Linear(d_augment, d_anchor)
         self.q = nn.Linear(d_anchor, d_anchor, bias=False)
         self.k = nn.Linear(d_anchor, d_anchor, bias=False)
         self.v = nn.Linear(d_anchor, d_anchor, bias=False)

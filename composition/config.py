@@ -106,6 +106,11 @@ class CompositionConfig:
             bridge a per-token map from the augmenting model's state to the anchor's, a strong prior
             when both models read the same tokens (the key-value experiment uses it).
         norm: RMSNorm on the bridge's query input and on the augmenting states.
+        proj_hidden: if set, the projection f_proj is a two-layer MLP with this hidden width
+            (Linear, GELU, Linear) instead of the paper's single linear map. A linear map can
+            only move the augmenting state into the anchor's space; an MLP can also decode it
+            (e.g. "this key's value is 7" into the anchor's embedding of "7"), which the
+            key-value experiment needs.
         bridge_dtype: dtype of the bridge parameters; inputs are cast to it and the output cast
             back to the anchor's dtype. float32 keeps training stable under a bf16 anchor.
     """
@@ -116,6 +121,7 @@ class CompositionConfig:
     rope_theta: float = 10000.0
     window: int | None = None
     norm: bool = True
+    proj_hidden: int | None = None
     bridge_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -128,6 +134,10 @@ class CompositionConfig:
             raise ConfigError(f"bridge_dtype {self.bridge_dtype!r} is not one of {', '.join(_DTYPES)}")
         if self.window is not None and int(self.window) < 1:
             raise ConfigError(f"window must be a positive integer or null (no window), got {self.window}")
+        if self.proj_hidden is not None and int(self.proj_hidden) < 1:
+            raise ConfigError(
+                f"proj_hidden must be a positive integer or null (linear projection), got {self.proj_hidden}"
+            )
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
 

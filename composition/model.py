@@ -98,6 +98,7 @@ class ComposedModel(nn.Module):
                 rotary=config.rotary,
                 rope_theta=config.rope_theta,
                 norm=config.norm,
+                proj_hidden=config.proj_hidden,
             ).to(device=device, dtype=dtype)
             for link in self.links
         )

@@ -1,16 +1,17 @@
 """The CALM key-value experiment, end to end: ``python -m jobs.kv_arithmetic --config configs/kv_quick.yaml``.
 
 Stages (each resumable: a finished stage is skipped, an interrupted one continues from its
-last checkpoint):
+last checkpoint; what each stage measured is kept in ``<output>/stages.json``):
 
-1. data     keys, values, splits and the shared word-level tokenizer (jobs/kv_data.py)
-2. augment  m_A trained from scratch on KV-substitution over all keys
-3. anchor   m_B trained from scratch on numeric arithmetic
-4. compose  bridges (m_A, m_B frozen) on KV-arithmetic over the composition keys, plus anchor-task
-            examples, through the Ray Train job (jobs/train.py: the project's one training loop)
-5. ablation bridges onto a randomly initialised m_A, same job and data (optional)
-6. evaluate exact match with greedy decoding; KV tasks only on held-out keys
-7. report   results JSON + Markdown table
+1. data       keys, values, splits and the shared word-level tokenizer (jobs/kv_data.py)
+2. augment    m_A trained from scratch on KV-substitution over all keys
+3. anchor     m_B trained from scratch on numeric arithmetic
+4. compose    bridges (m_A, m_B frozen) on KV-arithmetic over the composition keys, plus anchor-task
+              examples, through the Ray Train job (jobs/train.py: the project's one training loop)
+5. ablations  (a) the same bridges onto a randomly initialised m_A, same job and data;
+              (b) LoRA on m_B (peft) with about as many trainable parameters, same data and steps
+6. evaluate   exact match with greedy decoding; KV tasks only on held-out keys (cached per model)
+7. report     results JSON, a Markdown table and a PNG of the training curves and accuracies
 
 The trained pair (anchor, augment, bridges, data) is written under ``output``; the project's
 default pair lives in assets/kv_pair/.
@@ -33,7 +34,14 @@ import yaml
 from composition.checkpoint import atomic_folder
 from composition.training import TrainSettings
 from jobs.kv_data import KVSettings, KVWorld, build_tokenizer, read_jsonl, write_jsonl
-from jobs.kv_lib import PlainLM, encode_rows, exact_match, llama, train
+from jobs.kv_lib import PlainLM, encode_rows, exact_match, fmt_time, llama, train
+
+STAGES = ("data", "augment", "anchor", "compose", "ablations", "evaluate")
+TASKS = ("sub", "num", "kvar")
+TASK_NAMES = {"sub": "KV-substitution", "num": "numeric arithmetic", "kvar": "KV-arithmetic (held-out keys)"}
+PAPER = {"m_A": {"sub": 98.1, "num": 4.2, "kvar": 0.7}, "m_B": {"sub": 0.0, "num": 73.7, "kvar": 0.0},
+         "CALM": {"sub": 92.9, "num": 72.0, "kvar": 84.3}}  # Bansal et al. 2024, Table 1
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -45,6 +53,7 @@ class ModelSpec:
     lr: float = 3e-3
     batch_size: int = 256
     examples: int = 200_000
+    weight_decay: float = 0.1
 
 
 @dataclass
@@ -59,8 +68,11 @@ class ExperimentConfig:
     compose_steps: int = 1000
     compose_batch_size: int = 128
     compose_lr: float = 2e-3
-    composition: dict = field(default_factory=lambda: {"mappings": [{"pairs": [[0, 0]]}], "window": 1})
+    composition: dict = field(default_factory=lambda: {"mappings": [{"pairs": [[0, 0]]}], "window": 1,
+                                                       "proj_hidden": 256})
     random_augment_ablation: bool = True
+    lora_ablation: bool = True
+    lora_lr: float = 2e-3
     eval_examples: int = 500
     seed: int = 0
     ray_workers: int = 1
@@ -72,20 +84,48 @@ class ExperimentConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise SystemExit(f"error: {path}: unknown keys {unknown}; valid keys are {sorted(known)}")
-        if "keys" in raw:
-            raw["keys"] = KVSettings(**raw["keys"])
-        for k in ("augment", "anchor"):
-            if k in raw:
-                raw[k] = ModelSpec(**raw[k])
+        try:
+            if "keys" in raw:
+                raw["keys"] = KVSettings(**raw["keys"])
+            for k in ("augment", "anchor"):
+                if k in raw:
+                    raw[k] = ModelSpec(**raw[k])
+        except TypeError as e:
+            raise SystemExit(f"error: {path}: {e}; see ModelSpec and KVSettings in jobs/ for the valid keys")
         return cls(**raw)
 
 
-def _stage(name: str, done: bool) -> bool:
-    print(f"\n=== stage {name}: {'already done, skipped' if done else 'running'}", flush=True)
-    return not done
+class StageLog:
+    """Progress across stages (with an ETA from the stages' measured times) and their persisted records."""
+
+    def __init__(self, out: Path, stop_after: str | None):
+        self.path = out / "stages.json"
+        self.records: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.stop_after = stop_after
+        self.started = time.monotonic()
+
+    def begin(self, name: str, done: bool) -> bool:
+        """Announce stage ``name``; True when it has to run."""
+        elapsed = fmt_time(time.monotonic() - self.started)
+        print(f"\n=== stage {name}: {'already done, skipped' if done else 'running'} (elapsed {elapsed})", flush=True)
+        return not done
+
+    def record(self, name: str, info: dict) -> None:
+        self.records[name] = info
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.records, indent=1) + "\n")
+        tmp.replace(self.path)
+
+    def stop(self, name: str) -> bool:
+        return self.stop_after == name
 
 
-def _train_base(spec: ModelSpec, rows, tok, folder: Path, label: str, seed: int, random_only: bool = False):
+def _history(metrics: list[dict]) -> list[dict]:
+    return [{"step": m.get("step"), "loss": round(float(m.get("loss")), 5)} for m in metrics if m.get("loss") is not None]
+
+
+def _train_base(spec: ModelSpec, rows, tok, folder: Path, label: str, seed: int, random_only: bool = False) -> list:
     """Train (or, with random_only, just initialise) a Llama from scratch and save it as an HF folder."""
     model = llama(len(tok), spec.hidden, spec.layers, spec.heads, seed, tok.pad_token_id, tok.eos_token_id,
                   tok.bos_token_id)
@@ -93,14 +133,13 @@ def _train_base(spec: ModelSpec, rows, tok, folder: Path, label: str, seed: int,
     if not random_only:
         ckpt = folder.with_name(folder.name + ".ckpt")
         settings = TrainSettings(lr=spec.lr, steps=spec.steps, warmup_steps=min(100, spec.steps // 10),
-                                 weight_decay=0.1)
-        history = train(PlainLM(model), encode_rows(tok, rows), settings, spec.batch_size, tok.pad_token_id, seed,
-                        checkpoint=ckpt, label=label)
+                                 weight_decay=spec.weight_decay)
+        history = _history(train(PlainLM(model), encode_rows(tok, rows), settings, spec.batch_size, tok.pad_token_id,
+                                 seed, checkpoint=ckpt, label=label))
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "train_history.json").write_text(json.dumps([{k: m[k] for k in ("step", "loss")} for m in history]))
-    return model
+    return history
 
 
 def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, name: str) -> dict:
@@ -112,7 +151,7 @@ def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, nam
         "augments": [str(augment)],
         "composition": cfg.composition,
         "data": {"train": str(out / "data" / "compose_train.jsonl"), "format": "prompt_completion",
-                 "prompt_field": "prompt", "completion_field": "completion", "max_length": 24},
+                 "prompt_field": "prompt", "completion_field": "completion", "max_length": 32},
         "training": {"steps": cfg.compose_steps, "batch_size": cfg.compose_batch_size, "lr": cfg.compose_lr,
                      "warmup_steps": min(50, cfg.compose_steps // 10), "checkpoint_every": 100,
                      "seed": cfg.seed, "log_every": 25},
@@ -122,100 +161,269 @@ def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, nam
         "output": str(bridges.resolve()),
     }
     result = run(train_config)
-    return {"wall_s": result.wall_s, "history": [{"step": h.get("step"), "loss": h.get("loss")}
-                                                  for h in result.history]}
+    return _history(result.history)
+
+
+def _lora_model(anchor, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(anchor, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
+
+
+def _lora_rank(anchor_folder: Path, budget: int) -> tuple[int, int]:
+    """The LoRA rank whose trainable parameter count is closest to ``budget``; (rank, parameters)."""
+    from composition import load_causal_lm
+
+    per_rank = sum(p.numel() for p in _lora_model(load_causal_lm(str(anchor_folder)), 1).parameters() if p.requires_grad)
+    rank = max(1, round(budget / per_rank))
+    return rank, rank * per_rank
+
+
+def _lora(cfg: ExperimentConfig, out: Path, tok, bridge_params: int) -> dict:
+    """LoRA on m_B with about the bridges' parameter count, on the composition data, the same loop."""
+    from composition import load_causal_lm
+
+    rank, params = _lora_rank(out / "anchor", bridge_params)
+    print(f"[lora] rank {rank}: {params:,} trainable parameters (bridges: {bridge_params:,})", flush=True)
+    model = _lora_model(load_causal_lm(str(out / "anchor")), rank)
+    settings = TrainSettings(lr=cfg.lora_lr, steps=cfg.compose_steps, warmup_steps=min(50, cfg.compose_steps // 10))
+    rows = read_jsonl(out / "data" / "compose_train.jsonl")
+    history = train(PlainLM(model), encode_rows(tok, rows), settings, cfg.compose_batch_size, tok.pad_token_id,
+                    cfg.seed, checkpoint=out / "ablation_lora.ckpt", label="lora")
+    with atomic_folder(out / "ablation_lora") as tmp:
+        model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
+    return {"history": _history(history), "rank": rank, "parameters": params}
+
+
+def _fingerprint(folder: Path) -> list:
+    """What identifies a trained model on disk: its weight files' names, sizes and mtimes."""
+    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in folder.rglob("*.safetensors"))
+
+
+def _systems(cfg: ExperimentConfig, out: Path) -> dict:
+    """name -> (folders whose weights define it, loader)."""
+    from composition import ComposedModel, load_causal_lm
+
+    def calm(augment: Path, bridges: Path):
+        return lambda: ComposedModel.from_pretrained(bridges, load_causal_lm(str(out / "anchor")),
+                                                     [load_causal_lm(str(augment))])
+
+    def lora():
+        from peft import PeftModel
+
+        return PlainLM(PeftModel.from_pretrained(load_causal_lm(str(out / "anchor")), str(out / "ablation_lora")))
+
+    systems = {
+        "m_A": ([out / "augment"], lambda: PlainLM(load_causal_lm(str(out / "augment")))),
+        "m_B": ([out / "anchor"], lambda: PlainLM(load_causal_lm(str(out / "anchor")))),
+        "CALM": ([out / "anchor", out / "augment", out / "bridges"], calm(out / "augment", out / "bridges")),
+    }
+    if cfg.random_augment_ablation:
+        rnd = out / "ablation_random"
+        systems["CALM, random m_A"] = ([out / "anchor", rnd / "augment", rnd / "bridges"],
+                                       calm(rnd / "augment", rnd / "bridges"))
+    if cfg.lora_ablation:
+        systems["LoRA on m_B"] = ([out / "anchor", out / "ablation_lora"], lora)
+    return systems
+
+
+def _evaluate(cfg: ExperimentConfig, out: Path, tok, world: KVWorld, log: StageLog) -> dict:
+    """Accuracy per system and task; a system whose weights and eval data did not change is not re-run."""
+    evals = {task: read_jsonl(out / "data" / f"eval_{task}.jsonl") for task in TASKS}
+    heldout = set(world.heldout_keys)
+    for task in ("sub", "kvar"):  # the KV tasks see only keys that no composition example used
+        bad = [t for r in evals[task] for t in r["prompt"].split() if t in world.values and t not in heldout]
+        if bad:
+            raise RuntimeError(f"eval_{task}.jsonl uses composition keys {bad[:5]}: delete {out / 'data'} and rerun")
+    data_print = _fingerprint(out / "data") + [[f"eval_{t}", len(evals[t])] for t in TASKS]
+    cached = log.records.get("evaluate", {})
+    accuracy = {}
+    for name, (folders, load) in _systems(cfg, out).items():
+        stamp = [_fingerprint(f) for f in folders] + [data_print]
+        if cached.get(name, {}).get("fingerprint") == json.loads(json.dumps(stamp)):
+            accuracy[name] = cached[name]["accuracy"]
+            print(f"[eval] {name}: unchanged since the last evaluation, reusing {accuracy[name]}", flush=True)
+            continue
+        t0 = time.monotonic()
+        model = load()
+        accuracy[name] = {task: round(100 * exact_match(model, tok, rows, label=f"{name}/{task}"), 1)
+                          for task, rows in evals.items()}
+        print(f"[eval] {name}: {accuracy[name]} ({fmt_time(time.monotonic() - t0)})", flush=True)
+        cached[name] = {"fingerprint": stamp, "accuracy": accuracy[name], "wall_s": round(time.monotonic() - t0, 1)}
+        log.record("evaluate", cached)
+    return accuracy
+
+
+def markdown_table(accuracy: dict) -> str:
+    lines = ["| system | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
+    for name, acc in accuracy.items():
+        paper = PAPER.get(name)
+        cells = [f"{acc[t]}" + (f" (paper {paper[t]})" if paper else "") for t in TASKS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Training curves of every trained stage, and the accuracy table, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, table) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.1, 1]})
+    for name, hist in results["training_curves"].items():
+        if hist:
+            steps = [h["step"] for h in hist]
+            losses = [h["loss"] for h in hist]
+            k = max(1, len(losses) // 100)  # moving average over ~1% of the run
+            smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1])
+                      for i in range(len(losses))]
+            curves.plot(steps, smooth, label=name)
+    curves.set_yscale("log")
+    curves.set_xlabel("step")
+    curves.set_ylabel("training loss (completion tokens)")
+    curves.set_title("training curves")
+    curves.legend()
+    acc = results["accuracy_percent"]
+    cells = [[f"{acc[n][t]}" + (f" ({PAPER[n][t]})" if n in PAPER else "") for t in TASKS] for n in acc]
+    table.axis("off")
+    tab = table.table(cellText=cells, rowLabels=list(acc), colLabels=[TASK_NAMES[t] for t in TASKS], loc="center")
+    tab.auto_set_font_size(False)
+    tab.set_fontsize(9)
+    tab.scale(1, 1.6)
+    table.set_title("exact match % (paper's Table 1 in parentheses)")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.kv_arithmetic", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/kv_quick.yaml")
+    parser.add_argument("--stop-after", choices=STAGES, default=None,
+                        help="stop after this stage (a later run resumes from the next one)")
     args = parser.parse_args(argv)
     cfg = ExperimentConfig.load(args.config)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = Path(cfg.output)
-    started = time.monotonic()
     data = out / "data"
-    timings: dict = {}
+    log = StageLog(out, args.stop_after)
 
     # 1. data
-    if _stage("data", (data / "keys.json").is_file()):
+    if log.begin("data", (data / "keys.json").is_file()):
+        t0 = time.monotonic()
         world = KVWorld.create(cfg.keys)
         tok = build_tokenizer(world)
         n_anchor_task = int(cfg.compose_examples * cfg.anchor_task_fraction)
         compose = (world.examples("kvar", cfg.compose_examples - n_anchor_task, cfg.seed + 3, world.compose_keys)
                    + world.examples("num", n_anchor_task, cfg.seed + 4))
-        write_jsonl(world.examples("sub", cfg.augment.examples, cfg.seed + 1, list(world.values)), data / "augment_train.jsonl")
+        write_jsonl(world.examples("sub", cfg.augment.examples, cfg.seed + 1, list(world.values)),
+                    data / "augment_train.jsonl")
         write_jsonl(world.examples("num", cfg.anchor.examples, cfg.seed + 2), data / "anchor_train.jsonl")
         write_jsonl(compose, data / "compose_train.jsonl")
-        for task in ("sub", "num", "kvar"):
+        for task in TASKS:
             keys = world.heldout_keys if task != "num" else None
             write_jsonl(world.examples(task, cfg.eval_examples, cfg.seed + 10, keys), data / f"eval_{task}.jsonl")
-        world.save(data)
         tok.save_pretrained(data / "tokenizer")
+        world.save(data)  # written last: its presence marks the stage done
+        log.record("data", {"wall_s": round(time.monotonic() - t0, 1)})
+    if log.stop("data"):
+        return 0
     world = KVWorld.load(data)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(data / "tokenizer")
-    compose_keys = set(world.compose_keys)
-    assert not compose_keys & set(world.heldout_keys), "composition and held-out keys overlap"
+    if set(world.compose_keys) & set(world.heldout_keys):
+        raise RuntimeError(f"{data / 'keys.json'}: composition and held-out keys overlap; delete {data} and rerun")
 
     # 2-3. the two models, from scratch
-    for role, spec, task_file in (("augment", cfg.augment, "augment_train.jsonl"), ("anchor", cfg.anchor, "anchor_train.jsonl")):
-        if _stage(role, (out / role / "config.json").is_file()):
+    for role, spec, task_file in (("augment", cfg.augment, "augment_train.jsonl"),
+                                  ("anchor", cfg.anchor, "anchor_train.jsonl")):
+        if log.begin(role, (out / role / "config.json").is_file()):
             t0 = time.monotonic()
-            _train_base(spec, read_jsonl(data / task_file), tok, out / role, role, cfg.seed + (1 if role == "anchor" else 0))
-            timings[role] = time.monotonic() - t0
+            history = _train_base(spec, read_jsonl(data / task_file), tok, out / role, role,
+                                  cfg.seed + (1 if role == "anchor" else 0))
+            log.record(role, {"wall_s": round(time.monotonic() - t0, 1), "history": history})
+        if log.stop(role):
+            return 0
 
-    # 4-5. composition through the Ray Train job
-    compose_info = {}
-    if _stage("compose", (out / "bridges" / "bridges.safetensors").is_file()):
-        compose_info["calm"] = _compose(cfg, out, out / "augment", out / "bridges", "kv_compose")
-    if cfg.random_augment_ablation:
-        if _stage("ablation-random-augment", (out / "ablation_random" / "bridges" / "bridges.safetensors").is_file()):
-            spec = cfg.augment
-            _train_base(spec, [], tok, out / "ablation_random" / "augment", "random", cfg.seed + 7, random_only=True)
-            compose_info["random_augment"] = _compose(cfg, out, out / "ablation_random" / "augment",
-                                                      out / "ablation_random" / "bridges", "kv_compose_random")
-
-    # 6. evaluation
-    _stage("evaluate", False)
+    # 4. composition through the Ray Train job
+    if log.begin("compose", (out / "bridges" / "bridges.safetensors").is_file()):
+        t0 = time.monotonic()
+        history = _compose(cfg, out, out / "augment", out / "bridges", "kv_compose")
+        log.record("compose", {"wall_s": round(time.monotonic() - t0, 1), "history": history})
+    if log.stop("compose"):
+        return 0
     from composition import ComposedModel, load_causal_lm
 
-    anchor = load_causal_lm(str(out / "anchor"))
-    augment = load_causal_lm(str(out / "augment"))
-    evals = {task: read_jsonl(data / f"eval_{task}.jsonl") for task in ("sub", "num", "kvar")}
-    assert all(t in set(world.heldout_keys) for r in evals["kvar"] for t in r["prompt"].split() if t.isalpha())
-    systems = {"m_A": PlainLM(augment), "m_B": PlainLM(anchor),
-               "CALM": ComposedModel.from_pretrained(out / "bridges", anchor, [augment])}
+    bridge_params = ComposedModel.from_pretrained(out / "bridges", load_causal_lm(str(out / "anchor")),
+                                                  [load_causal_lm(str(out / "augment"))]).num_bridge_parameters()
+
+    # 5. ablations with the same parameter budget and data
     if cfg.random_augment_ablation:
-        systems["CALM (random m_A)"] = ComposedModel.from_pretrained(
-            out / "ablation_random" / "bridges", anchor, [load_causal_lm(str(out / "ablation_random" / "augment"))])
-    accuracy = {name: {task: exact_match(m, tok, rows, label=f"{name}/{task}") for task, rows in evals.items()}
-                for name, m in systems.items()}
+        rnd = out / "ablation_random"
+        if log.begin("ablation: CALM with a random m_A", (rnd / "bridges" / "bridges.safetensors").is_file()):
+            t0 = time.monotonic()
+            _train_base(cfg.augment, [], tok, rnd / "augment", "random", cfg.seed + 7, random_only=True)
+            history = _compose(cfg, out, rnd / "augment", rnd / "bridges", "kv_compose_random")
+            log.record("ablation_random", {"wall_s": round(time.monotonic() - t0, 1), "history": history})
+    if cfg.lora_ablation:
+        if log.begin("ablation: LoRA on m_B", (out / "ablation_lora" / "adapter_config.json").is_file()):
+            t0 = time.monotonic()
+            info = _lora(cfg, out, tok, bridge_params)
+            log.record("ablation_lora", {"wall_s": round(time.monotonic() - t0, 1), **info})
+    if log.stop("ablations"):
+        return 0
+
+    # 6. evaluation
+    log.begin("evaluate", False)
+    t0 = time.monotonic()
+    accuracy = _evaluate(cfg, out, tok, world, log)
+    eval_s = time.monotonic() - t0
 
     # 7. report
+    rec = log.records
+    curves = {"m_A (KV-substitution)": rec.get("augment", {}).get("history"),
+              "m_B (numeric arithmetic)": rec.get("anchor", {}).get("history"),
+              "CALM bridges": rec.get("compose", {}).get("history"),
+              "CALM bridges, random m_A": rec.get("ablation_random", {}).get("history"),
+              "LoRA on m_B": rec.get("ablation_lora", {}).get("history")}
+    stage_s = {name: r["wall_s"] for name, r in rec.items() if isinstance(r, dict) and "wall_s" in r}
+    stage_s["evaluate (this run)"] = round(eval_s, 1)
+    anchor, augment = load_causal_lm(str(out / "anchor")), load_causal_lm(str(out / "augment"))
     results = {
         "config": asdict(cfg),
-        "accuracy_percent": {n: {t: round(100 * a, 1) for t, a in d.items()} for n, d in accuracy.items()},
+        "accuracy_percent": accuracy,
+        "paper_percent": PAPER,
         "data": {"keys": len(world.values), "compose_keys": len(world.compose_keys),
                  "heldout_keys": len(world.heldout_keys), "eval_examples_per_task": cfg.eval_examples,
-                 "compose_examples": cfg.compose_examples},
+                 "compose_examples": cfg.compose_examples,
+                 "compose_anchor_task_examples": int(cfg.compose_examples * cfg.anchor_task_fraction),
+                 "keys_disjoint": not set(world.compose_keys) & set(world.heldout_keys)},
         "parameters": {"anchor": sum(p.numel() for p in anchor.parameters()),
                        "augment": sum(p.numel() for p in augment.parameters()),
-                       "bridges": systems["CALM"].num_bridge_parameters()},
-        "compose": compose_info,
-        "stage_seconds": timings,
-        "wall_seconds_this_run": round(time.monotonic() - started, 1),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+                       "bridges": bridge_params,
+                       "lora": rec.get("ablation_lora", {}).get("parameters"),
+                       "lora_rank": rec.get("ablation_lora", {}).get("rank")},
+        "seeds": {"experiment": cfg.seed, "keys": cfg.keys.seed},
+        "stage_seconds": stage_s,
+        "wall_seconds_total": round(sum(stage_s.values()), 1),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "processor": platform.processor() or platform.machine()},
         "date": time.strftime("%Y-%m-%d"),
+        "training_curves": curves,
     }
     path = Path(cfg.results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print("\n| system | KV-substitution | numeric arithmetic | KV-arithmetic (held-out keys) |\n|---|---|---|---|")
-    for name, d in results["accuracy_percent"].items():
-        print(f"| {name} | {d['sub']} | {d['num']} | {d['kvar']} |")
-    print(f"\nresults written to {path}", flush=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
+    plot(results, path.with_suffix(".png"))
+    print("\n" + markdown_table(accuracy))
+    print(f"\nresults written to {path} and {path.with_suffix('.png')} "
+          f"(all stages: {fmt_time(results['wall_seconds_total'])})", flush=True)
     return 0
 
 
