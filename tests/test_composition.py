@@ -381,3 +381,23 @@ def test_window_one_bridge_reads_only_the_same_token():
     assert (moved[:, :5] - base[:, :5]).abs().max() > 1e-3
     torch.testing.assert_close(moved[:, 5], base[:, 5], rtol=0, atol=1e-6)
     assert torch.equal(model.generate(ids, max_new_tokens=5), model.generate(ids, max_new_tokens=5, use_cache=False))
+
+
+def test_mlp_projection_starts_at_the_anchor_trains_and_round_trips(tmp_path):
+    cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(0, 0), (4, 6)])], window=1, proj_hidden=48)
+    model = ComposedModel(anchor_model(), [augment_model()], cfg)
+    assert isinstance(model.bridges[0].proj, torch.nn.Sequential) and model.bridges[0].proj[0].out_features == 48
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model.anchor(ids).logits, rtol=0, atol=1e-6)
+    randomise_bridges(model)
+    with torch.no_grad():
+        trained = model(ids).logits
+    assert (trained - model.anchor(ids).logits).abs().max() > 1e-3
+    model.save_pretrained(tmp_path / "bridges")
+    loaded = ComposedModel.from_pretrained(tmp_path / "bridges", anchor_model(), [augment_model()])
+    assert loaded.config.proj_hidden == 48
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trained, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="proj_hidden must be a positive integer"):
+        CompositionConfig(proj_hidden=0)
