@@ -235,7 +235,7 @@ def _evaluate(cfg: ExperimentConfig, out: Path, tok, world: KVWorld, log: StageL
         bad = [t for r in evals[task] for t in r["prompt"].split() if t in world.values and t not in heldout]
         if bad:
             raise RuntimeError(f"eval_{task}.jsonl uses composition keys {bad[:5]}: delete {out / 'data'} and rerun")
-    data_print = _fingerprint(out / "data") + [[f"eval_{t}", len(evals[t])] for t in TASKS]
+    data_print = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted((out / "data").glob("eval_*.jsonl"))]
     cached = log.records.get("evaluate", {})
     accuracy = {}
     for name, (folders, load) in _systems(cfg, out).items():
@@ -385,8 +385,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 7. report
     rec = log.records
-    curves = {"m_A (KV-substitution)": rec.get("augment", {}).get("history"),
-              "m_B (numeric arithmetic)": rec.get("anchor", {}).get("history"),
+
+    def base_history(role: str):  # pairs trained before stages.json existed kept it in the model folder
+        legacy = out / role / "train_history.json"
+        return rec.get(role, {}).get("history") or (json.loads(legacy.read_text()) if legacy.is_file() else None)
+
+    curves = {"m_A (KV-substitution)": base_history("augment"),
+              "m_B (numeric arithmetic)": base_history("anchor"),
               "CALM bridges": rec.get("compose", {}).get("history"),
               "CALM bridges, random m_A": rec.get("ablation_random", {}).get("history"),
               "LoRA on m_B": rec.get("ablation_lora", {}).get("history")}
