@@ -54,13 +54,27 @@ class AugmentBatchEncoder:
         return {**batch, **states_to_arrays(states)}
 
 
+def _remote_args(resources: dict[str, float] | None) -> dict:
+    """Custom resources (``{name: amount}``) as Ray remote options; ``memory`` (bytes) is its own option."""
+    extra = dict(resources or {})
+    args = {}
+    memory = extra.pop("memory", None)
+    if memory:
+        args["memory"] = memory
+    if extra:
+        args["resources"] = extra
+    return args
+
+
 def with_augment_states(ds, augments: list[str], indices: list[list[int]], dtype: str, *, batch_size: int,
-                        max_actors: int, cpus_per_actor: float, gpus_per_actor: float):
+                        max_actors: int, cpus_per_actor: float, gpus_per_actor: float,
+                        resources_per_actor: dict[str, float] | None = None):
     """``ds`` (token columns) -> a dataset that also carries the selected augmenting states.
 
     The states are computed by an autoscaling pool of 1..``max_actors`` actors, each holding the
     models once; Ray Data streams the output blocks to the consumers while the pool computes the
-    next ones.
+    next ones. ``resources_per_actor``: custom resources each actor also asks for (e.g.
+    ``{"augment_node": 0.01}``), so that the pool only runs on node types that declare them.
     """
     import ray.data
 
@@ -73,11 +87,12 @@ def with_augment_states(ds, augments: list[str], indices: list[list[int]], dtype
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
+        **_remote_args(resources_per_actor),
     )
 
 
-def augment_actor(num_cpus: float = 1.0, num_gpus: float = 0.0):
+def augment_actor(num_cpus: float = 1.0, num_gpus: float = 0.0, resources: dict[str, float] | None = None):
     """``AugmentBatchEncoder`` as a Ray actor class: ``augment_actor().remote(augments, indices, dtype)``."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(AugmentBatchEncoder)
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, **_remote_args(resources))(AugmentBatchEncoder)

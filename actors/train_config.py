@@ -74,14 +74,24 @@ class TrainingSettings:
 
 @dataclass
 class RaySettings:
-    """Cluster resources. CPU and GPU requests may be fractional (several actors share a GPU)."""
+    """Cluster resources. CPU and GPU requests may be fractional (several actors share a GPU).
+
+    ``resources_per_worker`` and ``resources_per_augment_actor`` are custom Ray resources
+    (``{name: amount}``) that each training worker / each augmenting actor asks for on top of its
+    CPUs and GPUs. A node type that declares the resource (``anchor_node: 1`` in cluster.yaml, or
+    ``--resources`` of ``ray start``) is then the only place the actor can run, so the anchor's
+    workers land on the anchor GPU nodes and the augmenting actors on theirs. ``memory`` (bytes) is
+    accepted too; CPU and GPU are not (they have their own keys).
+    """
 
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     augment_actors: int = 1
     cpus_per_augment_actor: float = 1.0
     gpus_per_augment_actor: float = 0.0
+    resources_per_augment_actor: dict[str, float] = field(default_factory=dict)
     prefetch_batches: int = 2
     max_failures: int = 3
 
@@ -176,6 +186,17 @@ def _check_type(value, hint, key: str):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _check_type(value, inner, key)
+    if origin is dict:
+        if value is None:  # `key:` with nothing after it in YAML
+            return {}
+        if not isinstance(value, dict):
+            raise TrainConfigError(f"'{key}' must be a mapping of {{name: amount}}, got {value!r}")
+        out = {}
+        for name, v in value.items():
+            if not isinstance(name, str) or not name:
+                raise TrainConfigError(f"'{key}': resource names must be non-empty strings, got {name!r}")
+            out[name] = _check_type(v, args[1], f"{key}.{name}")
+        return out
     if origin is list:
         if isinstance(value, str):
             value = [value]
@@ -242,6 +263,22 @@ def _positive(value, key: str, zero_ok: bool = False) -> None:
         raise TrainConfigError(f"'{key}' must be {'>= 0' if zero_ok else 'positive'}, got {value}")
 
 
+def _check_custom_resources(resources: dict[str, float], key: str, who: str) -> None:
+    """Custom resource requests: no CPU/GPU (they have their own keys), amounts Ray can schedule."""
+    for name, amount in resources.items():
+        if name.upper() in ("CPU", "GPU"):
+            own = f"ray.{name.lower()}s_per_{who}"
+            raise TrainConfigError(
+                f"'{key}' names {name!r}: set '{own}' for {name.upper()}s instead; '{key}' is for custom "
+                f"resources that node types declare, such as anchor_node"
+            )
+        _positive(amount, f"{key}.{name}", zero_ok=True)
+        if 0 < amount < 1e-4:
+            raise TrainConfigError(
+                f"'{key}.{name}' is {amount}: Ray counts resources in steps of 0.0001; use 0.0001 or more"
+            )
+
+
 def _check_values(cfg: TrainJobConfig) -> None:
     t, r, d = cfg.training, cfg.ray, cfg.data
     if not re.fullmatch(r"[\w.-]+", cfg.name):
@@ -268,6 +305,8 @@ def _check_values(cfg: TrainJobConfig) -> None:
     for key in ("cpus_per_worker", "gpus_per_worker", "cpus_per_augment_actor", "gpus_per_augment_actor",
                 "prefetch_batches", "max_failures"):
         _positive(getattr(r, key), f"ray.{key}", zero_ok=True)
+    _check_custom_resources(r.resources_per_worker, "ray.resources_per_worker", "worker")
+    _check_custom_resources(r.resources_per_augment_actor, "ray.resources_per_augment_actor", "augment_actor")
     if t.batch_size % r.num_workers:
         raise TrainConfigError(
             f"'training.batch_size' ({t.batch_size}) is the global batch and must divide evenly over "

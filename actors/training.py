@@ -175,7 +175,8 @@ def fit(cfg: TrainJobConfig, train_dataset, n_examples: int):
     from ray.train.torch import TorchTrainer
 
     r = cfg.ray
-    resources = {"CPU": r.cpus_per_worker}
+    # custom resources (e.g. anchor_node) pin the workers to the node types that declare them
+    resources = {"CPU": r.cpus_per_worker, **r.resources_per_worker}
     if r.gpus_per_worker:
         resources["GPU"] = r.gpus_per_worker
     trainer = TorchTrainer(

@@ -87,12 +87,21 @@ def _warn_if_cluster_too_small(cfg: TrainJobConfig) -> None:
     r = cfg.ray
     need = {"CPU": r.num_workers * r.cpus_per_worker + r.cpus_per_augment_actor,
             "GPU": r.num_workers * r.gpus_per_worker + r.gpus_per_augment_actor}
+    for name in {**r.resources_per_worker, **r.resources_per_augment_actor}:
+        need[name] = r.num_workers * r.resources_per_worker.get(name, 0) + r.resources_per_augment_actor.get(name, 0)
     have = ray.cluster_resources()
     for key, amount in need.items():
-        if amount > have.get(key, 0) + 1e-9:
+        if amount <= have.get(key, 0) + 1e-9:
+            continue
+        if key in ("CPU", "GPU"):
             print(f"WARNING: the job needs {amount:g} {key} (ray.num_workers x ray.{key.lower()}s_per_worker + "
                   f"ray.{key.lower()}s_per_augment_actor) but the cluster has {have.get(key, 0):g}: it will wait "
                   f"for an autoscaler to add nodes; lower those settings to fit", flush=True)
+        else:
+            print(f"WARNING: the job needs {amount:g} of the custom resource {key!r} (ray.resources_per_worker x "
+                  f"ray.num_workers + ray.resources_per_augment_actor) but the cluster has {have.get(key, 0):g}: "
+                  f"it will wait for an autoscaler to add a node type that declares {key!r}; check the name "
+                  f"against the node types' resources", flush=True)
 
 
 def _export(checkpoint, output: Path) -> None:
@@ -144,7 +153,7 @@ def run(config, address: str | None = None) -> TrainResult:
             return with_augment_states(
                 tokens, cfg.augments, indices, cfg.model_dtype, batch_size=per_batch,
                 max_actors=r.augment_actors, cpus_per_actor=r.cpus_per_augment_actor,
-                gpus_per_actor=r.gpus_per_augment_actor)
+                gpus_per_actor=r.gpus_per_augment_actor, resources_per_actor=r.resources_per_augment_actor)
 
         if cfg.activation_cache.enabled:  # one pass written once; the workers loop over it
             length = examples["input_ids"].shape[1]

@@ -1,16 +1,29 @@
 """The cluster files: cluster.yaml (Ray cluster launcher) and the KubeRay manifests in k8s/.
 
-No cloud and no Ray cluster: the launcher config is validated offline with the pinned Ray's own
+No cloud needed: the launcher config is validated offline with the pinned Ray's own
 ``prepare_config`` + ``validate_config`` (its JSON schema plus the launcher's checks), and every
-resource that the shipped training and serving configs request, per actor and per replica, must fit
-some worker type (of cluster.yaml and of each manifest), also at the configs' full scale.
+resource that the shipped training and serving configs request (custom resources included), per
+actor and per replica, must fit some worker type (of cluster.yaml and of each manifest), also at the
+configs' full scale. The last test simulates a second node on this machine: a raylet joined to the
+session's cluster with custom resources standing in for a GPU node type, and a training job whose
+actors ask for them.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
+import secrets
 import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 import tomllib
 from pathlib import Path
 
@@ -18,6 +31,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from actors.train_config import read_config
@@ -28,6 +42,7 @@ RAYJOB = ROOT / "k8s" / "rayjob.yaml"
 RAYSERVICE = ROOT / "k8s" / "rayservice.yaml"
 SERVE = ROOT / "configs" / "serve.yaml"
 TRAIN = ROOT / "configs" / "train_tiny.yaml"
+RAY_BIN = str(Path(sys.executable).with_name("ray"))
 
 
 def load(path: Path) -> dict:
@@ -42,10 +57,11 @@ def prepared(raw: dict) -> dict:
 
 # ------------------------------------------------------------------------ resource requests
 def train_requests(cfg) -> list[tuple[str, dict]]:
-    """(what, resources) for every actor a training job starts (as actors/training.py asks for them)."""
+    """(what, resources) for every actor a training job starts (as actors/training.py and actors/augment.py
+    ask for them), custom resources included."""
     r = cfg.ray
-    worker = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
-    augment = {"CPU": r.cpus_per_augment_actor, "GPU": r.gpus_per_augment_actor}
+    worker = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, **r.resources_per_worker}
+    augment = {"CPU": r.cpus_per_augment_actor, "GPU": r.gpus_per_augment_actor, **r.resources_per_augment_actor}
     return [("train worker", worker)] * r.num_workers + [("augment actor", augment)] * r.augment_actors
 
 
@@ -65,20 +81,25 @@ def serve_requests(config: dict, full_scale: bool) -> list[tuple[str, dict]]:
 
 
 def gpu_variant_train(cfg):
-    """train_tiny as docs/cluster.md tells users to run it on GPUs."""
+    """train_tiny as docs/cluster.md tells users to run it on GPUs, pinned to the GPU node types by the
+    custom resources that cluster.yaml and the manifests declare (anchor_node, augment_node)."""
     cfg = copy.deepcopy(cfg)
     cfg.ray.gpus_per_worker, cfg.ray.cpus_per_worker = 1, 4
     cfg.ray.gpus_per_augment_actor, cfg.ray.cpus_per_augment_actor = 0.25, 1
+    cfg.ray.resources_per_worker = {"anchor_node": 0.01}
+    cfg.ray.resources_per_augment_actor = {"augment_node": 0.01}
     return cfg
 
 
 def gpu_variant_serve(config: dict) -> dict:
-    """configs/serve.yaml with the GPU settings its own comment gives (Anchor 0.5 GPU, Augment0 0.25)."""
+    """configs/serve.yaml with the GPU settings its own comment gives (Anchor 0.5 GPU, Augment0 0.25), each
+    pinned to its GPU node type as docs/cluster.md says (else Anchor replicas can fill the augmenting nodes)."""
     config = copy.deepcopy(config)
     for dep in config["applications"][0]["deployments"]:
-        gpus = {"Anchor": 0.5, "Augment0": 0.25}.get(dep["name"])
+        gpus, pin = {"Anchor": (0.5, "anchor_node"), "Augment0": (0.25, "augment_node")}.get(dep["name"], (0, None))
         if gpus:
             dep["ray_actor_options"]["num_gpus"] = gpus
+            dep["ray_actor_options"]["resources"] = {pin: 0.01}
     return config
 
 
@@ -114,24 +135,18 @@ def launcher_node_types(config: dict) -> dict[str, tuple[dict, int]]:
             if name != config["head_node_type"] and t.get("max_workers", 0) > 0}
 
 
-def _quantity(value) -> float:
-    s = str(value)
-    if s.endswith("m"):
-        return int(s[:-1]) / 1000
-    return float(s)
-
-
 def kuberay_node_types(cluster_spec: dict) -> dict[str, tuple[dict, int]]:
-    """Worker groups as Ray sees them: CPU and GPU from each container's resource requests."""
-    out = {}
-    for group in cluster_spec["workerGroupSpecs"]:
-        (container,) = group["template"]["spec"]["containers"]
-        req = container["resources"]["requests"]
-        res = {"CPU": _quantity(req["cpu"])}
-        if "nvidia.com/gpu" in req:
-            res["GPU"] = _quantity(req["nvidia.com/gpu"])
-        out[group["groupName"]] = (res, group["maxReplicas"])
-    return out
+    """Worker groups as KubeRay's in-tree autoscaler sees them (Ray's own parser: CPU, GPU and memory from
+    the container, custom resources from rayStartParams), so a group can scale up from zero for them."""
+    return {group["groupName"]: (_get_ray_resources_from_group_spec(group, False), group["maxReplicas"])
+            for group in cluster_spec["workerGroupSpecs"]}
+
+
+def operator_custom_resources(group: dict) -> dict:
+    """rayStartParams.resources as the KubeRay operator reads it (surrounding quotes trimmed, then JSON).
+    The operator and the autoscaler parse the string differently; only some quotings satisfy both."""
+    raw = group["rayStartParams"].get("resources")
+    return json.loads(raw.strip("'\"` ")) if raw else {}
 
 
 def manifests() -> list[tuple[str, dict]]:
@@ -189,31 +204,69 @@ def test_every_training_and_serving_request_fits_a_worker_type(gpu):
     serve = load(SERVE)
     if gpu:
         train, serve = gpu_variant_train(train), gpu_variant_serve(serve)
-    requests = train_requests(train) + serve_requests(serve, full_scale=False)
-    assert requests
-    targets = [("cluster.yaml", launcher_node_types(prepared(load(CLUSTER))))]
-    targets += [(f"k8s {kind}", kuberay_node_types(spec)) for kind, spec in manifests()]
-    for where, types in targets:
-        for what, req in requests:
+    specs = dict(manifests())
+    # (where, its worker types, what runs there): the launcher's cluster is long-lived and does both; the
+    # RayJob's cluster exists for one training job, the RayService's for serving.
+    targets = [("cluster.yaml", launcher_node_types(prepared(load(CLUSTER))), True, True),
+               ("k8s RayJob", kuberay_node_types(specs["RayJob"]), True, False),
+               ("k8s RayService", kuberay_node_types(specs["RayService"]), False, True)]
+    for where, types, trains, serves in targets:
+        requests = (train_requests(train) if trains else []) + (serve_requests(serve, False) if serves else [])
+        assert requests
+        for what, req in requests:  # every resource asked for (custom ones too) exists on some worker type
             assert any(fits(req, res) for res, _ in types.values()), f"{where}: no worker type fits {what} {req}"
-        # full scale: every replica at max_replicas plus a training job, at once, within max_workers
-        everything = train_requests(train) + serve_requests(serve, full_scale=True)
+        # full scale: every replica at max_replicas (and the training job), at once, within max_workers
+        everything = (train_requests(train) if trains else []) + (serve_requests(serve, True) if serves else [])
         assert pack(everything, types) == [], f"{where}: cannot place everything at full scale"
 
 
 def test_fit_check_can_fail():
     types = launcher_node_types(prepared(load(CLUSTER)))
     assert not any(fits({"CPU": 1, "GPU": 2}, res) for res, _ in types.values())
-    assert not any(fits({"CPU": 1, "anchor_gpu": 1}, res) for res, _ in types.values())
+    assert not any(fits({"CPU": 1, "anchor_gpu": 1}, res) for res, _ in types.values())  # a misspelt custom resource
     assert pack([("big", {"CPU": 8, "GPU": 1})] * 100, types) != []
 
 
+@pytest.mark.parametrize("where", ["cluster.yaml", "RayJob", "RayService"])
+def test_gpu_worker_types_declare_the_custom_resources_that_pin_training_actors(where):
+    """anchor_node only on the anchor GPU type, augment_node only on the augmenting one."""
+    if where == "cluster.yaml":
+        types = launcher_node_types(prepared(load(CLUSTER)))
+        owner = {"anchor_node": "gpu_anchor", "augment_node": "gpu_augment"}
+    else:
+        spec = dict(manifests())[where]
+        types = kuberay_node_types(spec)
+        owner = {"anchor_node": "gpu-anchor", "augment_node": "gpu-augment"}
+        for group in spec["workerGroupSpecs"]:  # the operator's reading of the string agrees with the autoscaler's
+            custom = {k: v for k, v in types[group["groupName"]][0].items() if k not in ("CPU", "GPU", "memory")}
+            assert operator_custom_resources(group) == custom, group["groupName"]
+    for resource, name in owner.items():
+        assert types[name][0].get(resource, 0) >= 1 and types[name][0].get("GPU", 0) >= 1, (name, types[name][0])
+        assert [n for n, (res, _) in types.items() if resource in res] == [name], f"{resource} only on {name}"
+
+
 # ------------------------------------------------------------------------ KubeRay manifests
-def test_rayservice_serve_config_is_configs_serve_yaml():
+# What the RayService's serveConfigV2 sets differently from configs/serve.yaml, and why: nothing else may differ.
+K8S_SERVE_OVERRIDES = {
+    # KubeRay's serve Service sends traffic to each pod's IP; a proxy on 127.0.0.1 refuses it
+    ("http_options", "host"): "0.0.0.0",
+}
+
+
+def test_rayservice_serve_config_is_configs_serve_yaml_but_for_the_kubernetes_keys():
     doc = load(RAYSERVICE)
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
-    assert yaml.safe_load(doc["spec"]["serveConfigV2"]) == load(SERVE)
+    manifest, expected = yaml.safe_load(doc["spec"]["serveConfigV2"]), load(SERVE)
+    for (section, key), value in K8S_SERVE_OVERRIDES.items():
+        assert manifest[section][key] == value, f"serveConfigV2 {section}.{key} must be {value!r} on Kubernetes"
+        assert expected[section][key] != value, f"configs/serve.yaml sets {section}.{key} already: drop the override"
+        expected[section][key] = value
+    assert manifest == expected, "serveConfigV2 differs from configs/serve.yaml beyond K8S_SERVE_OVERRIDES"
+    assert load(SERVE)["http_options"]["host"] == "127.0.0.1", "outside Kubernetes, Serve binds 127.0.0.1"
     spec = doc["spec"]["rayClusterConfig"]
+    # KubeRay builds the serve Service and the workers' proxy readiness probe from the head's port named serve
+    (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in head["ports"]}["serve"] == manifest["http_options"]["port"]
     assert spec["enableInTreeAutoscaling"] is True
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
@@ -235,6 +288,10 @@ def test_rayjob_runs_the_training_job_with_an_existing_config():
 @pytest.mark.parametrize("kind", ["RayJob", "RayService"])
 def test_manifests_have_gpu_groups_and_token_auth(kind):
     spec = dict(manifests())[kind]
+    # the operator itself needs the token for its dashboard calls (job status, Serve config)
+    assert spec["authOptions"] == {"mode": "token", "secretName": "calm-ray-token"}
+    path = RAYJOB if kind == "RayJob" else RAYSERVICE
+    assert "kubectl create secret generic calm-ray-token --from-literal=auth_token=" in path.read_text()
     groups = spec["workerGroupSpecs"]
     gpu_groups = [g for g in groups if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
     assert len(gpu_groups) >= 2, "anchor and augmenting GPU worker groups"
@@ -243,10 +300,146 @@ def test_manifests_have_gpu_groups_and_token_auth(kind):
         (container,) = pod["spec"]["containers"]
         env = {e["name"]: e for e in container.get("env", [])}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "calm-ray-token", "key": "auth_token"}
         res = container["resources"]
         assert res["requests"].get("nvidia.com/gpu") == res["limits"].get("nvidia.com/gpu"), "GPU requests == limits"
     for g in groups:
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+    if kind == "RayJob":  # the pod that runs `ray job submit` authenticates with the same token
+        pods.append(load(RAYJOB)["spec"]["submitterPodTemplate"])
+        (container,) = pods[-1]["spec"]["containers"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "calm-ray-token", "key": "auth_token"}
     images = {p["spec"]["containers"][0]["image"] for p in pods}
     assert len(images) == 1 and re.search(rf"ray{re.escape(ray.__version__)}-py311", images.pop())
+
+
+# ------------------------------------------------------------------------ a second node, simulated
+# Two custom resources stand in for the GPU node types: the head has neither, so an actor that asks for
+# one can only run on the second node.
+SIM_ANCHOR, SIM_AUGMENT = "sim_anchor_node", "sim_augment_node"
+NODE_MARKER = "CALM_TEST_SIM_NODE"  # in the environment of every process of the simulated node
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_with(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().decode(errors="replace").split("\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _stop_processes(marker: str, grace_s: float = 15) -> None:
+    """SIGTERM (the raylet then tells the GCS it is leaving), SIGKILL whatever is left after grace_s."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
+        for pid in _processes_with(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while _processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _processes_with(marker):
+            return
+
+
+def _nodes(dashboard: str) -> list:
+    from ray.util.state import list_nodes
+
+    return list_nodes(address=dashboard, detail=True, limit=1000, raise_on_missing_output=False)
+
+
+@pytest.fixture
+def gpu_node_stand_in(ray_cluster):
+    """A second raylet joined to the session cluster with `ray start --address`: 2 CPUs and the two custom
+    resources. Every port is chosen free; its processes carry NODE_MARKER, so only they are stopped after."""
+    marker = f"{NODE_MARKER}={secrets.token_hex(8)}"
+    temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: unix socket paths have a length limit
+    env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_ADDRESS"}
+    env[NODE_MARKER] = marker.split("=", 1)[1]
+    ports = [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+             f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+    node_id = None
+    try:
+        proc = subprocess.run(
+            [RAY_BIN, "start", f"--address={ray_cluster.address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+             "--num-gpus=0", f"--resources={json.dumps({SIM_ANCHOR: 1, SIM_AUGMENT: 1})}",
+             "--object-store-memory=300000000", f"--temp-dir={temp_dir}", "--disable-usage-stats", *ports],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, f"ray start --address failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        deadline = time.monotonic() + 120
+        while node_id is None:  # registered with the GCS and visible to the state API
+            alive = [n for n in _nodes(ray_cluster.dashboard)
+                     if n.state == "ALIVE" and SIM_ANCHOR in (n.resources_total or {})]
+            if alive:
+                node_id = alive[0].node_id
+            elif time.monotonic() > deadline:
+                raise AssertionError("the second node did not register within 120 s")
+            else:
+                time.sleep(0.5)
+        yield node_id
+    finally:
+        _stop_processes(marker)
+        deadline = time.monotonic() + 60  # leave the session cluster with the node marked dead
+        while node_id and time.monotonic() < deadline:
+            if all(n.state == "DEAD" for n in _nodes(ray_cluster.dashboard) if n.node_id == node_id):
+                break
+            time.sleep(0.5)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_training_actors_run_on_the_node_type_whose_custom_resources_they_ask_for(
+        ray_cluster, gpu_node_stand_in, tmp_path):
+    """configs/train_tiny.yaml with ray.resources_per_worker / resources_per_augment_actor naming the second
+    node's custom resources, submitted with `ray job submit`: it finishes, exports bridges, and Ray's state
+    API shows every Train worker and every augmenting actor of the job on that node, none on the head."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_actors
+
+    from tests.test_train_job import submit, wait_job
+
+    raw = load(TRAIN)
+    raw["name"] = "multinode"
+    raw["anchor"] = str(ROOT / raw["anchor"])
+    raw["augments"] = [str(ROOT / a) for a in raw["augments"]]
+    raw["data"]["train"] = str(ROOT / raw["data"]["train"])
+    raw["training"].update(steps=3, batch_size=8, checkpoint_every=3, log_every=1, warmup_steps=1)
+    raw["ray"].update(resources_per_worker={SIM_ANCHOR: 0.5}, resources_per_augment_actor={SIM_AUGMENT: 0.5})
+    raw["storage_path"], raw["output"] = str(tmp_path / "runs"), str(tmp_path / "bridges")
+    raw["activation_cache"] = {"enabled": False}
+    config = tmp_path / "multinode.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    read_config(config)  # the derived config is valid
+
+    submission_id = f"train-multinode-{secrets.token_hex(4)}"
+    submit(ray_cluster, config, submission_id)
+    status, logs = wait_job(ray_cluster, submission_id, timeout=300)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert (tmp_path / "bridges" / "bridges.safetensors").is_file()
+
+    job_id = JobSubmissionClient(ray_cluster.dashboard).get_job_info(submission_id).job_id
+    actors = list_actors(address=ray_cluster.dashboard, filters=[("job_id", "=", job_id)], detail=True,
+                         limit=10000, raise_on_missing_output=False)  # finished ones (DEAD) included
+    seen = "\n".join(f"{a.class_name} {a.state} {a.node_id}" for a in actors)
+    workers = [a for a in actors if a.class_name == "RayTrainWorker"]
+    augmenters = [a for a in actors if "MapWorker" in a.class_name and "AugmentBatchEncoder" in a.class_name]
+    assert len(workers) == raw["ray"]["num_workers"], seen
+    assert 1 <= len(augmenters) <= raw["ray"]["augment_actors"], seen
+    head = {n.node_id for n in _nodes(ray_cluster.dashboard) if n.is_head_node}
+    assert gpu_node_stand_in not in head
+    for actor in workers + augmenters:
+        assert actor.node_id == gpu_node_stand_in, f"{actor.class_name} ran on {actor.node_id}:\n{seen}"
