@@ -13,8 +13,10 @@ One engine runs in each anchor replica. Requests join and leave its batch betwee
         drop finished or cancelled rows from the cache
 
 So each new token costs one step of each model and no prefix is recomputed; with more requests
-in flight, each step carries more rows, and tokens/s grows with load. The anchor's model calls
-run in a worker thread so the replica's event loop keeps streaming tokens and taking requests.
+in flight, each step carries more rows, and tokens/s grows with load. With ``model_thread`` the
+anchor's model calls run in a worker thread, so the replica's event loop keeps streaming tokens and
+taking requests, and each augmenting call overlaps the anchor's layers below its first bridge (the
+forward starts at once and waits for the states only at that bridge).
 
 ``generate(request)`` is an async generator of ``{"token_ids": [...], "finish_reason": ...}``
 chunks (``finish_reason`` is None until the last chunk, then "stop" for an end-of-sequence token,
@@ -121,8 +123,9 @@ class DecodeEngine:
         self._task: asyncio.Task | None = None
         self.counters = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "tokens": 0,
                          "prefills": 0, "max_rows_in_step": 0}
-        # seconds spent in decode steps: waiting for the augmenting side, in the anchor forward, in all
-        self.timers = {"augment_s": 0.0, "anchor_s": 0.0, "step_s": 0.0}
+        # seconds spent in decode steps: the augmenting calls from start to answer, the part of them the anchor
+        # waited for (not hidden behind its layers below the first bridge), the rest of the model call, all
+        self.timers = {"augment_call_s": 0.0, "augment_s": 0.0, "anchor_s": 0.0, "step_s": 0.0}
 
     # ------------------------------------------------------------------ public
     def stats(self) -> dict:
@@ -307,9 +310,9 @@ class DecodeEngine:
     async def _prefill(self, rows: list[_Row]) -> None:
         self.counters["prefills"] += 1
         prompts = [(r.request.request_id, r.tokens) for r in rows]
-        states = await self.augments.prefill(prompts, keep=[r.request.request_id for r in self._running])
         ids, mask = left_pad_rows([r.tokens for r in rows], self.pad_id)
-        logits, cache = await self._run_model(self._forward, ids, mask, states, None)
+        states = self.augments.prefill(prompts, keep=[r.request.request_id for r in self._running])
+        logits, cache, _, _ = await self._forward_with(states, ids, mask, None)
         next_ids = self._sample(rows, logits)
         if self._cache is None:
             self._cache = cache
@@ -326,23 +329,52 @@ class DecodeEngine:
         self.counters["steps"] += 1
         self.counters["max_rows_in_step"] = max(self.counters["max_rows_in_step"], len(rows))
         t0 = time.perf_counter()
-        states = await self.augments.step(ids, tokens, self._history)
-        t1 = time.perf_counter()
         new = torch.tensor(tokens, dtype=torch.long)[:, None]
-        logits, self._cache = await self._run_model(self._forward, new, torch.ones_like(new), states, self._cache)
-        t2 = time.perf_counter()
-        self.timers["augment_s"] += t1 - t0
-        self.timers["anchor_s"] += t2 - t1
+        states = self.augments.step(ids, tokens, self._history)
+        logits, self._cache, waited, call_s = await self._forward_with(states, new, torch.ones_like(new), self._cache)
+        t1 = time.perf_counter()
+        self.timers["augment_call_s"] += call_s
+        self.timers["augment_s"] += waited
+        self.timers["anchor_s"] += t1 - t0 - waited
         # rows cancelled while the step ran are still rows of this step's cache: finish them after it
         self._emit(rows, self._sample(rows, logits))
         self._drop_cancelled()
         self._compact()
         self.timers["step_s"] += time.perf_counter() - t0
 
-    async def _run_model(self, fn, *args):
-        if self.model_thread:
-            return await asyncio.to_thread(fn, *args)
-        return fn(*args)
+    async def _forward_with(self, states_call, ids, mask, cache):
+        """The anchor forward with the augmenting states that ``states_call`` (a coroutine) returns.
+
+        Returns (last logits, cache, seconds the forward waited for the states, seconds the call took).
+        In a model thread the call and the forward start together: the anchor's layers below its first
+        bridge run while the call is in flight, and the thread blocks at that bridge until the states
+        arrive (deferred states, see ``ComposedModel.forward``); a failed call fails the forward there.
+        On the event loop the call is awaited first, then the forward runs.
+        """
+        if not self.model_thread:
+            t0 = time.perf_counter()
+            states = await states_call
+            waited = time.perf_counter() - t0
+            return (*self._forward(ids, mask, states, cache), waited, waited)
+        started = time.perf_counter()
+        pending = asyncio.run_coroutine_threadsafe(states_call, asyncio.get_running_loop())
+        answered = []
+        pending.add_done_callback(lambda _: answered.append(time.perf_counter()))
+        waited = 0.0
+
+        def deferred_states():  # called in the model thread, at the first bridge site
+            nonlocal waited
+            t0 = time.perf_counter()
+            try:
+                return pending.result()
+            finally:
+                waited = time.perf_counter() - t0
+
+        try:
+            logits, new_cache = await asyncio.to_thread(self._forward, ids, mask, deferred_states, cache)
+        finally:
+            pending.cancel()  # only if the forward failed before it needed the states (or we are cancelled)
+        return logits, new_cache, waited, answered[0] - started
 
     def _history(self, request_id: str) -> list[int]:
         """Every token of a live row before its newest one (what its augmenting cache holds)."""

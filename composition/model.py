@@ -12,7 +12,8 @@ running, so calling the anchor directly still gives the anchor's own outputs.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,12 +37,22 @@ class Link:
 
 @dataclass
 class _Running:
-    """What the anchor hooks need during one forward pass."""
+    """What the anchor hooks need during one forward pass.
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    The bridges' keys and values are made on first use (``resolve``, at the first bridge site), so
+    augmenting states given as a callable are fetched only once the anchor's layers below it ran.
+    """
+
+    make_keys_values: Callable[[], tuple[list, list, list]]  # -> (keys, values, cache buffers)
     mask: torch.Tensor  # [batch, 1, new, seen] bool
     positions: torch.Tensor  # [batch, new]
+    keys: list[torch.Tensor] | None = None  # per bridge [batch, heads, seen, head_dim], once resolved
+    values: list[torch.Tensor] | None = None
+    buffers: list = field(default_factory=list)  # the cache buffers behind keys/values
+
+    def resolve(self) -> None:
+        if self.keys is None:
+            self.keys, self.values, self.buffers = self.make_keys_values()
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -143,6 +154,7 @@ class ComposedModel(nn.Module):
             run = self._running
             if run is None:  # the anchor is being called on its own
                 return None
+            run.resolve()
             out = hidden
             for b in members:
                 out = out + self.bridges[b](hidden, run.keys[b], run.values[b], run.mask, run.positions)
@@ -179,12 +191,28 @@ class ComposedModel(nn.Module):
                     f"augment_states[{link.augment}][{link.augment_index}] has shape {got}, expected {want}"
                 )
 
+    def _bridge_keys_values(self, states, positions: torch.Tensor, cache: CompositionCache | None, batch: int,
+                            seq: int) -> tuple[list, list, list]:
+        """Per bridge keys/values [batch, heads, seen, head_dim] over the cached and new tokens, and the
+        cache buffers behind them. ``states`` may be deferred (a callable): it is called (once) here."""
+        if callable(states):
+            states = states()
+            self._check_external_states(states, batch, seq)
+        keys, values = [], []
+        for b, link in enumerate(self.links):
+            k, v = self.bridges[b].keys_values(states[link.augment][link.augment_index], positions)
+            keys.append(k)
+            values.append(v)
+        if cache is None:
+            return keys, values, []
+        return cache.extend_bridges(keys, values)  # appends in place of a full copy per step
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        augment_states: list[dict[int, torch.Tensor]] | None = None,
+        augment_states: list[dict[int, torch.Tensor]] | Callable[[], list[dict[int, torch.Tensor]]] | None = None,
         cache: CompositionCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
@@ -196,7 +224,9 @@ class ComposedModel(nn.Module):
             attention_mask: [batch, seq], 0 at padding; None means no padding.
             labels: [batch, seq] for the next-token loss (shifted inside; padding is ignored).
             augment_states: precomputed augmenting hidden states, per model ``{index: [batch, seq, d_aug]}``
-                (e.g. streamed from Ray actors); None runs the augmenting models here.
+                (e.g. streamed from Ray actors); None runs the augmenting models here. Or deferred states:
+                a zero-argument callable returning that list, called (once) at the first bridge site, so
+                the anchor's layers below it run first (e.g. while the states are still on their way).
             cache: a CompositionCache from the previous call; the forward then runs on new tokens only.
             use_cache: return an updated CompositionCache in ``out.cache``.
             logits_to_keep: keep only the last N positions' logits (0 = all).
@@ -221,17 +251,9 @@ class ComposedModel(nn.Module):
                 input_ids, full_mask, positions, cache.augments if cache is not None else None, use_cache
             )
         else:
-            self._check_external_states(augment_states, batch, seq)
+            if not callable(augment_states):
+                self._check_external_states(augment_states, batch, seq)
             augment_caches = [None] * len(self.encoders)
-
-        keys, values = [], []
-        for b, link in enumerate(self.links):
-            k, v = self.bridges[b].keys_values(augment_states[link.augment][link.augment_index], positions)
-            keys.append(k)
-            values.append(v)
-        buffers = []
-        if cache is not None:  # append to the cached keys/values in place of a full copy per step
-            keys, values, buffers = cache.extend_bridges(keys, values)
         mask = cross_model_mask(full_mask.bool(), past, seq, self.config.window)
 
         if labels is not None:
@@ -240,7 +262,10 @@ class ComposedModel(nn.Module):
                 [attention_mask[:, :1], attention_mask[:, :-1]], dim=1
             )
             labels = labels.masked_fill((attention_mask == 0) | (previous == 0), -100)
-        self._running = _Running(keys, values, mask, positions)
+        run = _Running(
+            lambda: self._bridge_keys_values(augment_states, positions, cache, batch, seq), mask, positions
+        )
+        self._running = run
         try:
             out = self.anchor(
                 input_ids=input_ids,
@@ -253,8 +278,10 @@ class ComposedModel(nn.Module):
             )
         finally:
             self._running = None
+        run.resolve()  # a no-op once a bridge site ran; keeps the cache complete otherwise
         new_cache = (
-            CompositionCache(full_mask, out.cache, augment_caches, keys, values, buffers) if use_cache else None
+            CompositionCache(full_mask, out.cache, augment_caches, run.keys, run.values, run.buffers)
+            if use_cache else None
         )
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, cache=new_cache)
 

@@ -401,3 +401,98 @@ def test_mlp_projection_starts_at_the_anchor_trains_and_round_trips(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, trained, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="proj_hidden must be a positive integer"):
         CompositionConfig(proj_hidden=0)
+
+
+# ---------------------------------------------------------------- deferred augmenting states
+# (a serving engine passes a callable, so the anchor's layers below the first bridge run while the
+# augmenting states are still on their way)
+def decode_with_external_states(model, ids, mask, steps, deferred, calls=None):
+    """Prefill then greedy decode steps with augmenting states computed outside the model (as a server does).
+
+    Returns (per-step last logits, the final CompositionCache). ``calls`` collects one entry per fetch
+    of deferred states.
+    """
+    from composition.model import positions_from_mask
+
+    logits, cache, augment_caches = [], None, None
+    new_ids, new_mask = ids, mask
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            past = cache.seq_len if cache is not None else 0
+            full = new_mask if cache is None else torch.cat([cache.attention_mask, new_mask], dim=1)
+            positions = positions_from_mask(full)[:, past:]
+            states, augment_caches = model.encode_augments(new_ids, full, positions, augment_caches, use_cache=True)
+
+            def fetch(states=states):
+                if calls is not None:
+                    calls.append("states")
+                return states
+
+            out = model(new_ids, new_mask, augment_states=fetch if deferred else states, cache=cache,
+                        use_cache=True, logits_to_keep=1)
+            cache = out.cache
+            logits.append(out.logits[:, -1])
+            new_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+            new_mask = torch.ones_like(new_ids)
+    return logits, cache
+
+
+@pytest.mark.parametrize("pairs", [((0, 2), (2, 3), (4, 6)), ((0, 0), (4, 6))])
+def test_deferred_states_give_the_logits_and_caches_of_eager_states_over_decode_steps(pairs):
+    model = composed(pairs=pairs)
+    ids = tokens(2, 9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    eager_logits, eager = decode_with_external_states(model, ids, mask, steps=5, deferred=False)
+    deferred_logits, deferred = decode_with_external_states(model, ids, mask, steps=5, deferred=True)
+    for a, b in zip(eager_logits, deferred_logits):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert torch.equal(deferred.attention_mask, eager.attention_mask)
+    for a, b in zip(eager.bridge_keys + eager.bridge_values, deferred.bridge_keys + deferred.bridge_values):
+        assert a.shape == b.shape == (2, 4, 9 + 5, 16) and torch.equal(a, b)
+    for a, b in zip(eager.anchor.layers, deferred.anchor.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_deferred_states_are_fetched_once_per_forward_after_the_layers_below_the_first_bridge():
+    model = composed(pairs=((0, 2), (2, 3), (4, 6)))  # first bridge site: the input of anchor layer 2
+    events = []
+    layers = describe_decoder(model.anchor).layers
+    handles = [layer.register_forward_hook(lambda *_, i=i: events.append(f"layer {i}")) for i, layer in
+               enumerate(layers)]
+    try:
+        decode_with_external_states(model, tokens(1, 6), torch.ones(1, 6, dtype=torch.long), steps=3,
+                                    deferred=True, calls=events)
+    finally:
+        for h in handles:
+            h.remove()
+    one_forward = ["layer 0", "layer 1", "states", "layer 2", "layer 3", "layer 4", "layer 5"]
+    assert events == one_forward * 4  # the prefill and 3 decode steps
+
+
+def test_an_error_raised_by_deferred_states_propagates_and_leaves_the_model_usable():
+    model = composed()
+    ids = tokens()
+    with torch.no_grad():
+        before = model(ids).logits
+
+    def unreachable():
+        raise RuntimeError("augmenting replica unreachable")
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="augmenting replica unreachable"):
+        model(ids, augment_states=unreachable)
+    assert model._running is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
+def test_deferred_states_of_the_wrong_shape_are_refused_like_eager_ones():
+    model = composed()
+    ids = tokens(2, 12)
+    states, _ = model.encode_augments(ids[:, :5], torch.ones(2, 5, dtype=torch.long), torch.arange(5)[None])
+    message = r"augment_states\[0\]\[0\] has shape \(2, 5, 32\), expected \(2, 12, 32\)"
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=message):
+            model(ids, augment_states=states)
+        with pytest.raises(ValueError, match=message):
+            model(ids, augment_states=lambda: states)

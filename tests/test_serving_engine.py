@@ -11,10 +11,11 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
 from actors.augment_client import LocalAugments
 from actors.augment_rows import AugmentRows
-from actors.engine import DecodeEngine, GenerationRequest
+from actors.engine import DecodeEngine, GenerationRequest, RequestFailed
 from composition.loading import load_tokenizer
 from tests.test_serving_pair import build_pair, load_in_process, reference_completion
 
@@ -155,3 +156,79 @@ def test_invalid_requests_are_refused_with_the_reason(model, bad, message):
 
     with pytest.raises(ValueError, match=message):
         asyncio.run(main())
+
+
+# ---------------------------------------------------------------- overlap of the augmenting call with the anchor
+class ObservedAugments(LocalAugments):
+    """LocalAugments whose calls answer only once the anchor's layers below its first bridge ran
+    during the call (``below_ran``, set by a hook); optionally failing from the ``fail_at``-th step on."""
+
+    def __init__(self, rows, below_ran: threading.Event | None = None, fail_at: int | None = None):
+        super().__init__(rows)
+        self.below_ran = below_ran
+        self.fail_at = fail_at
+        self.steps = 0
+
+    async def _call(self, augment, method, *args):
+        if method == "step":
+            self.steps += 1
+            if self.fail_at is not None and self.steps >= self.fail_at:
+                raise RuntimeError("augmenting replica unreachable")
+        if self.below_ran is not None and method in ("prefill", "step"):
+            deadline = asyncio.get_running_loop().time() + 10
+            while not self.below_ran.is_set():
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError("the anchor's lower layers did not run while the augmenting call was in flight")
+                await asyncio.sleep(0.001)
+            self.below_ran.clear()
+        return await super()._call(augment, method, *args)
+
+
+@pytest.fixture(scope="module")
+def high_bridge_model():
+    """A composition whose first bridge enters above anchor layers 0 and 1."""
+    from tests.test_composition import composed
+
+    return composed(pairs=((0, 2), (2, 3), (4, 6)))
+
+
+def test_in_a_model_thread_the_anchor_layers_below_the_first_bridge_run_during_the_augmenting_call(
+        high_bridge_model):
+    model = high_bridge_model
+    below_ran = threading.Event()
+    hook = model.anchor.model.layers[1].register_forward_hook(lambda *_: below_ran.set())
+    try:
+        rows = AugmentRows(model.encoders[0], augment=0, pad_id=0, lock=threading.Lock())
+        engine = DecodeEngine(model, ObservedAugments([rows], below_ran), max_batch_size=4, model_thread=True)
+        prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+
+        async def main():
+            return await asyncio.gather(*(collect(engine, GenerationRequest(p, 12)) for p in prompts))
+
+        results = asyncio.run(main())
+    finally:
+        hook.remove()
+    assert engine.counters["failed"] == 0
+    for prompt, (tokens, _) in zip(prompts, results):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=12)[0, len(prompt):].tolist()
+        assert tokens == expected
+    stats = engine.stats()
+    assert stats["steps"] > 0 and stats["augment_s"] > 0 and stats["anchor_s"] > 0
+
+
+@pytest.mark.parametrize("model_thread", [True, False])
+def test_a_failing_augmenting_call_fails_the_step_rows_and_the_engine_serves_on(model, tok, model_thread):
+    rows = AugmentRows(model.encoders[0], augment=0, pad_id=0, lock=threading.Lock())
+    augments = ObservedAugments([rows], fail_at=3)
+    engine = DecodeEngine(model, augments, max_batch_size=4, max_context=512, model_thread=model_thread)
+    prompt = tok(PROMPTS[0])["input_ids"]
+
+    async def main():
+        with pytest.raises(RequestFailed, match="generation failed: augmenting replica unreachable"):
+            await collect(engine, GenerationRequest(prompt, 10))
+        augments.fail_at = None
+        return await collect(engine, GenerationRequest(prompt, 6))
+
+    tokens, _ = asyncio.run(main())
+    assert engine.counters["failed"] == 1 and engine.stats()["running"] == 0
+    assert tokens == reference_completion(model, tok, prompt, 6)
