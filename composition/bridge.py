@@ -4,7 +4,7 @@ One bridge reads one augmenting hidden state ``[batch, seq_aug, d_aug]`` and add
 hidden state ``[batch, seq, d_anchor]``:
 
     kv   = proj(norm(h_aug))                      # f_proj: d_aug -> d_anchor (linear, or an MLP)
-    out  = o(attn(q(norm(h_anchor)), k(kv), v(kv), mask))
+    out  = o(attn(q(norm(h_anchor)), k(kv), v(kv), mask))    # optionally * sigmoid(gate(norm(h_anchor)))
     h_anchor <- h_anchor + out
 
 ``o`` starts at zero, so at initialisation the composed model is exactly the anchor.
@@ -77,6 +77,7 @@ class Bridge(nn.Module):
         rope_theta: float = 10000.0,
         norm: bool = True,
         proj_hidden: int | None = None,
+        gate: bool = False,
     ):
         super().__init__()
         if d_anchor % num_heads:
@@ -101,6 +102,12 @@ class Bridge(nn.Module):
         self.v = nn.Linear(d_anchor, d_anchor, bias=False)
         self.o = nn.Linear(d_anchor, d_anchor, bias=False)
         nn.init.zeros_(self.o.weight)  # composed model == anchor at initialisation
+        # per-token, per-head gate read from the anchor's own state: the anchor decides where it
+        # takes in augmenting information (sigmoid(0) = 0.5 at initialisation; o is zero anyway)
+        self.gate = nn.Linear(d_anchor, num_heads) if gate else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,12 +150,15 @@ class Bridge(nn.Module):
         Returns:
             [batch, seq, d_anchor] in h_anchor's dtype; zero for rows with no visible key.
         """
-        q = self._heads(self.q(self.query_norm(h_anchor.to(self.dtype))))
+        query = self.query_norm(h_anchor.to(self.dtype))
+        q = self._heads(self.q(query))
         if self.rotary:
             q = apply_rotary(q, positions, self.rope_theta)
         has_key = mask.any(dim=-1, keepdim=True)  # [b, 1, seq, 1]; False on rows of only padding
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask | ~has_key)
         attn = attn * has_key
+        if self.gate is not None:
+            attn = attn * torch.sigmoid(self.gate(query)).transpose(1, 2)[..., None]  # [b, heads, seq, 1]
         b, _, s, _ = attn.shape
         out = self.o(attn.transpose(1, 2).reshape(b, s, -1))
         return out.to(h_anchor.dtype)

@@ -111,6 +111,9 @@ class CompositionConfig:
             only move the augmenting state into the anchor's space; an MLP can also decode it
             (e.g. "this key's value is 7" into the anchor's embedding of "7"), which the
             key-value experiment needs.
+        gate: scale each head's cross-attention output per token by sigmoid(linear(anchor state)),
+            so the anchor decides where it takes in augmenting information. Cross-attention's softmax
+            cannot say "nothing here", and with ``window=1`` (one key) it cannot choose at all.
         bridge_dtype: dtype of the bridge parameters; inputs are cast to it and the output cast
             back to the anchor's dtype. float32 keeps training stable under a bf16 anchor.
     """
@@ -122,6 +125,7 @@ class CompositionConfig:
     window: int | None = None
     norm: bool = True
     proj_hidden: int | None = None
+    gate: bool = False
     bridge_dtype: str = "float32"
 
     def __post_init__(self) -> None:

@@ -110,6 +110,7 @@ class ComposedModel(nn.Module):
                 rope_theta=config.rope_theta,
                 norm=config.norm,
                 proj_hidden=config.proj_hidden,
+                gate=config.gate,
             ).to(device=device, dtype=dtype)
             for link in self.links
         )

@@ -151,7 +151,8 @@ def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, nam
         "augments": [str(augment)],
         "composition": cfg.composition,
         "data": {"train": str(out / "data" / "compose_train.jsonl"), "format": "prompt_completion",
-                 "prompt_field": "prompt", "completion_field": "completion", "max_length": 32},
+                 "prompt_field": "prompt", "completion_field": "completion",
+                 "max_length": 2 * cfg.keys.max_terms + 2},  # n keys, n - 1 ops, "=", result, eos
         "training": {"steps": cfg.compose_steps, "batch_size": cfg.compose_batch_size, "lr": cfg.compose_lr,
                      "warmup_steps": min(50, cfg.compose_steps // 10), "checkpoint_every": 100,
                      "seed": cfg.seed, "log_every": 25},
@@ -285,9 +286,10 @@ def plot(results: dict, path: Path) -> None:
     curves.set_title("training curves")
     curves.legend()
     acc = results["accuracy_percent"]
-    cells = [[f"{acc[n][t]}" + (f" ({PAPER[n][t]})" if n in PAPER else "") for t in TASKS] for n in acc]
+    cells = [[n] + [f"{acc[n][t]}" + (f" ({PAPER[n][t]})" if n in PAPER else "") for t in TASKS] for n in acc]
     table.axis("off")
-    tab = table.table(cellText=cells, rowLabels=list(acc), colLabels=[TASK_NAMES[t] for t in TASKS], loc="center")
+    tab = table.table(cellText=cells, colLabels=["system"] + [TASK_NAMES[t] for t in TASKS], loc="center",
+                      colWidths=[0.22, 0.22, 0.22, 0.34])
     tab.auto_set_font_size(False)
     tab.set_fontsize(9)
     tab.scale(1, 1.6)

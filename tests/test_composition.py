@@ -496,3 +496,24 @@ def test_deferred_states_of_the_wrong_shape_are_refused_like_eager_ones():
             model(ids, augment_states=states)
         with pytest.raises(ValueError, match=message):
             model(ids, augment_states=lambda: states)
+
+
+def test_gated_bridges_start_at_the_anchor_and_the_gate_reads_the_anchor_state(tmp_path):
+    cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(0, 0), (2, 3)])], window=1, proj_hidden=32, gate=True)
+    model = ComposedModel(anchor_model(), [augment_model()], cfg)
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model.anchor(ids).logits, rtol=0, atol=1e-6)
+    randomise_bridges(model)
+    with torch.no_grad():
+        gated = model(ids).logits
+        for bridge in model.bridges:
+            bridge.gate.bias.fill_(-1e4)  # a closed gate: the anchor alone again
+        torch.testing.assert_close(model(ids).logits, model.anchor(ids).logits, rtol=0, atol=1e-6)
+    assert (gated - model.anchor(ids).logits).abs().max() > 1e-3
+    randomise_bridges(model)
+    model.save_pretrained(tmp_path / "bridges")
+    loaded = ComposedModel.from_pretrained(tmp_path / "bridges", anchor_model(), [augment_model()])
+    assert loaded.config.gate and loaded.bridges[0].gate.out_features == model.bridges[0].num_heads
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
