@@ -158,6 +158,19 @@ def make_pair(args) -> dict:
     ah, al, gh, gl = SIZES[args.size]
     folder = Path(tempfile.mkdtemp(prefix="serve_bench_"))
     pair = build_pair(folder, anchor_hidden=ah, anchor_layers=al, augment_hidden=gh, augment_layers=gl, context=2048)
+    if args.bridges_every:  # the default mapping's kind of bridges: the first one enters above the anchor's input
+        import torch
+
+        from composition import ComposedModel, CompositionConfig, LayerMapping
+        from composition.loading import load_causal_lm
+
+        cfg = CompositionConfig(mappings=[LayerMapping(every=args.bridges_every)])
+        composed = ComposedModel(load_causal_lm(pair.anchor), [load_causal_lm(pair.augment)], cfg)
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for bridge in composed.bridges:
+                torch.nn.init.normal_(bridge.o.weight, std=0.5)  # non-zero, as in build_pair
+        composed.save_pretrained(pair.bridges)
     return {"anchor": pair.anchor, "augment": pair.augment, "bridges": pair.bridges}
 
 
@@ -165,6 +178,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", help="folder with anchor/, augment/, bridges/ (default: generate one of --size)")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--bridges-every", type=int, default=0,
+                   help="generated pair: bridges from LayerMapping(every=N) (e.g. 2: (2,4),(4,8) on --size small) "
+                        "instead of (0,0),(2,2),(4,4), whose first bridge is at the anchor's input")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least 2 per client)")
@@ -181,6 +197,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from composition.checkpoint import read_meta
     from composition.loading import load_causal_lm, load_tokenizer
     from composition.model import ComposedModel
 
@@ -260,6 +277,7 @@ def main(argv=None) -> int:
                     "torch_threads": args.threads, "torch": torch.__version__,
                     "load_average_before_after": [load_before[0], os.getloadavg()[0]]},
         "model": {"pair": args.pair or f"generated --size {args.size}", "dtype": args.dtype,
+                  "bridges": [[a, b] for _, a, b in read_meta(pair["bridges"])["links"]],
                   "anchor_hidden_layers": [ah, al], "augment_hidden_layers": [gh, gl]},
         "settings": {"max_tokens": args.max_tokens, "prompt_tokens": len(prompt_ids), "clients": args.clients,
                      "requests": args.requests, "model_thread": args.model_thread},
