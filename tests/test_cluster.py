@@ -6,7 +6,8 @@ resource that the shipped training and serving configs request (custom resources
 actor and per replica, must fit some worker type (of cluster.yaml and of each manifest), also at the
 configs' full scale. The last test simulates a second node on this machine: a raylet joined to the
 session's cluster with custom resources standing in for a GPU node type, and a training job whose
-actors ask for them.
+actors ask for them; then that node is stopped and the job, rerun, resumes on the head from the
+checkpoint the second node wrote to storage both see.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -362,10 +365,28 @@ def _nodes(dashboard: str) -> list:
     return list_nodes(address=dashboard, detail=True, limit=1000, raise_on_missing_output=False)
 
 
+def _wait_dead(dashboard: str, node_id: str, timeout: float) -> bool:
+    """Poll the state API until node_id is marked DEAD; False if it is still alive after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if all(n.state == "DEAD" for n in _nodes(dashboard) if n.node_id == node_id):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
+@dataclass
+class SimNode:
+    node_id: str
+    stop: Callable[[], None]  # stops its processes (only them) and waits until the GCS marks it DEAD
+
+
 @pytest.fixture
 def gpu_node_stand_in(ray_cluster):
     """A second raylet joined to the session cluster with `ray start --address`: 2 CPUs and the two custom
-    resources. Every port is chosen free; its processes carry NODE_MARKER, so only they are stopped after."""
+    resources. Every port is chosen free; its processes carry NODE_MARKER, so only they are stopped: by
+    the test through ``SimNode.stop`` (a node going away mid-test), else after it."""
     marker = f"{NODE_MARKER}={secrets.token_hex(8)}"
     temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: unix socket paths have a length limit
     env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_ADDRESS"}
@@ -391,33 +412,57 @@ def gpu_node_stand_in(ray_cluster):
                 raise AssertionError("the second node did not register within 120 s")
             else:
                 time.sleep(0.5)
-        yield node_id
+
+        def stop() -> None:
+            _stop_processes(marker)
+            assert _wait_dead(ray_cluster.dashboard, node_id, 60), "the second node was not marked DEAD within 60 s"
+
+        yield SimNode(node_id, stop)
     finally:
         _stop_processes(marker)
-        deadline = time.monotonic() + 60  # leave the session cluster with the node marked dead
-        while node_id and time.monotonic() < deadline:
-            if all(n.state == "DEAD" for n in _nodes(ray_cluster.dashboard) if n.node_id == node_id):
-                break
-            time.sleep(0.5)
+        if node_id:  # leave the session cluster with the node marked dead
+            _wait_dead(ray_cluster.dashboard, node_id, 60)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_training_actors_run_on_the_node_type_whose_custom_resources_they_ask_for(
+def _job_actors(dashboard: str, submission_id: str) -> tuple[list, list, str]:
+    """(Train workers, augmenting actors, a listing of every actor) of a finished job, dead ones included."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
+    job_id = JobSubmissionClient(dashboard).get_job_info(submission_id).job_id
+    actors = list_actors(address=dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=10000,
+                         raise_on_missing_output=False)
+    seen = "\n".join(f"{a.class_name} {a.state} {a.node_id}" for a in actors)
+    workers = [a for a in actors if a.class_name == "RayTrainWorker"]
+    augmenters = [a for a in actors if "MapWorker" in a.class_name and "AugmentBatchEncoder" in a.class_name]
+    return workers, augmenters, seen
+
+
+def test_training_runs_on_the_node_its_custom_resources_name_and_resumes_on_another_node(
         ray_cluster, gpu_node_stand_in, tmp_path):
     """configs/train_tiny.yaml with ray.resources_per_worker / resources_per_augment_actor naming the second
     node's custom resources, submitted with `ray job submit`: it finishes, exports bridges, and Ray's state
-    API shows every Train worker and every augmenting actor of the job on that node, none on the head."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-    from ray.util.state import list_actors
+    API shows every Train worker and every augmenting actor of the job on that node, none on the head.
 
-    from tests.test_train_job import submit, wait_job
+    Then that node goes away and the same job (same name and storage_path, a storage folder both nodes
+    see, as NFS would be) is submitted again with twice the steps and no custom resources: its workers run
+    on the head, resume from the checkpoint the second node wrote, train only the steps after it, and the
+    exported bridges load."""
+    from ray.job_submission import JobStatus
 
+    from composition.loading import load_causal_lm
+    from composition.model import ComposedModel
+    from composition.training import STATE_FILE
+    from tests.test_train_job import RESUME_LINE, steps_in, submit, wait_job
+
+    steps = 3
     raw = load(TRAIN)
     raw["name"] = "multinode"
     raw["anchor"] = str(ROOT / raw["anchor"])
     raw["augments"] = [str(ROOT / a) for a in raw["augments"]]
     raw["data"]["train"] = str(ROOT / raw["data"]["train"])
-    raw["training"].update(steps=3, batch_size=8, checkpoint_every=3, log_every=1, warmup_steps=1)
+    raw["training"].update(steps=steps, batch_size=8, checkpoint_every=steps, log_every=1, warmup_steps=1)
     raw["ray"].update(resources_per_worker={SIM_ANCHOR: 0.5}, resources_per_augment_actor={SIM_AUGMENT: 0.5})
     raw["storage_path"], raw["output"] = str(tmp_path / "runs"), str(tmp_path / "bridges")
     raw["activation_cache"] = {"enabled": False}
@@ -425,21 +470,49 @@ def test_training_actors_run_on_the_node_type_whose_custom_resources_they_ask_fo
     config.write_text(yaml.safe_dump(raw))
     read_config(config)  # the derived config is valid
 
-    submission_id = f"train-multinode-{secrets.token_hex(4)}"
-    submit(ray_cluster, config, submission_id)
-    status, logs = wait_job(ray_cluster, submission_id, timeout=300)
+    # run 1: pinned to the second node by its custom resources
+    first = f"train-multinode-{secrets.token_hex(4)}"
+    submit(ray_cluster, config, first)
+    status, logs = wait_job(ray_cluster, first, timeout=300)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert (tmp_path / "bridges" / "bridges.safetensors").is_file()
+    assert [s for _, s in steps_in(logs)] == list(range(1, steps + 1)), logs[-4000:]
+    bridges = tmp_path / "bridges" / "bridges.safetensors"
+    assert bridges.is_file()
+    before = bridges.read_bytes()
 
-    job_id = JobSubmissionClient(ray_cluster.dashboard).get_job_info(submission_id).job_id
-    actors = list_actors(address=ray_cluster.dashboard, filters=[("job_id", "=", job_id)], detail=True,
-                         limit=10000, raise_on_missing_output=False)  # finished ones (DEAD) included
-    seen = "\n".join(f"{a.class_name} {a.state} {a.node_id}" for a in actors)
-    workers = [a for a in actors if a.class_name == "RayTrainWorker"]
-    augmenters = [a for a in actors if "MapWorker" in a.class_name and "AugmentBatchEncoder" in a.class_name]
+    workers, augmenters, seen = _job_actors(ray_cluster.dashboard, first)
     assert len(workers) == raw["ray"]["num_workers"], seen
     assert 1 <= len(augmenters) <= raw["ray"]["augment_actors"], seen
     head = {n.node_id for n in _nodes(ray_cluster.dashboard) if n.is_head_node}
-    assert gpu_node_stand_in not in head
+    assert gpu_node_stand_in.node_id not in head
     for actor in workers + augmenters:
-        assert actor.node_id == gpu_node_stand_in, f"{actor.class_name} ran on {actor.node_id}:\n{seen}"
+        assert actor.node_id == gpu_node_stand_in.node_id, f"{actor.class_name} ran on {actor.node_id}:\n{seen}"
+
+    # the node goes away (its processes only); run 2 asks for no custom resource, so only the head can take it
+    gpu_node_stand_in.stop()
+    run_dir = tmp_path / "runs" / "multinode"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [f"checkpoint_{steps:08d}"]
+    raw["training"]["steps"] = 2 * steps
+    raw["ray"].update(resources_per_worker={}, resources_per_augment_actor={})
+    config.write_text(yaml.safe_dump(raw))
+    second = f"train-multinode-again-{secrets.token_hex(4)}"
+    submit(ray_cluster, config, second)
+    status, logs = wait_job(ray_cluster, second, timeout=300)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert [int(m.group(1)) for m in RESUME_LINE.finditer(logs)] == [steps], logs[-4000:]
+    assert [s for _, s in steps_in(logs)] == list(range(steps + 1, 2 * steps + 1)), logs[-4000:]  # none repeated
+
+    moved, _, seen = _job_actors(ray_cluster.dashboard, second)
+    assert len(moved) == raw["ray"]["num_workers"], seen
+    for actor in moved:
+        assert actor.node_id in head and actor.node_id != gpu_node_stand_in.node_id, seen
+    last = sorted(run_dir.glob("checkpoint_0*"))[-1]
+    assert last.name == f"checkpoint_{2 * steps:08d}"
+    state = json.loads((last / "bridge_trainer" / STATE_FILE).read_text())
+    assert state["step"] == 2 * steps
+    assert state["attempts"] == [{"first_step": 1, "last_checkpointed_step": steps},
+                                 {"first_step": steps + 1, "last_checkpointed_step": 2 * steps}]
+    assert bridges.read_bytes() != before
+    model = ComposedModel.from_pretrained(tmp_path / "bridges", load_causal_lm(raw["anchor"]),
+                                          [load_causal_lm(a) for a in raw["augments"]])
+    assert model.links and any(p.abs().sum() > 0 for p in model.trainable_parameters())
