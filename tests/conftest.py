@@ -63,12 +63,15 @@ def ray_cluster():
                    f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                    f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    subprocess.run(
-        [RAY_BIN, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-         "--object-store-memory=1000000000", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats", *extra_ports],
-        env=env, check=True, capture_output=True, text=True, timeout=120,
-    )
+    command = [RAY_BIN, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+               "--object-store-memory=1000000000", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats", *extra_ports]
+    try:
+        subprocess.run(command, env=env, check=True, capture_output=True, text=True, timeout=120)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        stop_cluster(temp_dir)  # a head that failed half-way must not leave its processes behind
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
     cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir,
                          {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}"})
     deadline = time.monotonic() + 60
