@@ -162,7 +162,7 @@ def first_job(ray_cluster, pair, tmp_path_factory):
         ({"composition.mappings": [{"pairs": [[2, 7]]}]}, r"anchor index 7 does not exist: the anchor has 4 layers"),
         ({"composition.mappings": [{"every": 2}, {"every": 2}]},
          r"'composition.mappings' has 2 entries for 1 augmenting models"),
-        ({"composition.gate": 1}, r"composition: unknown composition keys \['gate'\]"),
+        ({"composition.gates": 1}, r"composition: unknown composition keys \['gates'\]"),
         ({"training.batch_size": 7}, r"'training.batch_size' \(7\) .* divide evenly over 'ray.num_workers' \(2\)"),
         ({"training.steps": "ten"}, r"'training.steps' must be an integer, got 'ten'"),
         ({"ray.gpus_per_augment_actor": -0.5}, r"'ray.gpus_per_augment_actor' must be >= 0"),
