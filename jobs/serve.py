@@ -19,6 +19,7 @@ Config files use Serve's ``serve deploy`` format; the application's ``args`` are
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -41,6 +42,11 @@ def run_config(config: dict, address: str | None = None, blocking: bool = True) 
 
     from actors.serving import build_app
 
+    if blocking:
+        # A process started in the background by a non-interactive shell (scripts, CI, `cmd &`)
+        # inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt: Ctrl-C / kill -INT
+        # would do nothing and leave the applications running. Take SIGINT back.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if not ray.is_initialized():
         ray.init(address=address, namespace="serve")
     http = {k: v for k, v in (config.get("http_options") or {}).items() if v is not None}
