@@ -24,6 +24,7 @@ from composition.bridge import Bridge, cross_model_mask
 from composition.cache import CompositionCache
 from composition.config import CompositionConfig, ConfigError, LayerMapping
 from composition.layers import HiddenStateSite, describe_decoder
+from composition.loss import next_token_loss, predicting_positions
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ class ComposedModel(nn.Module):
         cache: CompositionCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        labelled_logits_only: bool = False,
     ) -> CausalLMOutputWithPast:
         """Composed forward pass.
 
@@ -231,6 +233,9 @@ class ComposedModel(nn.Module):
             cache: a CompositionCache from the previous call; the forward then runs on new tokens only.
             use_cache: return an updated CompositionCache in ``out.cache``.
             logits_to_keep: keep only the last N positions' logits (0 = all).
+            labelled_logits_only: with ``labels`` and no cache, run the LM head only at the positions that
+                predict a label (``composition.loss``): the same loss, much less compute when only
+                completions are labelled; ``logits`` then holds those positions only. Used in training.
         Returns:
             CausalLMOutputWithPast with ``logits`` [batch, seq, vocab], ``loss`` when labels, ``cache``.
         """
@@ -267,6 +272,7 @@ class ComposedModel(nn.Module):
             lambda: self._bridge_keys_values(augment_states, positions, cache, batch, seq), mask, positions
         )
         self._running = run
+        keep = predicting_positions(labels) if labels is not None and labelled_logits_only and past == 0 else None
         try:
             out = self.anchor(
                 input_ids=input_ids,
@@ -274,11 +280,13 @@ class ComposedModel(nn.Module):
                 position_ids=positions,
                 cache=cache.anchor if cache is not None else None,
                 use_cache=use_cache,
-                labels=labels,
-                logits_to_keep=logits_to_keep,
+                labels=labels if keep is None else None,
+                logits_to_keep=logits_to_keep if keep is None else keep,
             )
         finally:
             self._running = None
+        if keep is not None:
+            out.loss = next_token_loss(out.logits, labels, keep)
         run.resolve()  # a no-op once a bridge site ran; keeps the cache complete otherwise
         new_cache = (
             CompositionCache(full_mask, out.cache, augment_caches, run.keys, run.values, run.buffers)

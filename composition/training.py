@@ -81,7 +81,9 @@ class BridgeTrainer:
             group["lr"] = lr
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
-        out = self.model(ids, mask, labels=batch.get("labels", ids), augment_states=batch.get("augment_states"))
+        # the LM head runs only where a label is predicted (same loss; most of a step for small models)
+        out = self.model(ids, mask, labels=batch.get("labels", ids), augment_states=batch.get("augment_states"),
+                         labelled_logits_only=True)
         out.loss.backward()
         if _distributed():
             world = dist.get_world_size()

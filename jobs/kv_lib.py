@@ -84,16 +84,20 @@ class PlainLM(nn.Module):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def forward(self, input_ids, attention_mask=None, labels=None, augment_states=None, cache=None,
-                use_cache=False, logits_to_keep=0):
+                use_cache=False, logits_to_keep=0, labelled_logits_only=False):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         past = cache.seq_len if cache is not None else 0
         full = attention_mask if cache is None else torch.cat([cache.attention_mask, attention_mask], 1)
         if labels is not None:
             labels = labels.masked_fill(attention_mask == 0, -100)
+        keep = predicting_positions(labels) if labels is not None and labelled_logits_only and past == 0 else None
         out = self.model(input_ids=input_ids, attention_mask=full, position_ids=positions_from_mask(full)[:, past:],
-                         cache=cache.anchor if cache is not None else None, use_cache=use_cache, labels=labels,
-                         logits_to_keep=logits_to_keep)
+                         cache=cache.anchor if cache is not None else None, use_cache=use_cache,
+                         labels=labels if keep is None else None,
+                         logits_to_keep=logits_to_keep if keep is None else keep)
+        if keep is not None:  # same loss as the model's own, with the LM head only where labels are predicted
+            out.loss = next_token_loss(out.logits, labels, keep)
         out.cache = CompositionCache(full, out.cache) if use_cache else None
         return out
 

@@ -186,6 +186,31 @@ def test_padding_is_ignored_by_the_loss():
     torch.testing.assert_close(alone, with_pad, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("anchor_kind,augment_kind", PAIRS)
+def test_loss_on_labelled_positions_only_equals_the_full_loss_and_its_gradients(anchor_kind, augment_kind):
+    """The trainer's labelled_logits_only path: the LM head runs only where a label is predicted."""
+    ids = tokens(3, 12)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # right padding
+    mask[2, :2] = 0  # left padding
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:9] = ids[0, 5:9]  # completion-only labels at different places per row
+    labels[1, 9:] = ids[1, 9:]
+    labels[2, 6:8] = ids[2, 6:8]
+    results = []
+    for only in (False, True):
+        model = composed(anchor_kind, augment_kind)
+        out = model(ids, mask, labels=labels, labelled_logits_only=only)
+        out.loss.backward()
+        results.append((out, [p.grad.clone() for p in model.trainable_parameters()]))
+    (full, full_grads), (kept, kept_grads) = results
+    torch.testing.assert_close(kept.loss, full.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(kept_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert kept.logits.shape[1] < full.logits.shape[1]  # fewer positions went through the LM head
+    assert full.logits.shape[1] == ids.shape[1]
+
+
 # ---------------------------------------------------------------- 5. frozen bases
 def test_only_bridges_train_and_base_weights_stay_bit_identical():
     model = composed(trained=False)
