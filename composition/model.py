@@ -11,6 +11,7 @@ running, so calling the anchor directly still gives the anchor's own outputs.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from composition.bridge import Bridge, cross_model_mask
 from composition.cache import CompositionCache
 from composition.config import CompositionConfig, ConfigError, LayerMapping
 from composition.layers import HiddenStateSite, describe_decoder
-from composition.loss import next_token_loss, predicting_positions
+from composition.loss import labelled_head, next_token_loss
 
 
 @dataclass(frozen=True)
@@ -233,9 +234,9 @@ class ComposedModel(nn.Module):
             cache: a CompositionCache from the previous call; the forward then runs on new tokens only.
             use_cache: return an updated CompositionCache in ``out.cache``.
             logits_to_keep: keep only the last N positions' logits (0 = all).
-            labelled_logits_only: with ``labels`` and no cache, run the LM head only at the positions that
+            labelled_logits_only: with ``labels`` and no cache, run the LM head only on the positions that
                 predict a label (``composition.loss``): the same loss, much less compute when only
-                completions are labelled; ``logits`` then holds those positions only. Used in training.
+                completions are labelled; ``logits`` is then [1, labelled positions, vocab]. Used in training.
         Returns:
             CausalLMOutputWithPast with ``logits`` [batch, seq, vocab], ``loss`` when labels, ``cache``.
         """
@@ -272,21 +273,22 @@ class ComposedModel(nn.Module):
             lambda: self._bridge_keys_values(augment_states, positions, cache, batch, seq), mask, positions
         )
         self._running = run
-        keep = predicting_positions(labels) if labels is not None and labelled_logits_only and past == 0 else None
+        labelled = labels is not None and labelled_logits_only and past == 0
         try:
-            out = self.anchor(
-                input_ids=input_ids,
-                attention_mask=full_mask,
-                position_ids=positions,
-                cache=cache.anchor if cache is not None else None,
-                use_cache=use_cache,
-                labels=labels if keep is None else None,
-                logits_to_keep=logits_to_keep if keep is None else keep,
-            )
+            with labelled_head(self.anchor, labels) if labelled else contextlib.nullcontext() as targets:
+                out = self.anchor(
+                    input_ids=input_ids,
+                    attention_mask=full_mask,
+                    position_ids=positions,
+                    cache=cache.anchor if cache is not None else None,
+                    use_cache=use_cache,
+                    labels=None if labelled else labels,
+                    logits_to_keep=0 if labelled else logits_to_keep,
+                )
         finally:
             self._running = None
-        if keep is not None:
-            out.loss = next_token_loss(out.logits, labels, keep)
+        if labelled:
+            out.loss = next_token_loss(out.logits, targets)
         run.resolve()  # a no-op once a bridge site ran; keeps the cache complete otherwise
         new_cache = (
             CompositionCache(full_mask, out.cache, augment_caches, run.keys, run.values, run.buffers)

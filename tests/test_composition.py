@@ -207,8 +207,24 @@ def test_loss_on_labelled_positions_only_equals_the_full_loss_and_its_gradients(
     torch.testing.assert_close(kept.loss, full.loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(kept_grads, full_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert kept.logits.shape[1] < full.logits.shape[1]  # fewer positions went through the LM head
-    assert full.logits.shape[1] == ids.shape[1]
+    labelled = int((labels[:, 1:] != -100).sum())  # padding is not labelled here
+    assert kept.logits.shape == (1, labelled, full.logits.shape[-1])  # the LM head saw labelled positions only
+    assert full.logits.shape[:2] == ids.shape
+
+
+def test_loss_on_labelled_positions_of_a_plain_lm_equals_its_own_loss():
+    """The KV experiment's PlainLM (m_A, m_B and the LoRA ablation train through it) uses the same path."""
+    from jobs.kv_lib import PlainLM
+
+    ids = tokens(2, 10)
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:] = ids[0, 4:]
+    labels[1, 7:] = ids[1, 7:]
+    model = PlainLM(anchor_model())
+    own = model(ids, labels=labels).loss
+    kept = model(ids, labels=labels, labelled_logits_only=True)
+    torch.testing.assert_close(kept.loss, own, rtol=1e-5, atol=1e-6)
+    assert kept.logits.shape[:2] == (1, 9)
 
 
 # ---------------------------------------------------------------- 5. frozen bases
