@@ -138,11 +138,13 @@ def serve_app(pair, args) -> tuple[str, str]:
                            max_batch_size=max(args.clients), torch_threads=args.threads, request_timeout_s=600,
                            model_thread=args.model_thread)
     gpu = args.device == "cuda"
+    env = {"runtime_env": {"env_vars": dict(args.serve_env)}} if args.serve_env else {}
     options = {
-        "Ingress": {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 256, "max_queued_requests": 256},
-        "Anchor": {"ray_actor_options": {"num_cpus": 1, **({"num_gpus": 0.5} if gpu else {})},
+        "Ingress": {"ray_actor_options": {"num_cpus": 0.5, **env}, "max_ongoing_requests": 256,
+                    "max_queued_requests": 256},
+        "Anchor": {"ray_actor_options": {"num_cpus": 1, **({"num_gpus": 0.5} if gpu else {}), **env},
                    "max_ongoing_requests": max(args.clients), "max_queued_requests": 256},
-        "Augment0": {"ray_actor_options": {"num_cpus": 1, **({"num_gpus": 0.25} if gpu else {})}},
+        "Augment0": {"ray_actor_options": {"num_cpus": 1, **({"num_gpus": 0.25} if gpu else {}), **env}},
     }
     serve.run(build_app(settings, options), name="bench", route_prefix="/")
     return f"http://127.0.0.1:{port}", "bench"
@@ -188,12 +190,19 @@ def main(argv=None) -> int:
     p.add_argument("--model-thread", action="store_true",
                    help="replicas run model calls in a worker thread (serving arg model_thread); the anchor then "
                         "overlaps each augmenting call with its layers below the first bridge")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for every replica (repeatable), e.g. Serve's "
+                        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--out", default=str(ROOT / "results" / "serve_bench.json"))
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
+    for item in args.serve_env:
+        if "=" not in item:
+            p.error(f"--serve-env takes KEY=VALUE, got {item!r}")
+    args.serve_env = [tuple(item.split("=", 1)) for item in args.serve_env]
 
     import torch
 
@@ -280,7 +289,8 @@ def main(argv=None) -> int:
                   "bridges": [[a, b] for _, a, b in read_meta(pair["bridges"])["links"]],
                   "anchor_hidden_layers": [ah, al], "augment_hidden_layers": [gh, gl]},
         "settings": {"max_tokens": args.max_tokens, "prompt_tokens": len(prompt_ids), "clients": args.clients,
-                     "requests": args.requests, "model_thread": args.model_thread},
+                     "requests": args.requests, "model_thread": args.model_thread,
+                     "serve_env": dict(args.serve_env)},
         "rows": rows,
         "checks": checks,
     }
