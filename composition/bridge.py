@@ -77,7 +77,7 @@ class Bridge(nn.Module):
         rope_theta: float = 10000.0,
         norm: bool = True,
         proj_hidden: int | None = None,
-        gate: bool = False,
+        gate: bool | str = False,
     ):
         super().__init__()
         if d_anchor % num_heads:
@@ -104,10 +104,14 @@ class Bridge(nn.Module):
         nn.init.zeros_(self.o.weight)  # composed model == anchor at initialisation
         # per-token, per-head gate read from the anchor's own state: the anchor decides where it
         # takes in augmenting information (sigmoid(0) = 0.5 at initialisation; o is zero anyway)
-        self.gate = nn.Linear(d_anchor, num_heads) if gate else None
+        if gate not in (False, True, "anchor", "retrieved"):
+            raise ValueError(f"gate must be false, true/'anchor' or 'retrieved', got {gate!r}")
+        self.gate = nn.Linear(d_anchor, num_heads) if gate in (True, "anchor") else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
+        # or read from what each head retrieved (the augmenting side's content, not the anchor's token)
+        self.gate_retrieved = nn.Parameter(torch.zeros(num_heads, self.head_dim + 1)) if gate == "retrieved" else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -159,6 +163,10 @@ class Bridge(nn.Module):
         attn = attn * has_key
         if self.gate is not None:
             attn = attn * torch.sigmoid(self.gate(query)).transpose(1, 2)[..., None]  # [b, heads, seq, 1]
+        elif self.gate_retrieved is not None:
+            w, b = self.gate_retrieved[:, :-1], self.gate_retrieved[:, -1]
+            logit = torch.einsum("bhsd,hd->bhs", attn, w)[..., None] + b[None, :, None, None]
+            attn = attn * torch.sigmoid(logit) * has_key  # [b, heads, seq, head_dim]
         b, _, s, _ = attn.shape
         out = self.o(attn.transpose(1, 2).reshape(b, s, -1))
         return out.to(h_anchor.dtype)

@@ -111,9 +111,13 @@ class CompositionConfig:
             only move the augmenting state into the anchor's space; an MLP can also decode it
             (e.g. "this key's value is 7" into the anchor's embedding of "7"), which the
             key-value experiment needs.
-        gate: scale each head's cross-attention output per token by sigmoid(linear(anchor state)),
-            so the anchor decides where it takes in augmenting information. Cross-attention's softmax
-            cannot say "nothing here", and with ``window=1`` (one key) it cannot choose at all.
+        gate: scale each head's cross-attention output per token by a sigmoid gate, so the bridge
+            can add nothing where the augmenting model has nothing to say (cross-attention's softmax
+            cannot say "nothing here", and with ``window=1``, one key, it cannot choose at all).
+            ``true`` or ``"anchor"``: the gate reads the anchor's own state (the anchor decides where
+            it takes information in); ``"retrieved"``: each head's gate reads what that head
+            retrieved, so it depends only on the augmenting side (useful when the anchor's states at
+            the tokens that matter carry nothing it was trained on, e.g. tokens it never saw).
         bridge_dtype: dtype of the bridge parameters; inputs are cast to it and the output cast
             back to the anchor's dtype. float32 keeps training stable under a bf16 anchor.
     """
@@ -125,7 +129,7 @@ class CompositionConfig:
     window: int | None = None
     norm: bool = True
     proj_hidden: int | None = None
-    gate: bool = False
+    gate: bool | str = False
     bridge_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -142,6 +146,8 @@ class CompositionConfig:
             raise ConfigError(
                 f"proj_hidden must be a positive integer or null (linear projection), got {self.proj_hidden}"
             )
+        if self.gate not in (False, True, "anchor", "retrieved"):
+            raise ConfigError(f"gate must be false, true (= 'anchor') or 'retrieved', got {self.gate!r}")
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
 

@@ -17,6 +17,7 @@ from composition import (
     describe_decoder,
     load_composition,
 )
+from composition.bridge import cross_model_mask
 from composition.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from tests.tiny_models import VOCAB, tiny
 
@@ -558,3 +559,37 @@ def test_gated_bridges_start_at_the_anchor_and_the_gate_reads_the_anchor_state(t
     assert loaded.config.gate and loaded.bridges[0].gate.out_features == model.bridges[0].num_heads
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_retrieved_gate_depends_only_on_the_augmenting_side_and_closes_like_the_anchor_gate(tmp_path):
+    cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(0, 0), (2, 3)])], window=1, proj_hidden=32, gate="retrieved")
+    model = ComposedModel(anchor_model(), [augment_model()], cfg)
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model.anchor(ids).logits, rtol=0, atol=1e-6)
+    randomise_bridges(model)
+    bridge = model.bridges[0]
+    h_aug = torch.randn(2, 5, 32)
+    keys, values = bridge.keys_values(h_aug, torch.arange(5).expand(2, 5))
+    mask = cross_model_mask(torch.ones(2, 5, dtype=torch.bool), 0, 5, window=1)
+    with torch.no_grad():
+        a = bridge(torch.randn(2, 5, 64), keys, values, mask, torch.arange(5).expand(2, 5))
+        b = bridge(torch.randn(2, 5, 64), keys, values, mask, torch.arange(5).expand(2, 5))
+    # window 1: the head reads one augmenting token, so neither what it adds nor its gate depends on the anchor
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        for br in model.bridges:
+            br.gate_retrieved[:, -1].fill_(-1e4)  # closed
+        torch.testing.assert_close(model(ids).logits, model.anchor(ids).logits, rtol=0, atol=1e-6)
+    randomise_bridges(model)
+    model.save_pretrained(tmp_path / "bridges")
+    loaded = ComposedModel.from_pretrained(tmp_path / "bridges", anchor_model(), [augment_model()])
+    assert loaded.config.gate == "retrieved" and loaded.bridges[0].gate is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+
+def test_gate_must_be_a_known_kind():
+    with pytest.raises(ConfigError, match="gate must be"):
+        CompositionConfig(gate="sometimes")
