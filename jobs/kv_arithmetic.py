@@ -68,6 +68,7 @@ class ExperimentConfig:
     compose_steps: int = 1000
     compose_batch_size: int = 128
     compose_lr: float = 2e-3
+    compose_weight_decay: float = 0.0
     composition: dict = field(default_factory=lambda: {"mappings": [{"pairs": [[0, 0]]}], "window": 1,
                                                        "proj_hidden": 256})
     random_augment_ablation: bool = True
@@ -154,6 +155,7 @@ def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, nam
                  "prompt_field": "prompt", "completion_field": "completion",
                  "max_length": 2 * cfg.keys.max_terms + 2},  # n keys, n - 1 ops, "=", result, eos
         "training": {"steps": cfg.compose_steps, "batch_size": cfg.compose_batch_size, "lr": cfg.compose_lr,
+                     "weight_decay": cfg.compose_weight_decay,
                      "warmup_steps": min(50, cfg.compose_steps // 10), "checkpoint_every": 100,
                      "seed": cfg.seed, "log_every": 25},
         "ray": {"num_workers": cfg.ray_workers, "cpus_per_worker": 0.5, "augment_actors": 1,
@@ -187,7 +189,8 @@ def _lora(cfg: ExperimentConfig, out: Path, tok, bridge_params: int) -> dict:
     rank, params = _lora_rank(out / "anchor", bridge_params)
     print(f"[lora] rank {rank}: {params:,} trainable parameters (bridges: {bridge_params:,})", flush=True)
     model = _lora_model(load_causal_lm(str(out / "anchor")), rank)
-    settings = TrainSettings(lr=cfg.lora_lr, steps=cfg.compose_steps, warmup_steps=min(50, cfg.compose_steps // 10))
+    settings = TrainSettings(lr=cfg.lora_lr, steps=cfg.compose_steps, warmup_steps=min(50, cfg.compose_steps // 10),
+                             weight_decay=cfg.compose_weight_decay)
     rows = read_jsonl(out / "data" / "compose_train.jsonl")
     history = train(PlainLM(model), encode_rows(tok, rows), settings, cfg.compose_batch_size, tok.pad_token_id,
                     cfg.seed, checkpoint=out / "ablation_lora.ckpt", label="lora")
