@@ -166,7 +166,7 @@ class Bridge(nn.Module):
         elif self.gate_retrieved is not None:
             w, b = self.gate_retrieved[:, :-1], self.gate_retrieved[:, -1]
             logit = torch.einsum("bhsd,hd->bhs", attn, w)[..., None] + b[None, :, None, None]
-            attn = attn * torch.sigmoid(logit) * has_key  # [b, heads, seq, head_dim]
+            attn = attn * torch.sigmoid(logit)  # [b, heads, seq, head_dim]; still 0 without a key
         b, _, s, _ = attn.shape
         out = self.o(attn.transpose(1, 2).reshape(b, s, -1))
         return out.to(h_anchor.dtype)

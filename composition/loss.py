@@ -7,9 +7,8 @@ model's output embeddings so that, inside the block, they see only the hidden st
 token carries a label (gathered across rows, so each row pays only for its own labels); the loss
 is the same as Hugging Face's (the mean cross-entropy over labelled tokens, in float32):
 
-    with labelled_head(lm, labels) as targets:      # targets [n]
-        logits = lm(input_ids, attention_mask).logits  # [1, n, vocab]
-    loss = next_token_loss(logits, targets)
+    out = call_with_loss(lm, labels, labelled_only=True, input_ids=ids, attention_mask=mask)
+    out.loss, out.logits   # logits [1, n labelled positions, vocab]
 """
 
 from __future__ import annotations
@@ -57,3 +56,15 @@ def labelled_head(model: nn.Module, labels: torch.Tensor):
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the labelled positions' ``logits`` [1, n, vocab] against ``targets`` [n]."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets)
+
+
+def call_with_loss(lm: nn.Module, labels: torch.Tensor | None, labelled_only: bool, logits_to_keep: int = 0,
+                   **kwargs):
+    """``lm(labels=labels, logits_to_keep=logits_to_keep, **kwargs)``; with ``labelled_only`` (and labels),
+    the LM head runs on the labelled positions only and ``out.loss`` is computed from them."""
+    if labels is None or not labelled_only:
+        return lm(labels=labels, logits_to_keep=logits_to_keep, **kwargs)
+    with labelled_head(lm, labels) as targets:
+        out = lm(labels=None, logits_to_keep=0, **kwargs)
+    out.loss = next_token_loss(out.logits, targets)
+    return out

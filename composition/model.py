@@ -11,7 +11,6 @@ running, so calling the anchor directly still gives the anchor's own outputs.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from composition.bridge import Bridge, cross_model_mask
 from composition.cache import CompositionCache
 from composition.config import CompositionConfig, ConfigError, LayerMapping
 from composition.layers import HiddenStateSite, describe_decoder
-from composition.loss import labelled_head, next_token_loss
+from composition.loss import call_with_loss
 
 
 @dataclass(frozen=True)
@@ -273,22 +272,20 @@ class ComposedModel(nn.Module):
             lambda: self._bridge_keys_values(augment_states, positions, cache, batch, seq), mask, positions
         )
         self._running = run
-        labelled = labels is not None and labelled_logits_only and past == 0
         try:
-            with labelled_head(self.anchor, labels) if labelled else contextlib.nullcontext() as targets:
-                out = self.anchor(
-                    input_ids=input_ids,
-                    attention_mask=full_mask,
-                    position_ids=positions,
-                    cache=cache.anchor if cache is not None else None,
-                    use_cache=use_cache,
-                    labels=None if labelled else labels,
-                    logits_to_keep=0 if labelled else logits_to_keep,
-                )
+            out = call_with_loss(
+                self.anchor,
+                labels,
+                labelled_logits_only and past == 0,
+                logits_to_keep,
+                input_ids=input_ids,
+                attention_mask=full_mask,
+                position_ids=positions,
+                cache=cache.anchor if cache is not None else None,
+                use_cache=use_cache,
+            )
         finally:
             self._running = None
-        if labelled:
-            out.loss = next_token_loss(out.logits, targets)
         run.resolve()  # a no-op once a bridge site ran; keeps the cache complete otherwise
         new_cache = (
             CompositionCache(full_mask, out.cache, augment_caches, run.keys, run.values, run.buffers)

@@ -6,7 +6,6 @@ runs), checkpoints every ``checkpoint_every`` steps and resumes from its last ch
 
 from __future__ import annotations
 
-import contextlib
 import random
 import sys
 import time
@@ -17,7 +16,7 @@ from torch import nn
 
 from composition.cache import CompositionCache
 from composition.generate import generate
-from composition.loss import labelled_head, next_token_loss
+from composition.loss import call_with_loss
 from composition.model import positions_from_mask
 from composition.training import BridgeTrainer, TrainSettings
 
@@ -93,14 +92,10 @@ class PlainLM(nn.Module):
         full = attention_mask if cache is None else torch.cat([cache.attention_mask, attention_mask], 1)
         if labels is not None:
             labels = labels.masked_fill(attention_mask == 0, -100)
-        labelled = labels is not None and labelled_logits_only and past == 0
-        with labelled_head(self.model, labels) if labelled else contextlib.nullcontext() as targets:
-            out = self.model(input_ids=input_ids, attention_mask=full,
+        out = call_with_loss(self.model, labels, labelled_logits_only and past == 0, logits_to_keep,
+                             input_ids=input_ids, attention_mask=full,
                              position_ids=positions_from_mask(full)[:, past:],
-                             cache=cache.anchor if cache is not None else None, use_cache=use_cache,
-                             labels=None if labelled else labels, logits_to_keep=0 if labelled else logits_to_keep)
-        if labelled:  # the model's own loss, with the LM head only where labels are predicted
-            out.loss = next_token_loss(out.logits, targets)
+                             cache=cache.anchor if cache is not None else None, use_cache=use_cache)
         out.cache = CompositionCache(full, out.cache) if use_cache else None
         return out
 

@@ -589,7 +589,6 @@ def test_retrieved_gate_depends_only_on_the_augmenting_side_and_closes_like_the_
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
-
 def test_gate_must_be_a_known_kind():
     with pytest.raises(ConfigError, match="gate must be"):
         CompositionConfig(gate="sometimes")
