@@ -291,11 +291,14 @@ def plot(results: dict, path: Path) -> None:
     acc = results["accuracy_percent"]
     cells = [[n] + [f"{acc[n][t]}" + (f" ({PAPER[n][t]})" if n in PAPER else "") for t in TASKS] for n in acc]
     table.axis("off")
-    tab = table.table(cellText=cells, colLabels=["system"] + [TASK_NAMES[t] for t in TASKS], loc="center",
-                      colWidths=[0.27, 0.2, 0.2, 0.33])
+    headers = ["system"] + [TASK_NAMES[t].replace(" (", "\n(") for t in TASKS]  # two lines, not clipped
+    tab = table.table(cellText=cells, colLabels=headers, loc="center", colWidths=[0.25, 0.23, 0.25, 0.27])
     tab.auto_set_font_size(False)
     tab.set_fontsize(9)
     tab.scale(1, 1.6)
+    for (row, _), cell in tab.get_celld().items():
+        if row == 0:
+            cell.set_height(cell.get_height() * 1.8)
     table.set_title("exact match % (paper's Table 1 in parentheses)")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
