@@ -144,3 +144,27 @@ def test_quick_pipeline_end_to_end(ray_cluster, tmp_path):
     assert rerun["accuracy_percent"] == results["accuracy_percent"]
     assert rerun["training_curves"] == results["training_curves"]
 
+
+
+def test_kv_trial_trains_and_evaluates_one_bridge_setting(tmp_path):
+    """jobs.kv_trial on the embedded pair: a few real steps, evaluation on keys outside the composition data."""
+    out = tmp_path / "trials.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "jobs.kv_trial", "--pair", str(ROOT / "assets" / "kv_pair"), "--steps", "4",
+         "--examples", "300", "--eval-examples", "8", "--extra-keys", "10", "--seed", "3", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (result,) = [json.loads(line) for line in out.read_text().splitlines()]
+    world = KVWorld.load(ROOT / "assets" / "kv_pair" / "data")
+    assert result["composition_keys"] == len(world.compose_keys) + 10
+    assert result["steps"] == 4 and result["seed"] == 3 and result["final_loss"] > 0
+    assert set(result["accuracy"]) == {"kvar_heldout", "num", "kvar_seen_keys"}
+    assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
+
+
+def test_kv_trial_names_a_wrong_pair_folder(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "jobs.kv_trial", "--pair", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "does not exist: --pair takes a folder written by jobs.kv_arithmetic" in run.stderr
