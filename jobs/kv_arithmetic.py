@@ -324,16 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         world = KVWorld.create(cfg.keys)
         tok = build_tokenizer(world)
-        n_anchor_task = int(cfg.compose_examples * cfg.anchor_task_fraction)
-        compose = (world.examples("kvar", cfg.compose_examples - n_anchor_task, cfg.seed + 3, world.compose_keys)
-                   + world.examples("num", n_anchor_task, cfg.seed + 4))
+        compose = world.composition_examples(cfg.compose_examples, cfg.anchor_task_fraction, cfg.seed)
         write_jsonl(world.examples("sub", cfg.augment.examples, cfg.seed + 1, list(world.values)),
                     data / "augment_train.jsonl")
         write_jsonl(world.examples("num", cfg.anchor.examples, cfg.seed + 2), data / "anchor_train.jsonl")
         write_jsonl(compose, data / "compose_train.jsonl")
         for task in TASKS:
             keys = world.heldout_keys if task != "num" else None
-            write_jsonl(world.examples(task, cfg.eval_examples, cfg.seed + 10, keys), data / f"eval_{task}.jsonl")
+            rows = world.evaluation_examples(task, cfg.eval_examples, cfg.seed, keys)
+            write_jsonl(rows, data / f"eval_{task}.jsonl")
         tok.save_pretrained(data / "tokenizer")
         world.save(data)  # written last: its presence marks the stage done
         log.record("data", {"wall_s": round(time.monotonic() - t0, 1)})

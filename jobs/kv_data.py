@@ -88,6 +88,18 @@ class KVWorld:
         rng = random.Random(seed)
         return [self.example(task, rng, keys) for _ in range(count)]
 
+    def composition_examples(self, count: int, anchor_task_fraction: float, seed: int,
+                             keys: list[str] | None = None) -> list[dict]:
+        """The bridges' training rows: KV-arithmetic over ``keys`` (default: the composition keys), then
+        ``anchor_task_fraction`` of numeric rows (so the anchor keeps its skill); ``seed`` is the experiment's."""
+        n_anchor_task = int(count * anchor_task_fraction)
+        return (self.examples("kvar", count - n_anchor_task, seed + 3, keys if keys is not None else self.compose_keys)
+                + self.examples("num", n_anchor_task, seed + 4))
+
+    def evaluation_examples(self, task: str, count: int, seed: int, keys: list[str] | None = None) -> list[dict]:
+        """Evaluation rows of ``task`` (KV tasks over ``keys``); ``seed`` is the experiment's."""
+        return self.examples(task, count, seed + 10, keys)
+
     # ---------------------------------------------------------------- persistence
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

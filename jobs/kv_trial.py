@@ -9,6 +9,7 @@ expressions over the composition keys::
     python -m jobs.kv_trial --pair runs/kv_full --lr 1e-2 --weight-decay 0.5 --seed 1
     python -m jobs.kv_trial --pair runs/kv_full --extra-keys 1000   # 1000 more composition keys
 
+``--data-seed`` must be the experiment's ``seed`` that built the pair for the rows to match its run.
 ``--extra-keys N`` moves N held-out keys into the composition data and evaluates on the remaining
 held-out keys (more composition keys without retraining m_A). One run is one seed: compare settings
 over several seeds, since when the bridge leaves its loss plateau varies from run to run.
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", type=int, default=50_000, help="composition examples")
     p.add_argument("--anchor-task-fraction", type=float, default=0.3, help="share of numeric (m_B's task) examples")
     p.add_argument("--eval-examples", type=int, default=500)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="the experiment's 'seed' that built the pair (0 in the shipped configs): same rows as its run")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: two trials fit on two cores)")
     p.add_argument("--out", help="append the result as one JSON line to this file")
     args = p.parse_args(argv)
@@ -68,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(pair / "data" / "tokenizer")
     compose_keys = world.compose_keys + world.heldout_keys[: args.extra_keys]
     eval_keys = world.heldout_keys[args.extra_keys:]
-    n_num = int(args.examples * args.anchor_task_fraction)
-    rows = world.examples("kvar", args.examples - n_num, 3, compose_keys) + world.examples("num", n_num, 4)
+    rows = world.composition_examples(args.examples, args.anchor_task_fraction, args.data_seed, compose_keys)
     torch.manual_seed(args.seed)
     model = ComposedModel(load_causal_lm(str(pair / "anchor")), [load_causal_lm(str(pair / "augment"))], composition)
     print(f"[trial] {model.num_bridge_parameters():,} bridge parameters; {len(compose_keys)} composition keys, "
@@ -82,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.monotonic() - start
     n = args.eval_examples
     accuracy = {
-        "kvar_heldout": exact_match(model, tok, world.examples("kvar", n, 10, eval_keys), label="held-out keys"),
-        "num": exact_match(model, tok, world.examples("num", n, 10), label="numeric"),
+        "kvar_heldout": exact_match(model, tok, world.evaluation_examples("kvar", n, args.data_seed, eval_keys),
+                                    label="held-out keys"),
+        "num": exact_match(model, tok, world.evaluation_examples("num", n, args.data_seed), label="numeric"),
         # new expressions over the composition keys: how much of the held-out gap is memorising
-        "kvar_seen_keys": exact_match(model, tok, world.examples("kvar", n, 11, compose_keys), label="seen keys"),
+        "kvar_seen_keys": exact_match(
+            model, tok, world.evaluation_examples("kvar", n, args.data_seed + 1, compose_keys), label="seen keys"),
     }
     tail = history[-100:]
     result = {"pair": str(pair), "composition": composition.to_dict(), "steps": args.steps, "lr": args.lr,

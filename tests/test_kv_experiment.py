@@ -145,7 +145,6 @@ def test_quick_pipeline_end_to_end(ray_cluster, tmp_path):
     assert rerun["training_curves"] == results["training_curves"]
 
 
-
 def test_kv_trial_trains_and_evaluates_one_bridge_setting(tmp_path):
     """jobs.kv_trial on the embedded pair: a few real steps, evaluation on keys outside the composition data."""
     out = tmp_path / "trials.jsonl"
