@@ -64,7 +64,7 @@ def summarise(name: str, clients: int, records: list[dict], wall: float) -> dict
 def in_process(model, prompt_ids: list[int], max_tokens: int, repeats: int, batch: int) -> dict:
     import torch
 
-    ids = torch.tensor([prompt_ids] * batch)
+    ids = torch.tensor([prompt_ids] * batch, device=next(model.anchor.parameters()).device)
     model.generate(ids, max_new_tokens=4)  # warm up
     records = []
     for _ in range(repeats):
