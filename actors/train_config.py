@@ -70,6 +70,11 @@ class TrainingSettings:
     checkpoint_every: int = 100
     seed: int = 0
     log_every: int = 10
+    # start again from fresh bridges if the mean loss of the last 100 steps is still above
+    # plateau_max_loss at step plateau_check_step, at most plateau_restarts times (0: never)
+    plateau_check_step: int = 0
+    plateau_max_loss: float = 0.0
+    plateau_restarts: int = 0
 
 
 @dataclass
@@ -298,8 +303,15 @@ def _check_values(cfg: TrainJobConfig) -> None:
     for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
         _positive(getattr(t, key), f"training.{key}")
     _positive(t.lr, "training.lr")
-    for key in ("warmup_steps", "weight_decay", "grad_clip"):
+    for key in ("warmup_steps", "weight_decay", "grad_clip", "plateau_check_step", "plateau_max_loss",
+                "plateau_restarts"):
         _positive(getattr(t, key), f"training.{key}", zero_ok=True)
+    if t.plateau_restarts and not (0 < t.plateau_check_step < t.steps and t.plateau_max_loss > 0):
+        raise TrainConfigError(
+            f"'training.plateau_restarts' is {t.plateau_restarts}: also set 'training.plateau_check_step' between 1 "
+            f"and training.steps - 1 ({t.steps - 1}) and 'training.plateau_max_loss' > 0 (the mean loss above which "
+            f"a run counts as stuck), or set plateau_restarts to 0"
+        )
     for key in ("num_workers", "augment_actors"):
         _positive(getattr(r, key), f"ray.{key}")
     for key in ("cpus_per_worker", "gpus_per_worker", "cpus_per_augment_actor", "gpus_per_augment_actor",

@@ -106,7 +106,10 @@ def train_worker(loop_config: dict) -> dict:
     torch.manual_seed(t.seed)
     model = build_model(cfg, device)
     trainer = BridgeTrainer(model, TrainSettings(lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps,
-                                                 weight_decay=t.weight_decay, grad_clip=t.grad_clip))
+                                                 weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                                                 plateau_check_step=t.plateau_check_step,
+                                                 plateau_max_loss=t.plateau_max_loss,
+                                                 plateau_restarts=t.plateau_restarts))
     attempts: list[dict] = []  # which steps each (re)start ran, as far as a checkpoint recorded it
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -136,13 +139,17 @@ def train_worker(loop_config: dict) -> dict:
             loss, tokens = _mean_over_workers([out["loss"], out["tokens"]], device, world, [False, True])
             now = time.perf_counter()
             step = out["step"]
-            epoch = (step - 1) * t.batch_size // loop_config["examples"]
+            epoch = (trainer.steps_run - 1) * t.batch_size // loop_config["examples"]
             metrics = {"step": step, "loss": loss, "tokens": int(tokens), "seconds": now - last,
-                       "tokens_per_s": tokens / (now - last), "lr": out["lr"], "epoch": epoch}
+                       "tokens_per_s": tokens / (now - last), "lr": out["lr"], "epoch": epoch,
+                       "steps_run": out["steps_run"], "restarts": out["restarts"]}
             last = now
             history.append(metrics)
             window.append(metrics)
-            save = step % t.checkpoint_every == 0 or step == t.steps
+            if out.get("restarted") and rank == 0:
+                say(f"still on a loss plateau at step {step} (mean of the last 100 steps above "
+                    f"{t.plateau_max_loss}): restart {out['restarts']}/{t.plateau_restarts} from fresh random bridges")
+            save = step % t.checkpoint_every == 0 or step == t.steps or out.get("restarted", False)
             if save or step % t.log_every == 0 or len(history) == 1:
                 report = {**metrics, "loss_mean": sum(m["loss"] for m in window) / len(window),
                           "tokens_per_s": sum(m["tokens"] for m in window) / sum(m["seconds"] for m in window)}
@@ -158,8 +165,9 @@ def train_worker(loop_config: dict) -> dict:
                             trainer.save(Path(tmp) / TRAINER_DIR,
                                          extra={"name": cfg.name, "loss": loss, "attempts": attempts})
                             ckpt = Checkpoint.from_directory(tmp)
+                    # named by the steps run over all (re)starts: unique, and in the order they were written
                     ray.train.report(report, checkpoint=ckpt,
-                                     checkpoint_dir_name=f"checkpoint_{step:08d}" if save else None)
+                                     checkpoint_dir_name=f"checkpoint_{trainer.steps_run:08d}" if save else None)
             if trainer.step_count >= t.steps:
                 break
         if batches == 0:

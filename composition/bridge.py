@@ -101,17 +101,33 @@ class Bridge(nn.Module):
         self.k = nn.Linear(d_anchor, d_anchor, bias=False)
         self.v = nn.Linear(d_anchor, d_anchor, bias=False)
         self.o = nn.Linear(d_anchor, d_anchor, bias=False)
-        nn.init.zeros_(self.o.weight)  # composed model == anchor at initialisation
         # per-token, per-head gate read from the anchor's own state: the anchor decides where it
         # takes in augmenting information (sigmoid(0) = 0.5 at initialisation; o is zero anyway)
         if gate not in (False, True, "anchor", "retrieved"):
             raise ValueError(f"gate must be false, true/'anchor' or 'retrieved', got {gate!r}")
         self.gate = nn.Linear(d_anchor, num_heads) if gate in (True, "anchor") else None
+        # or read from what each head retrieved (the augmenting side's content, not the anchor's token)
+        self.gate_retrieved = nn.Parameter(torch.zeros(num_heads, self.head_dim + 1)) if gate == "retrieved" else None
+        self._zero_outputs()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A fresh random initialisation (from the torch RNG), the output at zero: composed == anchor."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        self._zero_outputs()
+
+    @torch.no_grad()
+    def _zero_outputs(self) -> None:
+        nn.init.zeros_(self.o.weight)  # composed model == anchor at initialisation
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
-        # or read from what each head retrieved (the augmenting side's content, not the anchor's token)
-        self.gate_retrieved = nn.Parameter(torch.zeros(num_heads, self.head_dim + 1)) if gate == "retrieved" else None
+        if self.gate_retrieved is not None:
+            self.gate_retrieved.zero_()
 
     @property
     def dtype(self) -> torch.dtype:

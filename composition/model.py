@@ -130,6 +130,11 @@ class ComposedModel(nn.Module):
         """The bridge parameters: the only ones an optimiser should see."""
         return list(self.bridges.parameters())
 
+    def reset_trainable_parameters(self) -> None:
+        """Fresh random bridges (as at construction, from the torch RNG); the frozen models are untouched."""
+        for bridge in self.bridges:
+            bridge.reset_parameters()
+
     def num_bridge_parameters(self) -> int:
         return sum(p.numel() for p in self.bridges.parameters())
 

@@ -10,6 +10,13 @@ augment_states=...)`` can be trained (the key-value experiment pre-trains its sm
 it too); for a ComposedModel only the bridge parameters reach the optimiser. Under torch.distributed (Ray Train's workers) the
 bridge gradients are averaged across workers after each backward pass, and the initial bridge
 weights are broadcast from rank 0, so the frozen models are never wrapped or synchronised.
+
+Plateau restarts: some runs sit on a loss plateau that a fresh initialisation escapes (the key-value
+experiment's bridges leave it in about 2 of 5 seeds, docs/kv_experiment.md). With
+``plateau_restarts > 0``, a run whose mean loss over the last 100 steps is still above
+``plateau_max_loss`` at step ``plateau_check_step`` starts again: new random bridges, a fresh
+optimiser and warmup, step 0, at most ``plateau_restarts`` times. The step that triggers it returns
+``restarted: True``; ``steps_run`` counts every step over all starts (the data position).
 """
 
 from __future__ import annotations
@@ -41,6 +48,19 @@ class TrainSettings:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     min_lr_ratio: float = 0.1
+    plateau_check_step: int = 0  # 0: never restart
+    plateau_max_loss: float = 0.0
+    plateau_restarts: int = 0
+    plateau_window: int = 100
+
+    def __post_init__(self):
+        if self.plateau_restarts:
+            if not 0 < self.plateau_check_step < self.steps:
+                raise ValueError(f"plateau_check_step must be in (0, steps={self.steps}) when plateau_restarts > 0, "
+                                 f"got {self.plateau_check_step}")
+            if self.plateau_max_loss <= 0:
+                raise ValueError(f"plateau_max_loss must be positive when plateau_restarts > 0, "
+                                 f"got {self.plateau_max_loss}")
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -63,9 +83,40 @@ class BridgeTrainer:
         self.params = model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.step_count = 0
+        self.steps_run = 0  # over all starts: where the data stream is
+        self.restarts = 0
+        self._losses: list[float] = []
+        if self.settings.plateau_restarts and not hasattr(model, "reset_trainable_parameters"):
+            raise ValueError(f"plateau restarts need a model with reset_trainable_parameters() "
+                             f"({type(model).__name__} has none): set plateau_restarts to 0")
+        self._broadcast()
+
+    def _broadcast(self) -> None:
         if _distributed():
             for p in self.params:
                 dist.broadcast(p.data, src=0)
+
+    def _on_plateau(self) -> bool:
+        """At the check step: is the mean loss of the last window (over all workers) above the limit?"""
+        s = self.settings
+        if not (s.plateau_restarts and self.restarts < s.plateau_restarts and self.step_count == s.plateau_check_step):
+            return False
+        recent = self._losses[-s.plateau_window:]
+        loss = torch.tensor(sum(recent) / len(recent), dtype=torch.float64, device=self.params[0].device)
+        if _distributed():
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        return float(loss) > s.plateau_max_loss
+
+    def restart(self) -> None:
+        """Start again from a fresh initialisation of the trained parameters: new optimiser, step 0."""
+        with torch.no_grad():
+            self.model.reset_trainable_parameters()
+        self._broadcast()
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        self.step_count = 0
+        self.restarts += 1
+        self._losses = []
 
     def step(self, batch: dict) -> dict:
         """One optimiser step on ``batch``.
@@ -73,7 +124,8 @@ class BridgeTrainer:
         ``batch`` holds ``input_ids`` [batch, seq], optional ``attention_mask`` and ``labels``
         (default: the input ids), and optional ``augment_states`` (per augmenting model
         ``{index: [batch, seq, d_aug]}``, e.g. streamed from Ray actors).
-        Returns ``{"loss", "tokens", "lr", "step"}`` for this step.
+        Returns ``{"loss", "tokens", "lr", "step", "steps_run", "restarts"}`` for this step, plus ``restarted: True``
+        when this step ended a run on a plateau (the next step is step 1 of a fresh start).
         """
         self.model.train()
         lr = self.settings.lr_at(self.step_count)
@@ -96,8 +148,16 @@ class BridgeTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
+        self.steps_run += 1
+        loss = float(out.loss.detach())
+        self._losses = (self._losses + [loss])[-self.settings.plateau_window:]
         tokens = int(mask.sum()) if mask is not None else ids.numel()
-        return {"loss": float(out.loss.detach()), "tokens": tokens, "lr": lr, "step": self.step_count}
+        metrics = {"loss": loss, "tokens": tokens, "lr": lr, "step": self.step_count, "steps_run": self.steps_run,
+                   "restarts": self.restarts}
+        if self._on_plateau():
+            self.restart()
+            metrics.update(restarted=True, restarts=self.restarts)
+        return metrics
 
     # -------------------------------------------------------------- checkpoints (safetensors + JSON only)
     def save(self, folder: str | os.PathLike, extra: dict | None = None) -> None:
@@ -115,7 +175,8 @@ class BridgeTrainer:
                     tensors[f"{i}.{key}"] = value.detach().contiguous().cpu()
                 else:
                     scalars[f"{i}.{key}"] = float(value)
-        meta = {"step": self.step_count, "settings": asdict(self.settings), "scalars": scalars, **(extra or {})}
+        meta = {"step": self.step_count, "steps_run": self.steps_run, "restarts": self.restarts,
+                "recent_losses": self._losses, "settings": asdict(self.settings), "scalars": scalars, **(extra or {})}
         weights = {str(i): p.detach().contiguous().cpu() for i, p in enumerate(self.params)}
         with atomic_folder(folder) as tmp:
             save_file(weights, str(tmp / WEIGHTS_FILE))
@@ -148,4 +209,7 @@ class BridgeTrainer:
             if state:
                 self.optimizer.state[p] = state
         self.step_count = int(meta["step"])
+        self.steps_run = int(meta.get("steps_run", self.step_count))
+        self.restarts = int(meta.get("restarts", 0))
+        self._losses = list(meta.get("recent_losses", []))
         return meta

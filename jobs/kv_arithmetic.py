@@ -69,6 +69,11 @@ class ExperimentConfig:
     compose_batch_size: int = 128
     compose_lr: float = 2e-3
     compose_weight_decay: float = 0.0
+    compose_min_terms: int | None = None  # shortest KV-arithmetic expression in the composition data (None: keys')
+    # fresh bridges when the loss is still above max_loss at check_step, at most `restarts` times (training.plateau_*)
+    compose_plateau_check_step: int = 0
+    compose_plateau_max_loss: float = 0.0
+    compose_plateau_restarts: int = 0
     composition: dict = field(default_factory=lambda: {"mappings": [{"pairs": [[0, 0]]}], "window": 1,
                                                        "proj_hidden": 256})
     random_augment_ablation: bool = True
@@ -123,7 +128,9 @@ class StageLog:
 
 
 def _history(metrics: list[dict]) -> list[dict]:
-    return [{"step": m.get("step"), "loss": round(float(m.get("loss")), 5)} for m in metrics if m.get("loss") is not None]
+    """Per step: the step of its (re)start, the steps run over all plateau restarts, the restarts so far, the loss."""
+    return [{"step": m.get("step"), "steps_run": m.get("steps_run", m.get("step")), "restarts": m.get("restarts", 0),
+             "loss": round(float(m.get("loss")), 5)} for m in metrics if m.get("loss") is not None]
 
 
 def _train_base(spec: ModelSpec, rows, tok, folder: Path, label: str, seed: int, random_only: bool = False) -> list:
@@ -157,7 +164,9 @@ def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, nam
         "training": {"steps": cfg.compose_steps, "batch_size": cfg.compose_batch_size, "lr": cfg.compose_lr,
                      "weight_decay": cfg.compose_weight_decay,
                      "warmup_steps": min(50, cfg.compose_steps // 10), "checkpoint_every": 100,
-                     "seed": cfg.seed, "log_every": 25},
+                     "seed": cfg.seed, "log_every": 25, "plateau_check_step": cfg.compose_plateau_check_step,
+                     "plateau_max_loss": cfg.compose_plateau_max_loss,
+                     "plateau_restarts": cfg.compose_plateau_restarts},
         "ray": {"num_workers": cfg.ray_workers, "cpus_per_worker": 0.5, "augment_actors": 1,
                 "cpus_per_augment_actor": 0.5},
         "storage_path": str((out / "runs").resolve()),
@@ -277,14 +286,14 @@ def plot(results: dict, path: Path) -> None:
     fig, (curves, table) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.1, 1]})
     for name, hist in results["training_curves"].items():
         if hist:
-            steps = [h["step"] for h in hist]
+            steps = [h.get("steps_run", h["step"]) for h in hist]  # plateau restarts continue the line
             losses = [h["loss"] for h in hist]
             k = max(1, len(losses) // 100)  # moving average over ~1% of the run
             smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1])
                       for i in range(len(losses))]
             curves.plot(steps, smooth, label=name)
     curves.set_yscale("log")
-    curves.set_xlabel("step")
+    curves.set_xlabel("steps run (over all plateau restarts)")
     curves.set_ylabel("training loss (completion tokens)")
     curves.set_title("training curves")
     curves.legend()
@@ -324,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         world = KVWorld.create(cfg.keys)
         tok = build_tokenizer(world)
-        compose = world.composition_examples(cfg.compose_examples, cfg.anchor_task_fraction, cfg.seed)
+        compose = world.composition_examples(cfg.compose_examples, cfg.anchor_task_fraction, cfg.seed,
+                                             min_terms=cfg.compose_min_terms)
         write_jsonl(world.examples("sub", cfg.augment.examples, cfg.seed + 1, list(world.values)),
                     data / "augment_train.jsonl")
         write_jsonl(world.examples("num", cfg.anchor.examples, cfg.seed + 2), data / "anchor_train.jsonl")

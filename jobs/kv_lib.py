@@ -108,31 +108,37 @@ def fmt_time(seconds: float) -> str:
 
 def train(model, pairs, settings: TrainSettings, batch_size: int, pad_id: int, seed: int,
           checkpoint: Path | None = None, checkpoint_every: int = 200, label: str = "train",
-          log_every: int = 50) -> list[dict]:
+          log_every: int = 50, device: str | torch.device = "cpu") -> list[dict]:
     """Train ``model.trainable_parameters()`` for ``settings.steps``; resumes from ``checkpoint``.
 
-    Returns the per-step metrics (loss, tokens, lr, step, seconds) of the steps run now.
+    Returns the per-step metrics (loss, tokens, lr, step, restarts, seconds) of the steps run now;
+    with plateau restarts (``settings.plateau_*``) ``step`` starts again at 1 after each restart.
     """
     trainer = BridgeTrainer(model, settings)
     if checkpoint is not None and (checkpoint / "trainer_state.json").is_file():
         trainer.load(checkpoint)
-        print(f"[{label}] resumed at step {trainer.step_count}/{settings.steps}", flush=True)
+        print(f"[{label}] resumed at step {trainer.step_count}/{settings.steps}"
+              + (f" (after {trainer.restarts} plateau restarts)" if trainer.restarts else ""), flush=True)
     history = []
     start = time.monotonic()
-    first = trainer.step_count
-    stream = batches(pairs, batch_size, pad_id, seed, start_step=trainer.step_count)
+    stream = batches(pairs, batch_size, pad_id, seed, start_step=trainer.steps_run)
     while trainer.step_count < settings.steps:
         t0 = time.monotonic()
-        metrics = trainer.step(next(stream))
+        metrics = trainer.step({k: v.to(device) for k, v in next(stream).items()})
         metrics["seconds"] = time.monotonic() - t0
         history.append(metrics)
-        done = trainer.step_count
+        done = metrics["step"]
         if done % log_every == 0 or done == settings.steps:
-            rate = (time.monotonic() - start) / (done - first)
+            rate = (time.monotonic() - start) / len(history)
             recent = sum(m["loss"] for m in history[-log_every:]) / len(history[-log_every:])
             print(f"[{label}] step {done}/{settings.steps} loss {recent:.4f} "
                   f"({rate:.2f}s/step, ETA {fmt_time(rate * (settings.steps - done))})", flush=True)
-        if checkpoint is not None and (done % checkpoint_every == 0 or done == settings.steps):
+        if metrics.get("restarted"):
+            print(f"[{label}] still on a loss plateau at step {done} (mean of the last {settings.plateau_window} "
+                  f"above {settings.plateau_max_loss}): restart {trainer.restarts}/{settings.plateau_restarts} "
+                  f"from fresh random weights", flush=True)
+        if checkpoint is not None and (done % checkpoint_every == 0 or done == settings.steps
+                                       or metrics.get("restarted")):
             trainer.save(checkpoint, extra={"label": label})
     return history
 
@@ -140,15 +146,15 @@ def train(model, pairs, settings: TrainSettings, batch_size: int, pad_id: int, s
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
 def exact_match(model, tok, rows: list[dict], batch_size: int = 256, max_new_tokens: int = 16,
-                label: str = "eval") -> float:
+                label: str = "eval", device: str | torch.device = "cpu") -> float:
     """Share of rows whose greedy completion equals the expected completion exactly."""
     model.eval()
     correct = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         enc = tok([r["prompt"] for r in chunk], add_special_tokens=False, padding=True, return_tensors="pt")
-        out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        out = generate(model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                       max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         correct += sum(t.strip() == r["completion"] for t, r in zip(texts, chunk))
     acc = correct / max(1, len(rows))

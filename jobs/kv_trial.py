@@ -46,10 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-keys", type=int, default=0, help="held-out keys moved into the composition data")
     p.add_argument("--examples", type=int, default=50_000, help="composition examples")
     p.add_argument("--anchor-task-fraction", type=float, default=0.3, help="share of numeric (m_B's task) examples")
+    p.add_argument("--compose-min-terms", type=int, default=None,
+                   help="shortest KV-arithmetic expression in the composition data (default: the pair's, 3)")
     p.add_argument("--eval-examples", type=int, default=500)
     p.add_argument("--data-seed", type=int, default=0,
                    help="the experiment's 'seed' that built the pair (0 in the shipped configs): same rows as its run")
+    p.add_argument("--plateau-check-step", type=int, default=0,
+                   help="restart from fresh bridges if the loss is still above --plateau-max-loss at this step")
+    p.add_argument("--plateau-max-loss", type=float, default=0.0)
+    p.add_argument("--plateau-restarts", type=int, default=0, help="at most this many restarts (0: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: two trials fit on two cores)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", help="append the result as one JSON line to this file")
     args = p.parse_args(argv)
 
@@ -71,30 +78,45 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(pair / "data" / "tokenizer")
     compose_keys = world.compose_keys + world.heldout_keys[: args.extra_keys]
     eval_keys = world.heldout_keys[args.extra_keys:]
-    rows = world.composition_examples(args.examples, args.anchor_task_fraction, args.data_seed, compose_keys)
+    rows = world.composition_examples(args.examples, args.anchor_task_fraction, args.data_seed, compose_keys,
+                                      args.compose_min_terms)
     torch.manual_seed(args.seed)
-    model = ComposedModel(load_causal_lm(str(pair / "anchor")), [load_causal_lm(str(pair / "augment"))], composition)
+    model = ComposedModel(load_causal_lm(str(pair / "anchor"), device=args.device),
+                          [load_causal_lm(str(pair / "augment"), device=args.device)], composition)
     print(f"[trial] {model.num_bridge_parameters():,} bridge parameters; {len(compose_keys)} composition keys, "
           f"{len(eval_keys)} evaluation keys", flush=True)
     start = time.monotonic()
-    settings = TrainSettings(lr=args.lr, steps=args.steps, warmup_steps=min(50, args.steps // 10),
-                             weight_decay=args.weight_decay)
+    try:
+        settings = TrainSettings(lr=args.lr, steps=args.steps, warmup_steps=min(50, args.steps // 10),
+                                 weight_decay=args.weight_decay, plateau_check_step=args.plateau_check_step,
+                                 plateau_max_loss=args.plateau_max_loss, plateau_restarts=args.plateau_restarts)
+    except ValueError as e:
+        p.error(str(e).replace("plateau_", "--plateau-").replace("_", "-"))
     history = train(model, encode_rows(tok, rows), settings, args.batch_size, tok.pad_token_id, args.seed,
-                    label="trial", log_every=100)
+                    label="trial", log_every=100, device=args.device)
     train_s = time.monotonic() - start
     n = args.eval_examples
     accuracy = {
         "kvar_heldout": exact_match(model, tok, world.evaluation_examples("kvar", n, args.data_seed, eval_keys),
-                                    label="held-out keys"),
-        "num": exact_match(model, tok, world.evaluation_examples("num", n, args.data_seed), label="numeric"),
+                                    label="held-out keys", device=args.device),
+        "num": exact_match(model, tok, world.evaluation_examples("num", n, args.data_seed), label="numeric",
+                           device=args.device),
         # new expressions over the composition keys: how much of the held-out gap is memorising
         "kvar_seen_keys": exact_match(
-            model, tok, world.evaluation_examples("kvar", n, args.data_seed + 1, compose_keys), label="seen keys"),
+            model, tok, world.evaluation_examples("kvar", n, args.data_seed + 1, compose_keys), label="seen keys",
+            device=args.device),
     }
     tail = history[-100:]
     result = {"pair": str(pair), "composition": composition.to_dict(), "steps": args.steps, "lr": args.lr,
               "weight_decay": args.weight_decay, "batch_size": args.batch_size, "seed": args.seed,
-              "composition_keys": len(compose_keys), "final_loss": sum(m["loss"] for m in tail) / len(tail),
+              "composition_keys": len(compose_keys), "compose_min_terms": args.compose_min_terms, "restarts": history[-1]["restarts"],
+              "plateau": {"check_step": args.plateau_check_step, "max_loss": args.plateau_max_loss,
+                          "restarts": args.plateau_restarts},
+              "device": args.device,
+              # mean loss per 100 steps over every start: when (and whether) each start left the plateau
+              "loss_per_100_steps": [round(sum(m["loss"] for m in history[i:i + 100]) / len(history[i:i + 100]), 4)
+                                     for i in range(0, len(history), 100)],
+              "final_loss": sum(m["loss"] for m in tail) / len(tail),
               "accuracy": accuracy, "train_s": round(train_s, 1)}
     print(json.dumps(result), flush=True)
     if args.out:

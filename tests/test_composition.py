@@ -408,6 +408,71 @@ def test_trainer_lowers_the_loss_and_resumes_exactly(tmp_path):
     assert ComposedModel.from_pretrained(tmp_path / "ckpt" / "bridges", anchor_model(), [augment_model()])
 
 
+def test_a_run_still_on_a_plateau_restarts_from_fresh_bridges_and_resumes_after_a_restart(tmp_path):
+    from composition.training import BridgeTrainer, TrainSettings
+
+    # max loss 1e-6 is never reached: every check restarts, twice at most
+    settings = TrainSettings(lr=3e-3, steps=6, warmup_steps=2, plateau_check_step=3, plateau_max_loss=1e-6,
+                             plateau_restarts=2)
+    batches = [tokens(4, 10, seed=s) for s in range(20)]
+    trainer = BridgeTrainer(composed(trained=False), settings)
+    seen = []
+    for b in batches:
+        if trainer.step_count >= settings.steps:
+            break
+        out = trainer.step({"input_ids": b})
+        seen.append((out["step"], out["restarts"], out.get("restarted", False)))
+        if out.get("restarted"):  # a fresh start: new random bridges whose output is zero again
+            assert trainer.step_count == 0
+            assert all(float(b.o.weight.abs().sum()) == 0 for b in trainer.model.bridges)
+            assert all(not s for s in trainer.optimizer.state.values())
+            trainer.save(tmp_path / f"after_restart_{out['restarts']}")
+    assert seen == [(1, 0, False), (2, 0, False), (3, 1, True), (1, 1, False), (2, 1, False), (3, 2, True),
+                    (1, 2, False), (2, 2, False), (3, 2, False), (4, 2, False), (5, 2, False), (6, 2, False)]
+    assert trainer.steps_run == 12
+    # a resumed run knows its restarts and its data position
+    resumed = BridgeTrainer(composed(trained=False), settings)
+    meta = resumed.load(tmp_path / "after_restart_1")
+    assert (resumed.step_count, resumed.restarts, resumed.steps_run, meta["restarts"]) == (0, 1, 3, 1)
+
+
+def test_a_run_below_the_plateau_loss_never_restarts():
+    from composition.training import BridgeTrainer, TrainSettings
+
+    settings = TrainSettings(lr=3e-3, steps=5, warmup_steps=1, plateau_check_step=2, plateau_max_loss=1e6,
+                             plateau_restarts=3)
+    trainer = BridgeTrainer(composed(trained=False), settings)
+    outs = [trainer.step({"input_ids": tokens(4, 10, seed=s)}) for s in range(5)]
+    assert [o["step"] for o in outs] == [1, 2, 3, 4, 5] and not any(o.get("restarted") for o in outs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"plateau_restarts": 1, "plateau_max_loss": 1.0}, "plateau_check_step must be in"),
+    ({"plateau_restarts": 1, "plateau_check_step": 10, "plateau_max_loss": 1.0}, "plateau_check_step must be in"),
+    ({"plateau_restarts": 1, "plateau_check_step": 5}, "plateau_max_loss must be positive"),
+])
+def test_plateau_settings_are_checked(kwargs, message):
+    from composition.training import TrainSettings
+
+    with pytest.raises(ValueError, match=message):
+        TrainSettings(steps=10, **kwargs)
+
+
+def test_plateau_restarts_need_a_model_that_can_reinitialise():
+    from composition.training import BridgeTrainer, TrainSettings
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+
+        def trainable_parameters(self):
+            return [self.w]
+
+    with pytest.raises(ValueError, match="reset_trainable_parameters"):
+        BridgeTrainer(Plain(), TrainSettings(steps=10, plateau_check_step=5, plateau_max_loss=1.0, plateau_restarts=1))
+
+
 def test_window_one_bridge_reads_only_the_same_token():
     model = composed(pairs=[(2, 6), (4, 6)], rotary=False)  # after the anchor's last layer: no mixing after
     model.config.window = 1
