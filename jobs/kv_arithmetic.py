@@ -110,13 +110,29 @@ class StageLog:
         self.stop_after = stop_after
         self.started = time.monotonic()
 
-    def begin(self, name: str, done: bool) -> bool:
-        """Announce stage ``name``; True when it has to run."""
+    def begin(self, name: str, done: bool, key: str | None = None, inputs: dict | None = None,
+              folder: Path | None = None) -> bool:
+        """Announce stage ``name``; True when it has to run.
+
+        A finished stage whose recorded ``inputs`` (the settings it ran with, under ``key`` in
+        stages.json) differ from this config's is not reused silently: the run stops and says what
+        changed and what to delete (``folder``) to run the stage again.
+        """
         elapsed = fmt_time(time.monotonic() - self.started)
+        if done and key and inputs is not None:
+            recorded = self.records.get(key, {}).get("inputs")
+            if recorded is not None and recorded != _plain(inputs):
+                changed = sorted(k for k in set(recorded) | set(_plain(inputs))
+                                 if recorded.get(k) != _plain(inputs).get(k))
+                raise SystemExit(
+                    f"error: stage {name} in {self.path.parent} ran with other settings ({', '.join(changed)} "
+                    f"changed). Delete {folder} to run it again with this config, or set a new 'output'.")
         print(f"\n=== stage {name}: {'already done, skipped' if done else 'running'} (elapsed {elapsed})", flush=True)
         return not done
 
-    def record(self, name: str, info: dict) -> None:
+    def record(self, name: str, info: dict, inputs: dict | None = None) -> None:
+        if inputs is not None:
+            info = {**info, "inputs": _plain(inputs)}
         self.records[name] = info
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
@@ -125,6 +141,11 @@ class StageLog:
 
     def stop(self, name: str) -> bool:
         return self.stop_after == name
+
+
+def _plain(value):
+    """Dataclasses and tuples as JSON gives them back (for comparing a stage's recorded settings)."""
+    return json.loads(json.dumps(value, default=lambda o: asdict(o)))
 
 
 def _history(metrics: list[dict]) -> list[dict]:
@@ -329,26 +350,34 @@ def main(argv: list[str] | None = None) -> int:
     log = StageLog(out, args.stop_after)
 
     # 1. data
-    if log.begin("data", (data / "keys.json").is_file()):
+    data_inputs = {"keys": cfg.keys, "augment_examples": cfg.augment.examples, "anchor_examples": cfg.anchor.examples,
+                   "eval_examples": cfg.eval_examples, "seed": cfg.seed}
+    if log.begin("data", (data / "keys.json").is_file(), "data", data_inputs, data):
         t0 = time.monotonic()
         world = KVWorld.create(cfg.keys)
         tok = build_tokenizer(world)
-        compose = world.composition_examples(cfg.compose_examples, cfg.anchor_task_fraction, cfg.seed,
-                                             min_terms=cfg.compose_min_terms)
         write_jsonl(world.examples("sub", cfg.augment.examples, cfg.seed + 1, list(world.values)),
                     data / "augment_train.jsonl")
         write_jsonl(world.examples("num", cfg.anchor.examples, cfg.seed + 2), data / "anchor_train.jsonl")
-        write_jsonl(compose, data / "compose_train.jsonl")
         for task in TASKS:
             keys = world.heldout_keys if task != "num" else None
             rows = world.evaluation_examples(task, cfg.eval_examples, cfg.seed, keys)
             write_jsonl(rows, data / f"eval_{task}.jsonl")
         tok.save_pretrained(data / "tokenizer")
         world.save(data)  # written last: its presence marks the stage done
-        log.record("data", {"wall_s": round(time.monotonic() - t0, 1)})
+        log.record("data", {"wall_s": round(time.monotonic() - t0, 1)}, data_inputs)
+    world = KVWorld.load(data)
+    # the bridges' data: its own step, so a pair can be composed again with other composition data
+    compose_file = data / "compose_train.jsonl"
+    compose_inputs = {"compose_examples": cfg.compose_examples, "anchor_task_fraction": cfg.anchor_task_fraction,
+                      "compose_min_terms": cfg.compose_min_terms, "seed": cfg.seed}
+    if log.begin("composition data", compose_file.is_file(), "compose_data", compose_inputs, compose_file):
+        rows = world.composition_examples(cfg.compose_examples, cfg.anchor_task_fraction, cfg.seed,
+                                          min_terms=cfg.compose_min_terms)
+        write_jsonl(rows, compose_file)
+        log.record("compose_data", {"rows": len(rows)}, compose_inputs)
     if log.stop("data"):
         return 0
-    world = KVWorld.load(data)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(data / "tokenizer")
@@ -358,19 +387,23 @@ def main(argv: list[str] | None = None) -> int:
     # 2-3. the two models, from scratch
     for role, spec, task_file in (("augment", cfg.augment, "augment_train.jsonl"),
                                   ("anchor", cfg.anchor, "anchor_train.jsonl")):
-        if log.begin(role, (out / role / "config.json").is_file()):
+        if log.begin(role, (out / role / "config.json").is_file(), role, spec, out / role):
             t0 = time.monotonic()
             history = _train_base(spec, read_jsonl(data / task_file), tok, out / role, role,
                                   cfg.seed + (1 if role == "anchor" else 0))
-            log.record(role, {"wall_s": round(time.monotonic() - t0, 1), "history": history})
+            log.record(role, {"wall_s": round(time.monotonic() - t0, 1), "history": history}, spec)
         if log.stop(role):
             return 0
 
     # 4. composition through the Ray Train job
-    if log.begin("compose", (out / "bridges" / "bridges.safetensors").is_file()):
+    compose_settings = {**compose_inputs, **{k: getattr(cfg, k) for k in (
+        "compose_steps", "compose_batch_size", "compose_lr", "compose_weight_decay", "compose_plateau_check_step",
+        "compose_plateau_max_loss", "compose_plateau_restarts", "composition", "ray_workers")}}
+    if log.begin("compose", (out / "bridges" / "bridges.safetensors").is_file(), "compose", compose_settings,
+                 out / "bridges"):
         t0 = time.monotonic()
         history = _compose(cfg, out, out / "augment", out / "bridges", "kv_compose")
-        log.record("compose", {"wall_s": round(time.monotonic() - t0, 1), "history": history})
+        log.record("compose", {"wall_s": round(time.monotonic() - t0, 1), "history": history}, compose_settings)
     if log.stop("compose"):
         return 0
     from composition import ComposedModel, load_causal_lm
@@ -381,16 +414,21 @@ def main(argv: list[str] | None = None) -> int:
     # 5. ablations with the same parameter budget and data
     if cfg.random_augment_ablation:
         rnd = out / "ablation_random"
-        if log.begin("ablation: CALM with a random m_A", (rnd / "bridges" / "bridges.safetensors").is_file()):
+        if log.begin("ablation: CALM with a random m_A", (rnd / "bridges" / "bridges.safetensors").is_file(),
+                     "ablation_random", compose_settings, rnd):
             t0 = time.monotonic()
             _train_base(cfg.augment, [], tok, rnd / "augment", "random", cfg.seed + 7, random_only=True)
             history = _compose(cfg, out, rnd / "augment", rnd / "bridges", "kv_compose_random")
-            log.record("ablation_random", {"wall_s": round(time.monotonic() - t0, 1), "history": history})
+            log.record("ablation_random", {"wall_s": round(time.monotonic() - t0, 1), "history": history},
+                       compose_settings)
     if cfg.lora_ablation:
-        if log.begin("ablation: LoRA on m_B", (out / "ablation_lora" / "adapter_config.json").is_file()):
+        lora_settings = {**compose_inputs, **{k: getattr(cfg, k) for k in (
+            "compose_steps", "compose_batch_size", "lora_lr", "compose_weight_decay")}, "bridge_params": bridge_params}
+        if log.begin("ablation: LoRA on m_B", (out / "ablation_lora" / "adapter_config.json").is_file(),
+                     "ablation_lora", lora_settings, out / "ablation_lora"):
             t0 = time.monotonic()
             info = _lora(cfg, out, tok, bridge_params)
-            log.record("ablation_lora", {"wall_s": round(time.monotonic() - t0, 1), **info})
+            log.record("ablation_lora", {"wall_s": round(time.monotonic() - t0, 1), **info}, lora_settings)
     if log.stop("ablations"):
         return 0
 

@@ -58,8 +58,9 @@ class KVWorld:
         s = self.settings
         return range(1 - (s.max_terms - 1) * s.max_value, s.max_terms * s.max_value + 1)
 
-    def _expression(self, rng: random.Random, keys: list[str] | None, min_terms: int | None = None):
-        n = rng.randint(min_terms or self.settings.min_terms, self.settings.max_terms)
+    def _expression(self, rng: random.Random, keys: list[str] | None, min_terms: int | None = None,
+                    max_terms: int | None = None):
+        n = rng.randint(min_terms or self.settings.min_terms, max_terms or self.settings.max_terms)
         ops = [rng.choice(OPS) for _ in range(n - 1)]
         if keys is None:
             terms = [str(rng.randint(1, self.settings.max_value)) for _ in range(n)]
@@ -74,31 +75,32 @@ class KVWorld:
         return join(terms), join([str(x) for x in nums]), str(result)
 
     def example(self, task: str, rng: random.Random, keys: list[str] | None = None,
-                min_terms: int | None = None) -> dict:
+                min_terms: int | None = None, max_terms: int | None = None) -> dict:
         """One ``{"task", "prompt", "completion"}`` row; ``keys`` restricts which keys appear,
-        ``min_terms`` (default: the settings') the shortest expression."""
+        ``min_terms`` and ``max_terms`` (default: the settings') the expression's length."""
         if task == "num":
             expr, _, result = self._expression(rng, None)
             return {"task": task, "prompt": f"{expr} =", "completion": result}
-        expr, substituted, result = self._expression(rng, keys, min_terms)
+        expr, substituted, result = self._expression(rng, keys, min_terms, max_terms)
         completion = substituted if task == "sub" else result
         if task not in ("sub", "kvar"):
             raise ValueError(f"unknown task {task!r}: use sub, num or kvar")
         return {"task": task, "prompt": f"{expr} =", "completion": completion}
 
     def examples(self, task: str, count: int, seed: int, keys: list[str] | None = None,
-                 min_terms: int | None = None) -> list[dict]:
+                 min_terms: int | None = None, max_terms: int | None = None) -> list[dict]:
         rng = random.Random(seed)
-        return [self.example(task, rng, keys, min_terms) for _ in range(count)]
+        return [self.example(task, rng, keys, min_terms, max_terms) for _ in range(count)]
 
     def composition_examples(self, count: int, anchor_task_fraction: float, seed: int,
-                             keys: list[str] | None = None, min_terms: int | None = None) -> list[dict]:
+                             keys: list[str] | None = None, min_terms: int | None = None,
+                             max_terms: int | None = None) -> list[dict]:
         """The bridges' training rows: KV-arithmetic over ``keys`` (default: the composition keys), then
         ``anchor_task_fraction`` of numeric rows (so the anchor keeps its skill); ``seed`` is the experiment's.
-        ``min_terms`` shortens the KV-arithmetic expressions (default: the settings' 3)."""
+        ``min_terms`` / ``max_terms`` bound the KV-arithmetic expressions' terms (default: the settings')."""
         n_anchor_task = int(count * anchor_task_fraction)
         return (self.examples("kvar", count - n_anchor_task, seed + 3, keys if keys is not None else self.compose_keys,
-                              min_terms)
+                              min_terms, max_terms)
                 + self.examples("num", n_anchor_task, seed + 4))
 
     def evaluation_examples(self, task: str, count: int, seed: int, keys: list[str] | None = None) -> list[dict]:

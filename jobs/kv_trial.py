@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--anchor-task-fraction", type=float, default=0.3, help="share of numeric (m_B's task) examples")
     p.add_argument("--compose-min-terms", type=int, default=None,
                    help="shortest KV-arithmetic expression in the composition data (default: the pair's, 3)")
+    p.add_argument("--compose-max-terms", type=int, default=None,
+                   help="longest KV-arithmetic expression in the composition data (default: the pair's, 6)")
     p.add_argument("--eval-examples", type=int, default=500)
     p.add_argument("--data-seed", type=int, default=0,
                    help="the experiment's 'seed' that built the pair (0 in the shipped configs): same rows as its run")
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     compose_keys = world.compose_keys + world.heldout_keys[: args.extra_keys]
     eval_keys = world.heldout_keys[args.extra_keys:]
     rows = world.composition_examples(args.examples, args.anchor_task_fraction, args.data_seed, compose_keys,
-                                      args.compose_min_terms)
+                                      args.compose_min_terms, args.compose_max_terms)
     torch.manual_seed(args.seed)
     model = ComposedModel(load_causal_lm(str(pair / "anchor"), device=args.device),
                           [load_causal_lm(str(pair / "augment"), device=args.device)], composition)
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     tail = history[-100:]
     result = {"pair": str(pair), "composition": composition.to_dict(), "steps": args.steps, "lr": args.lr,
               "weight_decay": args.weight_decay, "batch_size": args.batch_size, "seed": args.seed,
-              "composition_keys": len(compose_keys), "compose_min_terms": args.compose_min_terms, "restarts": history[-1]["restarts"],
+              "composition_keys": len(compose_keys), "compose_min_terms": args.compose_min_terms,
+              "compose_max_terms": args.compose_max_terms, "restarts": history[-1]["restarts"],
               "plateau": {"check_step": args.plateau_check_step, "max_loss": args.plateau_max_loss,
                           "restarts": args.plateau_restarts},
               "device": args.device,

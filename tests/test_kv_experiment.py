@@ -89,6 +89,32 @@ def test_config_errors_name_the_key(tmp_path):
         ExperimentConfig.load(str(bad))
 
 
+def test_a_finished_stage_is_not_reused_with_other_settings(tmp_path):
+    """The data stages in process (--stop-after data, no Ray); a changed setting stops the rerun with the fix."""
+    from jobs.kv_arithmetic import main
+
+    config = tmp_path / "kv.yaml"
+    cfg = {**TINY, "output": str(tmp_path / "out"), "results": str(tmp_path / "r.json")}
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(config), "--stop-after", "data"]) == 0
+    first = (tmp_path / "out" / "data" / "compose_train.jsonl").read_text()
+    assert main(["--config", str(config), "--stop-after", "data"]) == 0  # unchanged: reused
+    assert (tmp_path / "out" / "data" / "compose_train.jsonl").read_text() == first
+
+    config.write_text(yaml.safe_dump({**cfg, "compose_min_terms": 2}))
+    with pytest.raises(SystemExit, match=r"stage composition data .* \(compose_min_terms changed\)\. Delete .*"
+                                         r"compose_train\.jsonl to run it again"):
+        main(["--config", str(config), "--stop-after", "data"])
+    (tmp_path / "out" / "data" / "compose_train.jsonl").unlink()  # as the message says: rebuilt, nothing else
+    assert main(["--config", str(config), "--stop-after", "data"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "data" / "compose_train.jsonl").open()]
+    assert min(len(r["prompt"].split()) for r in rows if r["task"] == "kvar") == 4  # "k1 + k2 ="
+
+    config.write_text(yaml.safe_dump({**cfg, "compose_min_terms": 2, "keys": {**TINY["keys"], "num_keys": 301}}))
+    with pytest.raises(SystemExit, match=r"stage data .* \(keys changed\)"):
+        main(["--config", str(config), "--stop-after", "data"])
+
+
 def _run(ray_cluster, config: Path, timeout: float = 400):
     """The experiment as a user runs it, connected to the session's cluster (its GCS address)."""
     return subprocess.run([sys.executable, "-m", "jobs.kv_arithmetic", "--config", str(config)],
