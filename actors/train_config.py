@@ -123,6 +123,7 @@ class TrainJobConfig:
     ray: RaySettings = field(default_factory=RaySettings)
     storage_path: str = "~/calm-ray/runs"
     output: str | None = None
+    init_bridges: str | None = None  # start from these trained bridges (a bridges folder) instead of random ones
     activation_cache: CacheSettings = field(default_factory=CacheSettings)
     dtype: str = "auto"
     device: str = "auto"
@@ -431,11 +432,30 @@ def check_files_and_models(cfg: TrainJobConfig) -> dict:
         cfg.activation_cache.path = _abs(cfg.activation_cache.path)
     if cfg.output and _is_uri(cfg.output):
         raise TrainConfigError(f"'output' must be a local folder (the exported bridges), got {cfg.output}")
+    if cfg.init_bridges:
+        _check_init_bridges(cfg)
     return {
         "anchor": anchor_info,
         "augments": augment_infos,
         "links": links,
     }
+
+
+def _check_init_bridges(cfg: TrainJobConfig) -> None:
+    """'init_bridges' must be a bridges folder of this composition (the models are checked when loaded)."""
+    from composition.checkpoint import read_meta
+
+    cfg.init_bridges = _abs(cfg.init_bridges)
+    try:
+        meta = read_meta(cfg.init_bridges)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainConfigError(f"'init_bridges': {e}; give a folder written by a training job's output") from None
+    saved, wanted = meta["config"], cfg.composition.to_dict()
+    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if changed:
+        raise TrainConfigError(
+            f"'init_bridges': {cfg.init_bridges} holds bridges of another composition ({', '.join(changed)} differ): "
+            f"use its composition settings or remove init_bridges")
 
 
 def check_tokenizer(cfg: TrainJobConfig, tokenizer, anchor_vocab: int) -> None:

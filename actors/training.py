@@ -49,13 +49,16 @@ def decode_batch(arrays: dict[str, np.ndarray], states_dtype: str, device) -> di
 
 def build_model(cfg: TrainJobConfig, device):
     """The ComposedModel a worker trains: anchor on ``device``; the augmenting models stay on CPU
-    (they never run here; they are loaded only so checkpoints carry their fingerprints)."""
+    (they never run here; they are loaded only so checkpoints carry their fingerprints). The bridges
+    start random, or from ``init_bridges``."""
     from composition.loading import load_causal_lm
     from composition.model import ComposedModel
 
     dtype = cfg.model_dtype
     anchor = load_causal_lm(cfg.anchor, dtype, device)
     augments = [load_causal_lm(a, dtype, "cpu") for a in cfg.augments]
+    if cfg.init_bridges:  # warm start (refused if the bridges were trained with other models)
+        return ComposedModel.from_pretrained(cfg.init_bridges, anchor, augments)
     return ComposedModel(anchor, augments, cfg.composition)
 
 

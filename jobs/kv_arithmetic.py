@@ -69,7 +69,14 @@ class ExperimentConfig:
     compose_batch_size: int = 128
     compose_lr: float = 2e-3
     compose_weight_decay: float = 0.0
-    compose_min_terms: int | None = None  # shortest KV-arithmetic expression in the composition data (None: keys')
+    # the composition data's KV-arithmetic expressions: from compose_min_terms to compose_max_terms terms
+    # (None: the keys' min_terms / max_terms, the evaluation's)
+    compose_min_terms: int | None = None
+    compose_max_terms: int | None = None
+    # a first phase of compose_first_steps (of compose_steps) on expressions of compose_first_min_terms or more
+    # terms, from random bridges; the rest on the composition data above, from the first phase's bridges
+    compose_first_steps: int = 0
+    compose_first_min_terms: int | None = None
     # fresh bridges when the loss is still above max_loss at check_step, at most `restarts` times (training.plateau_*)
     compose_plateau_check_step: int = 0
     compose_plateau_max_loss: float = 0.0
@@ -98,7 +105,12 @@ class ExperimentConfig:
                     raw[k] = ModelSpec(**raw[k])
         except TypeError as e:
             raise SystemExit(f"error: {path}: {e}; see ModelSpec and KVSettings in jobs/ for the valid keys")
-        return cls(**raw)
+        cfg = cls(**raw)
+        if cfg.compose_first_steps and not (0 < cfg.compose_first_steps < cfg.compose_steps
+                                            and cfg.compose_first_min_terms):
+            raise SystemExit(f"error: {path}: compose_first_steps ({cfg.compose_first_steps}) must be below "
+                             f"compose_steps ({cfg.compose_steps}) and needs compose_first_min_terms; or set it to 0")
+        return cfg
 
 
 class StageLog:
@@ -171,30 +183,52 @@ def _train_base(spec: ModelSpec, rows, tok, folder: Path, label: str, seed: int,
     return history
 
 
-def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, name: str) -> dict:
+def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, name: str) -> list[dict]:
+    """Train the bridges through the Ray Train job; returns the per-step history.
+
+    With ``compose_first_steps``, two jobs: the first on the ``compose_first.jsonl`` data from random
+    bridges (with the plateau rule), the second on the composition data from the first's bridges
+    (``init_bridges``) for the rest of ``compose_steps``; each resumes on its own.
+    """
     from jobs.train import run
 
-    train_config = {
-        "name": name,
-        "anchor": str(out / "anchor"),
-        "augments": [str(augment)],
-        "composition": cfg.composition,
-        "data": {"train": str(out / "data" / "compose_train.jsonl"), "format": "prompt_completion",
-                 "prompt_field": "prompt", "completion_field": "completion",
-                 "max_length": 2 * cfg.keys.max_terms + 2},  # n keys, n - 1 ops, "=", result, eos
-        "training": {"steps": cfg.compose_steps, "batch_size": cfg.compose_batch_size, "lr": cfg.compose_lr,
-                     "weight_decay": cfg.compose_weight_decay,
-                     "warmup_steps": min(50, cfg.compose_steps // 10), "checkpoint_every": 100,
-                     "seed": cfg.seed, "log_every": 25, "plateau_check_step": cfg.compose_plateau_check_step,
-                     "plateau_max_loss": cfg.compose_plateau_max_loss,
-                     "plateau_restarts": cfg.compose_plateau_restarts},
-        "ray": {"num_workers": cfg.ray_workers, "cpus_per_worker": 0.5, "augment_actors": 1,
-                "cpus_per_augment_actor": 0.5},
-        "storage_path": str((out / "runs").resolve()),
-        "output": str(bridges.resolve()),
-    }
-    result = run(train_config)
-    return _history(result.history)
+    def job(job_name: str, data_file: str, steps: int, output: Path, init: Path | None, restarts: bool) -> list[dict]:
+        train_config = {
+            "name": job_name,
+            "anchor": str(out / "anchor"),
+            "augments": [str(augment)],
+            "composition": cfg.composition,
+            "data": {"train": str(out / "data" / data_file), "format": "prompt_completion",
+                     "prompt_field": "prompt", "completion_field": "completion",
+                     "max_length": 2 * cfg.keys.max_terms + 2},  # n keys, n - 1 ops, "=", result, eos
+            "training": {"steps": steps, "batch_size": cfg.compose_batch_size, "lr": cfg.compose_lr,
+                         "weight_decay": cfg.compose_weight_decay,
+                         "warmup_steps": min(50, steps // 10), "checkpoint_every": 100,
+                         "seed": cfg.seed, "log_every": 25},
+            "ray": {"num_workers": cfg.ray_workers, "cpus_per_worker": 0.5, "augment_actors": 1,
+                    "cpus_per_augment_actor": 0.5},
+            "storage_path": str((out / "runs").resolve()),
+            "output": str(output.resolve()),
+        }
+        if restarts:
+            train_config["training"].update(plateau_check_step=cfg.compose_plateau_check_step,
+                                            plateau_max_loss=cfg.compose_plateau_max_loss,
+                                            plateau_restarts=cfg.compose_plateau_restarts)
+        if init is not None:
+            train_config["init_bridges"] = str(init.resolve())
+        return _history(run(train_config).history)
+
+    if not cfg.compose_first_steps:
+        return job(name, "compose_train.jsonl", cfg.compose_steps, bridges, None, True)
+    first = bridges.with_name(bridges.name + "_first")
+    history = []
+    if not (first / "bridges.safetensors").is_file():
+        print(f"[compose] first phase: {cfg.compose_first_steps} steps on {cfg.compose_first_min_terms}-"
+              f"{cfg.keys.max_terms}-term expressions", flush=True)
+        history = job(name + "_first", "compose_first.jsonl", cfg.compose_first_steps, first, None, True)
+    offset = history[-1]["steps_run"] if history else 0
+    rest = job(name, "compose_train.jsonl", cfg.compose_steps - cfg.compose_first_steps, bridges, first, False)
+    return history + [{**h, "phase": 2, "steps_run": h["steps_run"] + offset} for h in rest]
 
 
 def _lora_model(anchor, rank: int):
@@ -219,11 +253,20 @@ def _lora(cfg: ExperimentConfig, out: Path, tok, bridge_params: int) -> dict:
     rank, params = _lora_rank(out / "anchor", bridge_params)
     print(f"[lora] rank {rank}: {params:,} trainable parameters (bridges: {bridge_params:,})", flush=True)
     model = _lora_model(load_causal_lm(str(out / "anchor")), rank)
-    settings = TrainSettings(lr=cfg.lora_lr, steps=cfg.compose_steps, warmup_steps=min(50, cfg.compose_steps // 10),
-                             weight_decay=cfg.compose_weight_decay)
-    rows = read_jsonl(out / "data" / "compose_train.jsonl")
-    history = train(PlainLM(model), encode_rows(tok, rows), settings, cfg.compose_batch_size, tok.pad_token_id,
-                    cfg.seed, checkpoint=out / "ablation_lora.ckpt", label="lora")
+    # the bridges' data schedule: the first phase's data first, if any (LoRA starts at the anchor: no plateau rule)
+    phases = [("compose_train.jsonl", cfg.compose_steps, "ablation_lora.ckpt")]
+    if cfg.compose_first_steps:
+        phases = [("compose_first.jsonl", cfg.compose_first_steps, "ablation_lora_first.ckpt"),
+                  ("compose_train.jsonl", cfg.compose_steps - cfg.compose_first_steps, "ablation_lora.ckpt")]
+    history = []
+    for data_file, steps, ckpt in phases:
+        settings = TrainSettings(lr=cfg.lora_lr, steps=steps, warmup_steps=min(50, steps // 10),
+                                 weight_decay=cfg.compose_weight_decay)
+        rows = read_jsonl(out / "data" / data_file)
+        offset = len(history)
+        history += [{**h, "steps_run": h["steps_run"] + offset}
+                    for h in train(PlainLM(model), encode_rows(tok, rows), settings, cfg.compose_batch_size,
+                                   tok.pad_token_id, cfg.seed, checkpoint=out / ckpt, label="lora")]
     with atomic_folder(out / "ablation_lora") as tmp:
         model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
     return {"history": _history(history), "rank": rank, "parameters": params}
@@ -370,11 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     # the bridges' data: its own step, so a pair can be composed again with other composition data
     compose_file = data / "compose_train.jsonl"
     compose_inputs = {"compose_examples": cfg.compose_examples, "anchor_task_fraction": cfg.anchor_task_fraction,
-                      "compose_min_terms": cfg.compose_min_terms, "seed": cfg.seed}
+                      "compose_min_terms": cfg.compose_min_terms, "compose_max_terms": cfg.compose_max_terms,
+                      "compose_first_min_terms": cfg.compose_first_min_terms, "seed": cfg.seed}
     if log.begin("composition data", compose_file.is_file(), "compose_data", compose_inputs, compose_file):
         rows = world.composition_examples(cfg.compose_examples, cfg.anchor_task_fraction, cfg.seed,
-                                          min_terms=cfg.compose_min_terms)
-        write_jsonl(rows, compose_file)
+                                          min_terms=cfg.compose_min_terms, max_terms=cfg.compose_max_terms)
+        if cfg.compose_first_steps:
+            write_jsonl(world.composition_examples(cfg.compose_examples, cfg.anchor_task_fraction, cfg.seed,
+                                                   min_terms=cfg.compose_first_min_terms),
+                        data / "compose_first.jsonl")
+        write_jsonl(rows, compose_file)  # written last: its presence marks the step done
         log.record("compose_data", {"rows": len(rows)}, compose_inputs)
     if log.stop("data"):
         return 0
@@ -397,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. composition through the Ray Train job
     compose_settings = {**compose_inputs, **{k: getattr(cfg, k) for k in (
-        "compose_steps", "compose_batch_size", "compose_lr", "compose_weight_decay", "compose_plateau_check_step",
+        "compose_steps", "compose_first_steps", "compose_batch_size", "compose_lr", "compose_weight_decay",
+        "compose_plateau_check_step",
         "compose_plateau_max_loss", "compose_plateau_restarts", "composition", "ray_workers")}}
     if log.begin("compose", (out / "bridges" / "bridges.safetensors").is_file(), "compose", compose_settings,
                  out / "bridges"):

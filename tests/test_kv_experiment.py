@@ -27,6 +27,12 @@ TINY = {
     "anchor": {"hidden": 32, "layers": 2, "heads": 2, "steps": 20, "lr": 3.0e-3, "batch_size": 32, "examples": 600},
     "compose_examples": 400,
     "compose_steps": 8,
+    # two phases (4 steps on 2-4-term expressions, then 4 on 3-4) and a plateau restart at step 2 of the first
+    "compose_first_steps": 4,
+    "compose_first_min_terms": 2,
+    "compose_plateau_check_step": 2,
+    "compose_plateau_max_loss": 1.0e-6,
+    "compose_plateau_restarts": 1,
     "compose_batch_size": 16,
     "composition": {"mappings": [{"pairs": [[0, 0]]}], "window": 1, "proj_hidden": 32},
     "random_augment_ablation": True,
@@ -146,7 +152,9 @@ def test_quick_pipeline_end_to_end(ray_cluster, tmp_path):
     for curve in ("m_A (KV-substitution)", "m_B (numeric arithmetic)", "CALM bridges", "CALM bridges, random m_A",
                   "LoRA on m_B"):
         hist = results["training_curves"][curve]
-        assert hist and hist[-1]["step"] == len(hist), curve
+        assert hist and hist[-1]["steps_run"] == len(hist), curve
+    for curve in ("CALM bridges", "CALM bridges, random m_A"):  # restarted once at step 2, then 4 + 4 steps
+        assert [h["step"] for h in results["training_curves"][curve]] == [1, 2, 1, 2, 3, 4, 1, 2, 3, 4], curve
     assert results["machine"]["cpus"] >= 1 and results["seeds"]["experiment"] == 0
     assert results["wall_seconds_total"] > 0
     assert (tmp_path / "results" / "kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -157,6 +165,8 @@ def test_quick_pipeline_end_to_end(ray_cluster, tmp_path):
     assert not set(world.compose_keys) & set(world.heldout_keys)
     rows = lambda name: [json.loads(x) for x in (pair / "data" / name).read_text().splitlines()]  # noqa: E731
     assert _keys_in(rows("compose_train.jsonl"), world) <= set(world.compose_keys)
+    assert _keys_in(rows("compose_first.jsonl"), world) <= set(world.compose_keys)
+    assert min(len(r["prompt"].split()) for r in rows("compose_first.jsonl") if r["task"] == "kvar") == 4
     assert _keys_in(rows("eval_kvar.jsonl"), world) <= set(world.heldout_keys)
     assert _keys_in(rows("eval_sub.jsonl"), world) <= set(world.heldout_keys)
 

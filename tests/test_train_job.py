@@ -182,6 +182,7 @@ def first_job(ray_cluster, pair, tmp_path_factory):
         ({"training.batch_size": 128}, r"gives 64 usable examples, fewer than one global batch"),
         ({"activation_cache": {"enabled": True}}, r"'activation_cache.path' is not set"),
         ({"training.plateau_restarts": 2}, r"'training.plateau_restarts' is 2: also set 'training.plateau_check_step'"),
+        ({"init_bridges": "/nonexistent/bridges"}, r"'init_bridges': /nonexistent/bridges is not a bridges checkpoint"),
         ({"training.plateau_max_loss": -1}, r"'training.plateau_max_loss' must be >= 0"),
     ],
     ids=lambda v: None if isinstance(v, str) else str(v)[:40],
@@ -194,6 +195,29 @@ def test_invalid_config_is_rejected_with_the_key_and_fix(pair, tmp_path, overrid
     config = write_config(tmp_path, base, "bad", **overrides)
     with pytest.raises(TrainConfigError, match=message):
         prepare(str(config))
+
+
+def test_init_bridges_start_the_workers_model_from_saved_bridges_of_the_same_composition(pair, tmp_path):
+    from actors.train_config import TrainConfigError
+    from actors.training import build_model
+    from composition.model import ComposedModel
+    from jobs.train import prepare
+
+    root, base = pair
+    anchor, augments = load_pair(root)
+    saved = ComposedModel(anchor, augments, prepare(str(write_config(tmp_path, base, "x")))[0].composition)
+    with torch.no_grad():
+        for p in saved.trainable_parameters():
+            p.normal_(0, 0.1)
+    saved.save_pretrained(tmp_path / "saved")
+    cfg = prepare(str(write_config(tmp_path, base, "warm", init_bridges=str(tmp_path / "saved"))))[0]
+    model = build_model(cfg, "cpu")
+    for a, b in zip(model.trainable_parameters(), saved.trainable_parameters()):
+        assert torch.equal(a, b)
+    other = write_config(tmp_path, base, "other", init_bridges=str(tmp_path / "saved"),
+                         **{"composition.mappings": [{"pairs": [[2, 2]]}]})
+    with pytest.raises(TrainConfigError, match=r"'init_bridges': .* holds bridges of another composition \(mappings"):
+        prepare(str(other))
 
 
 def test_bad_config_fails_before_any_cluster_work(pair, tmp_path):
