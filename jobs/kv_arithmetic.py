@@ -73,10 +73,12 @@ class ExperimentConfig:
     # (None: the keys' min_terms / max_terms, the evaluation's)
     compose_min_terms: int | None = None
     compose_max_terms: int | None = None
-    # a first phase of compose_first_steps (of compose_steps) on expressions of compose_first_min_terms or more
-    # terms, from random bridges; the rest on the composition data above, from the first phase's bridges
+    # a first phase of compose_first_steps (of compose_steps) on expressions of compose_first_min_terms to
+    # compose_first_max_terms terms, from random bridges; the rest on the composition data above, from the
+    # first phase's bridges
     compose_first_steps: int = 0
     compose_first_min_terms: int | None = None
+    compose_first_max_terms: int | None = None
     # fresh bridges when the loss is still above max_loss at check_step, at most `restarts` times (training.plateau_*)
     compose_plateau_check_step: int = 0
     compose_plateau_max_loss: float = 0.0
@@ -224,7 +226,7 @@ def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, nam
     history = []
     if not (first / "bridges.safetensors").is_file():
         print(f"[compose] first phase: {cfg.compose_first_steps} steps on {cfg.compose_first_min_terms}-"
-              f"{cfg.keys.max_terms}-term expressions", flush=True)
+              f"{cfg.compose_first_max_terms or cfg.keys.max_terms}-term expressions", flush=True)
         history = job(name + "_first", "compose_first.jsonl", cfg.compose_first_steps, first, None, True)
     offset = history[-1]["steps_run"] if history else 0
     rest = job(name, "compose_train.jsonl", cfg.compose_steps - cfg.compose_first_steps, bridges, first, False)
@@ -414,13 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     compose_file = data / "compose_train.jsonl"
     compose_inputs = {"compose_examples": cfg.compose_examples, "anchor_task_fraction": cfg.anchor_task_fraction,
                       "compose_min_terms": cfg.compose_min_terms, "compose_max_terms": cfg.compose_max_terms,
-                      "compose_first_min_terms": cfg.compose_first_min_terms, "seed": cfg.seed}
+                      "compose_first_min_terms": cfg.compose_first_min_terms,
+                      "compose_first_max_terms": cfg.compose_first_max_terms, "seed": cfg.seed}
     if log.begin("composition data", compose_file.is_file(), "compose_data", compose_inputs, compose_file):
         rows = world.composition_examples(cfg.compose_examples, cfg.anchor_task_fraction, cfg.seed,
                                           min_terms=cfg.compose_min_terms, max_terms=cfg.compose_max_terms)
         if cfg.compose_first_steps:
             write_jsonl(world.composition_examples(cfg.compose_examples, cfg.anchor_task_fraction, cfg.seed,
-                                                   min_terms=cfg.compose_first_min_terms),
+                                                   min_terms=cfg.compose_first_min_terms,
+                                                   max_terms=cfg.compose_first_max_terms),
                         data / "compose_first.jsonl")
         write_jsonl(rows, compose_file)  # written last: its presence marks the step done
         log.record("compose_data", {"rows": len(rows)}, compose_inputs)
