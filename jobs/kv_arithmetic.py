@@ -125,7 +125,7 @@ class StageLog:
         self.started = time.monotonic()
 
     def begin(self, name: str, done: bool, key: str | None = None, inputs: dict | None = None,
-              folder: Path | None = None) -> bool:
+              folder: Path | str | None = None) -> bool:
         """Announce stage ``name``; True when it has to run.
 
         A finished stage whose recorded ``inputs`` (the settings it ran with, under ``key`` in
@@ -452,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         "compose_steps", "compose_first_steps", "compose_batch_size", "compose_lr", "compose_weight_decay",
         "compose_plateau_check_step",
         "compose_plateau_max_loss", "compose_plateau_restarts", "composition", "ray_workers")}}
+    # what to delete to compose again: the bridges of both phases and the Ray runs (a job resumes from those)
+    compose_folders = f"{out / 'bridges'}, {out / 'bridges_first'} and {out / 'runs'}"
     if log.begin("compose", (out / "bridges" / "bridges.safetensors").is_file(), "compose", compose_settings,
-                 out / "bridges"):
+                 compose_folders):
         t0 = time.monotonic()
         history = _compose(cfg, out, out / "augment", out / "bridges", "kv_compose")
         log.record("compose", {"wall_s": round(time.monotonic() - t0, 1), "history": history}, compose_settings)
@@ -468,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.random_augment_ablation:
         rnd = out / "ablation_random"
         if log.begin("ablation: CALM with a random m_A", (rnd / "bridges" / "bridges.safetensors").is_file(),
-                     "ablation_random", compose_settings, rnd):
+                     "ablation_random", compose_settings, f"{rnd} and {out / 'runs'}"):
             t0 = time.monotonic()
             _train_base(cfg.augment, [], tok, rnd / "augment", "random", cfg.seed + 7, random_only=True)
             history = _compose(cfg, out, rnd / "augment", rnd / "bridges", "kv_compose_random")
@@ -476,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                        compose_settings)
     if cfg.lora_ablation:
         lora_settings = {**compose_inputs, **{k: getattr(cfg, k) for k in (
-            "compose_steps", "compose_batch_size", "lora_lr", "compose_weight_decay")}, "bridge_params": bridge_params}
+            "compose_steps", "compose_first_steps", "compose_batch_size", "lora_lr", "compose_weight_decay")},
+            "bridge_params": bridge_params}
         if log.begin("ablation: LoRA on m_B", (out / "ablation_lora" / "adapter_config.json").is_file(),
                      "ablation_lora", lora_settings, out / "ablation_lora"):
             t0 = time.monotonic()
