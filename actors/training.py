@@ -150,8 +150,9 @@ def train_worker(loop_config: dict) -> dict:
             history.append(metrics)
             window.append(metrics)
             if out.get("restarted") and rank == 0:
-                say(f"still on a loss plateau at step {step} (mean of the last 100 steps above "
-                    f"{t.plateau_max_loss}): restart {out['restarts']}/{t.plateau_restarts} from fresh random bridges")
+                say(f"still on a loss plateau at step {step} (mean of the last {trainer.settings.plateau_window} "
+                    f"steps above {t.plateau_max_loss}): restart {out['restarts']}/{t.plateau_restarts} "
+                    f"from fresh random bridges")
             save = step % t.checkpoint_every == 0 or step == t.steps or out.get("restarted", False)
             if save or step % t.log_every == 0 or len(history) == 1:
                 report = {**metrics, "loss_mean": sum(m["loss"] for m in window) / len(window),

@@ -34,7 +34,7 @@ import yaml
 from composition.checkpoint import atomic_folder
 from composition.training import TrainSettings
 from jobs.kv_data import KVSettings, KVWorld, build_tokenizer, read_jsonl, write_jsonl
-from jobs.kv_lib import PlainLM, encode_rows, exact_match, fmt_time, llama, train
+from jobs.kv_lib import PlainLM, compose_warmup, encode_rows, exact_match, fmt_time, llama, train
 
 STAGES = ("data", "augment", "anchor", "compose", "ablations", "evaluate")
 TASKS = ("sub", "num", "kvar")
@@ -134,10 +134,9 @@ class StageLog:
         """
         elapsed = fmt_time(time.monotonic() - self.started)
         if done and key and inputs is not None:
-            recorded = self.records.get(key, {}).get("inputs")
-            if recorded is not None and recorded != _plain(inputs):
-                changed = sorted(k for k in set(recorded) | set(_plain(inputs))
-                                 if recorded.get(k) != _plain(inputs).get(k))
+            recorded, now = self.records.get(key, {}).get("inputs"), _plain(inputs)
+            if recorded is not None and recorded != now:
+                changed = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
                 raise SystemExit(
                     f"error: stage {name} in {self.path.parent} ran with other settings ({', '.join(changed)} "
                     f"changed). Delete {folder} to run it again with this config, or set a new 'output'.")
@@ -205,7 +204,7 @@ def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, nam
                      "max_length": 2 * cfg.keys.max_terms + 2},  # n keys, n - 1 ops, "=", result, eos
             "training": {"steps": steps, "batch_size": cfg.compose_batch_size, "lr": cfg.compose_lr,
                          "weight_decay": cfg.compose_weight_decay,
-                         "warmup_steps": min(50, steps // 10), "checkpoint_every": 100,
+                         "warmup_steps": compose_warmup(steps), "checkpoint_every": 100,
                          "seed": cfg.seed, "log_every": 25},
             "ray": {"num_workers": cfg.ray_workers, "cpus_per_worker": 0.5, "augment_actors": 1,
                     "cpus_per_augment_actor": 0.5},
@@ -262,7 +261,7 @@ def _lora(cfg: ExperimentConfig, out: Path, tok, bridge_params: int) -> dict:
                   ("compose_train.jsonl", cfg.compose_steps - cfg.compose_first_steps, "ablation_lora.ckpt")]
     history = []
     for data_file, steps, ckpt in phases:
-        settings = TrainSettings(lr=cfg.lora_lr, steps=steps, warmup_steps=min(50, steps // 10),
+        settings = TrainSettings(lr=cfg.lora_lr, steps=steps, warmup_steps=compose_warmup(steps),
                                  weight_decay=cfg.compose_weight_decay)
         rows = read_jsonl(out / "data" / data_file)
         offset = len(history)
@@ -450,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     # 4. composition through the Ray Train job
     compose_settings = {**compose_inputs, **{k: getattr(cfg, k) for k in (
         "compose_steps", "compose_first_steps", "compose_batch_size", "compose_lr", "compose_weight_decay",
-        "compose_plateau_check_step",
-        "compose_plateau_max_loss", "compose_plateau_restarts", "composition", "ray_workers")}}
+        "compose_plateau_check_step", "compose_plateau_max_loss", "compose_plateau_restarts", "composition",
+        "ray_workers")}}
     # what to delete to compose again: the bridges of both phases and the Ray runs (a job resumes from those)
     compose_folders = f"{out / 'bridges'}, {out / 'bridges_first'} and {out / 'runs'}"
     if log.begin("compose", (out / "bridges" / "bridges.safetensors").is_file(), "compose", compose_settings,

@@ -101,6 +101,11 @@ class PlainLM(nn.Module):
 
 
 # ---------------------------------------------------------------- training with progress and resume
+def compose_warmup(steps: int) -> int:
+    """Warmup steps of a bridge (or LoRA) training run of ``steps`` steps: the experiment's one rule."""
+    return min(50, steps // 10)
+
+
 def fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s"

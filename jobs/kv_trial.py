@@ -29,7 +29,7 @@ import yaml
 from composition import ComposedModel, CompositionConfig, load_causal_lm
 from composition.training import TrainSettings
 from jobs.kv_data import KVWorld
-from jobs.kv_lib import encode_rows, exact_match, train
+from jobs.kv_lib import compose_warmup, encode_rows, exact_match, train
 
 DEFAULT_COMPOSITION = "{mappings: [{pairs: [[0, 0]]}], window: 1, proj_hidden: 256, gate: retrieved}"
 
@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         composition = CompositionConfig.from_dict(yaml.safe_load(args.composition))
     except (ValueError, TypeError, yaml.YAMLError) as e:
         p.error(f"--composition: {e}")
+    try:  # checked before any model is loaded
+        settings = TrainSettings(lr=args.lr, steps=args.steps, warmup_steps=compose_warmup(args.steps),
+                                 weight_decay=args.weight_decay, plateau_check_step=args.plateau_check_step,
+                                 plateau_max_loss=args.plateau_max_loss, plateau_restarts=args.plateau_restarts)
+    except ValueError as e:
+        p.error(str(e).replace("plateau_", "--plateau-").replace("_", "-"))
     torch.set_num_threads(args.threads)
 
     from transformers import AutoTokenizer
@@ -88,12 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[trial] {model.num_bridge_parameters():,} bridge parameters; {len(compose_keys)} composition keys, "
           f"{len(eval_keys)} evaluation keys", flush=True)
     start = time.monotonic()
-    try:
-        settings = TrainSettings(lr=args.lr, steps=args.steps, warmup_steps=min(50, args.steps // 10),
-                                 weight_decay=args.weight_decay, plateau_check_step=args.plateau_check_step,
-                                 plateau_max_loss=args.plateau_max_loss, plateau_restarts=args.plateau_restarts)
-    except ValueError as e:
-        p.error(str(e).replace("plateau_", "--plateau-").replace("_", "-"))
     history = train(model, encode_rows(tok, rows), settings, args.batch_size, tok.pad_token_id, args.seed,
                     label="trial", log_every=100, device=args.device)
     train_s = time.monotonic() - start
