@@ -78,8 +78,8 @@ class KVWorld:
                 min_terms: int | None = None, max_terms: int | None = None) -> dict:
         """One ``{"task", "prompt", "completion"}`` row; ``keys`` restricts which keys appear,
         ``min_terms`` and ``max_terms`` (default: the settings') the expression's length."""
-        if task == "num":
-            expr, _, result = self._expression(rng, None)
+        if task == "num":  # numbers in place of keys; the length bounds apply too
+            expr, _, result = self._expression(rng, None, min_terms, max_terms)
             return {"task": task, "prompt": f"{expr} =", "completion": result}
         expr, substituted, result = self._expression(rng, keys, min_terms, max_terms)
         completion = substituted if task == "sub" else result

@@ -77,6 +77,17 @@ def test_expressions_are_correct():
             kvar["completion"])  # noqa: S307
 
 
+def test_every_task_honours_the_length_bounds():
+    # numeric rows too: an m_B probe on 2-term expressions once silently got 3-6 terms (docs/kv_experiment.md)
+    world = KVWorld.create(KVSettings(num_keys=100, min_terms=3, max_terms=6, seed=2))
+    rng = random.Random(1)
+    for task in ("num", "sub", "kvar"):
+        rows = [world.example(task, rng, world.compose_keys, min_terms=2, max_terms=2) for _ in range(20)]
+        assert {len(r["prompt"].rstrip(" =").split()) for r in rows} == {3}, task  # a, op, b
+    default = [world.example("num", rng) for _ in range(200)]
+    assert {len(r["prompt"].rstrip(" =").split()) for r in default} == {5, 7, 9, 11}  # the settings' 3-6 terms
+
+
 def test_every_key_and_number_is_one_token():
     world = KVWorld.create(KVSettings(num_keys=50, seed=0))
     tok = build_tokenizer(world)
