@@ -63,6 +63,10 @@ class ExperimentConfig:
     keys: KVSettings = field(default_factory=KVSettings)
     augment: ModelSpec = field(default_factory=ModelSpec)
     anchor: ModelSpec = field(default_factory=ModelSpec)
+    # m_B's numeric training expressions: anchor_min_terms to keys.max_terms terms (None: keys.min_terms, as
+    # evaluated). Shorter expressions let the composition data hold short KV-arithmetic expressions too, whose
+    # answers depend on one or two keys (docs/kv_experiment.md, sixth session)
+    anchor_min_terms: int | None = None
     compose_examples: int = 50_000
     anchor_task_fraction: float = 0.3
     compose_steps: int = 1000
@@ -108,6 +112,12 @@ class ExperimentConfig:
         except TypeError as e:
             raise SystemExit(f"error: {path}: {e}; see ModelSpec and KVSettings in jobs/ for the valid keys")
         cfg = cls(**raw)
+        for key in ("anchor_min_terms", "compose_min_terms", "compose_max_terms", "compose_first_min_terms",
+                    "compose_first_max_terms"):
+            value = getattr(cfg, key)
+            if value is not None and not (isinstance(value, int) and 1 <= value <= cfg.keys.max_terms):
+                raise SystemExit(f"error: {path}: {key} must be an integer from 1 to keys.max_terms "
+                                 f"({cfg.keys.max_terms}), or null; got {value!r}")
         if cfg.compose_first_steps and not (0 < cfg.compose_first_steps < cfg.compose_steps
                                             and cfg.compose_first_min_terms):
             raise SystemExit(f"error: {path}: compose_first_steps ({cfg.compose_first_steps}) must be below "
@@ -395,14 +405,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. data
     data_inputs = {"keys": cfg.keys, "augment_examples": cfg.augment.examples, "anchor_examples": cfg.anchor.examples,
-                   "eval_examples": cfg.eval_examples, "seed": cfg.seed}
+                   "anchor_min_terms": cfg.anchor_min_terms, "eval_examples": cfg.eval_examples, "seed": cfg.seed}
     if log.begin("data", (data / "keys.json").is_file(), "data", data_inputs, data):
         t0 = time.monotonic()
         world = KVWorld.create(cfg.keys)
         tok = build_tokenizer(world)
         write_jsonl(world.examples("sub", cfg.augment.examples, cfg.seed + 1, list(world.values)),
                     data / "augment_train.jsonl")
-        write_jsonl(world.examples("num", cfg.anchor.examples, cfg.seed + 2), data / "anchor_train.jsonl")
+        write_jsonl(world.examples("num", cfg.anchor.examples, cfg.seed + 2, min_terms=cfg.anchor_min_terms),
+                    data / "anchor_train.jsonl")
         for task in TASKS:
             keys = world.heldout_keys if task != "num" else None
             rows = world.evaluation_examples(task, cfg.eval_examples, cfg.seed, keys)
@@ -438,11 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     # 2-3. the two models, from scratch
     for role, spec, task_file in (("augment", cfg.augment, "augment_train.jsonl"),
                                   ("anchor", cfg.anchor, "anchor_train.jsonl")):
-        if log.begin(role, (out / role / "config.json").is_file(), role, spec, out / role):
+        # the anchor's recorded settings include its data's expression lengths (absent = the default, None)
+        inputs = {**asdict(spec), "min_terms": cfg.anchor_min_terms} if role == "anchor" else spec
+        if log.begin(role, (out / role / "config.json").is_file(), role, inputs, out / role):
             t0 = time.monotonic()
             history = _train_base(spec, read_jsonl(data / task_file), tok, out / role, role,
                                   cfg.seed + (1 if role == "anchor" else 0))
-            log.record(role, {"wall_s": round(time.monotonic() - t0, 1), "history": history}, spec)
+            log.record(role, {"wall_s": round(time.monotonic() - t0, 1), "history": history}, inputs)
         if log.stop(role):
             return 0
 
