@@ -118,6 +118,10 @@ class ExperimentConfig:
             if value is not None and not (isinstance(value, int) and 1 <= value <= cfg.keys.max_terms):
                 raise SystemExit(f"error: {path}: {key} must be an integer from 1 to keys.max_terms "
                                  f"({cfg.keys.max_terms}), or null; got {value!r}")
+        for prefix in ("compose", "compose_first"):
+            low, high = getattr(cfg, f"{prefix}_min_terms"), getattr(cfg, f"{prefix}_max_terms")
+            if low is not None and high is not None and low > high:
+                raise SystemExit(f"error: {path}: {prefix}_min_terms ({low}) is above {prefix}_max_terms ({high})")
         if cfg.compose_first_steps and not (0 < cfg.compose_first_steps < cfg.compose_steps
                                             and cfg.compose_first_min_terms):
             raise SystemExit(f"error: {path}: compose_first_steps ({cfg.compose_first_steps}) must be below "

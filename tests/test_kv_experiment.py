@@ -107,6 +107,9 @@ def test_config_errors_name_the_key(tmp_path):
     bad.write_text(yaml.safe_dump({"anchor_min_terms": 0}))
     with pytest.raises(SystemExit, match=r"anchor_min_terms must be an integer from 1 to keys.max_terms \(6\)"):
         ExperimentConfig.load(str(bad))
+    bad.write_text(yaml.safe_dump({"compose_min_terms": 5, "compose_max_terms": 3}))
+    with pytest.raises(SystemExit, match=r"compose_min_terms \(5\) is above compose_max_terms \(3\)"):
+        ExperimentConfig.load(str(bad))
 
 
 def test_a_finished_stage_is_not_reused_with_other_settings(tmp_path):
