@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -53,8 +53,9 @@ class ServingArgs(BaseModel):
     max_retries: int = 2  # resumes of a request whose anchor replica died
     augment_retry_s: float = 30.0  # how long an engine keeps trying to reach an augmenting replica
     torch_threads: int | None = None  # torch.set_num_threads in each replica (None: torch's default)
-    model_thread: bool = False  # run model calls in a worker thread (keeps the replica's loop free during
-    # long CPU forwards); off by default: for small or GPU models the thread hop and GIL contention cost more
+    # anchor model calls in a worker thread, so each step's augmenting call runs during the anchor's layers
+    # below its first bridge; "auto": when there are such layers (the first bridge above the anchor's input)
+    model_thread: bool | Literal["auto"] = "auto"
 
     @field_validator("augments", mode="before")
     @classmethod
@@ -68,6 +69,16 @@ class ServingArgs(BaseModel):
         if not v:
             raise ValueError("give at least one augmenting model folder")
         return v
+
+    @field_validator("model_thread", mode="before")
+    @classmethod
+    def _model_thread(cls, v):
+        words = {"auto": "auto", "true": True, "false": False}
+        if isinstance(v, bool) or v == "auto":
+            return v
+        if isinstance(v, str) and v.lower() in words:
+            return words[v.lower()]
+        raise ValueError(f"model_thread is true, false or auto, got {v!r}")
 
     @field_validator("dtype")
     @classmethod

@@ -80,6 +80,18 @@ def model_shell(path: str):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
 
 
+def anchor_model_thread(setting: bool | str, model) -> bool:
+    """Whether an anchor replica runs its model calls in a worker thread (``ServingArgs.model_thread``).
+
+    "auto": yes when the anchor has layers below its first bridge. The engine then runs them while the
+    step's augmenting call is in flight (``DecodeEngine._forward_with``); with a bridge at the anchor's
+    input there is nothing to overlap, and the thread hop would only cost.
+    """
+    if setting != "auto":
+        return bool(setting)
+    return min(link.anchor_index for link in model.links) > 0
+
+
 def model_context(paths: list[str]) -> int:
     """The smallest max_position_embeddings (or n_positions) among the models' configs."""
     from transformers import AutoConfig
@@ -113,7 +125,7 @@ class AugmentDeployment:
         self.index = index
         self.encoder = AugmentEncoder(model, indices)
         self.lock = threading.Lock()  # one model call at a time: the encoder's hooks hold per-call state
-        self.model_thread = settings.model_thread
+        self.model_thread = settings.model_thread is True  # "auto" is about the anchor's overlap: not here
 
     async def _run(self, fn, *args):
         return await asyncio.to_thread(fn, *args) if self.model_thread else fn(*args)
@@ -212,8 +224,12 @@ class AnchorDeployment:
         self.engine_id = f"engine-{replica}-{uuid.uuid4().hex[:8]}"
         context = settings.max_context or model_context([settings.anchor, *settings.augments])
         client = ServeAugments(list(augments), self.engine_id, settings.device, settings.augment_retry_s)
+        model_thread = anchor_model_thread(settings.model_thread, model)
+        log.info("anchor engine %s: model calls %s", self.engine_id,
+                 "in a worker thread (augmenting calls overlap the anchor's layers below its first bridge)"
+                 if model_thread else "on the replica's event loop")
         self.engine = DecodeEngine(model, client, settings.max_batch_size, context,
-                                   pad_id=anchor.config.pad_token_id or 0, model_thread=settings.model_thread)
+                                   pad_id=anchor.config.pad_token_id or 0, model_thread=model_thread)
 
     async def generate(self, request: dict):
         """Stream ``{"token_ids": [...], "finish_reason": ...}`` chunks for one request."""
@@ -227,7 +243,8 @@ class AnchorDeployment:
             await stream.aclose()
 
     async def stats(self) -> dict:
-        return {"engine_id": self.engine_id, **self.engine.stats(), "augment_retries": self.engine.augments.retries}
+        return {"engine_id": self.engine_id, **self.engine.stats(), "augment_retries": self.engine.augments.retries,
+                "model_thread": self.engine.model_thread}
 
 
 # ---------------------------------------------------------------------- HTTP ingress

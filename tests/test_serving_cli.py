@@ -19,7 +19,8 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from tests.test_serving import free_port, wait_until  # noqa: E402
-from tests.test_serving_pair import build_pair  # noqa: E402
+from composition.loading import load_tokenizer  # noqa: E402
+from tests.test_serving_pair import build_pair, load_in_process, reference_completion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "calm-cli"
@@ -30,7 +31,9 @@ def test_python_m_jobs_serve_runs_a_config_and_stops_only_its_app_on_ctrl_c(ray_
         ray.init(address=ray_cluster.address, namespace="serve")
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # keeps a running instance as it is
     port = serve.context._get_global_client().http_config.port
-    pair = build_pair(tmp_path / "pair")
+    # bridges above the anchor's input: model_thread "auto" (the default) takes the overlapping worker-thread path
+    pair = build_pair(tmp_path / "pair", pairs=((2, 2), (4, 4)))
+    model, tok = load_in_process(pair), load_tokenizer(pair.anchor)
 
     config = yaml.safe_load((ROOT / "configs/serve_tiny.yaml").read_text())
     config["http_options"]["port"] = port
@@ -56,8 +59,13 @@ def test_python_m_jobs_serve_runs_a_config_and_stops_only_its_app_on_ctrl_c(ray_
 
         wait_until(healthy, 180, "the CLI's application to answer", interval=1)
         wait_until(lambda: "serving calm-cli on" in (tmp_path / "serve.log").read_text(), 60, "the CLI's ready line")
-        r = httpx.post(f"{url}/v1/completions", json={"model": "cli", "prompt": "hello", "max_tokens": 5}, timeout=60)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        r = httpx.post(f"{url}/v1/completions", json={"model": "cli", "prompt": "hello", "max_tokens": 12,
+                                                      "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        want = reference_completion(model, tok, tok("hello")["input_ids"], 12)
+        assert r.json()["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
+        stats = serve.get_deployment_handle("Anchor", app_name=APP).stats.remote().result(timeout_s=60)
+        assert stats["model_thread"] is True
     finally:
         proc.send_signal(signal.SIGINT)
         try:  # deleting the app waits for its replicas to drain: slow on two busy cores

@@ -68,6 +68,7 @@ MISTAKES = [
     (["http_options", "hots"], "0.0.0.0", "did you mean 'host'?"),
     (["proxy_locaton"], "EveryNode", "did you mean 'proxy_location'?"),
     (ANCHOR + ["autoscaling_config", "min_replicas"], "one", "min_replicas"),
+    (["applications", 0, "args", "model_thread"], "sometimes", "model_thread is true, false or auto"),
 ]
 
 
@@ -108,3 +109,25 @@ def test_relative_model_paths_are_taken_from_the_project_root(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)  # replicas do not run in the caller's directory
     args = ServingArgs.from_dict({"anchor": "configs", "augments": ["configs"], "bridges": "configs"}).resolved()
     assert args.anchor == str(ROOT / "configs")
+
+
+@pytest.mark.parametrize("given, expected", [(None, "auto"), ("auto", "auto"), (True, True), ("false", False)])
+def test_model_thread_is_auto_unless_set(given, expected):
+    args = {"anchor": "a", "augments": ["b"], "bridges": "d"} | ({} if given is None else {"model_thread": given})
+    assert ServingArgs.from_dict(args).model_thread == expected
+
+
+@pytest.mark.parametrize("pairs, setting, expected", [
+    ([(0, 0), (2, 2)], "auto", False),  # a bridge at the anchor's input: no layers to overlap with the call
+    ([(1, 2), (2, 4)], "auto", True),   # anchor layers 0-1 run while the augmenting call is in flight
+    ([(1, 2)], False, False),
+    ([(0, 0)], True, True),
+])
+def test_auto_model_thread_follows_the_anchors_first_bridge(pairs, setting, expected):
+    from actors.serving import anchor_model_thread
+    from composition import ComposedModel, CompositionConfig, LayerMapping
+    from tests.tiny_models import tiny
+
+    model = ComposedModel(tiny("llama", layers=4), [tiny("llama", hidden=16, layers=2, seed=1)],
+                          CompositionConfig(mappings=[LayerMapping(pairs=pairs)]))
+    assert anchor_model_thread(setting, model) is expected

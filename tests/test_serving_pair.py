@@ -57,8 +57,12 @@ def _llama(hidden: int, layers: int, heads: int, vocab: int, context: int, seed:
 
 
 def build_pair(folder: str | Path, anchor_hidden: int = 64, anchor_layers: int = 4, augment_hidden: int = 32,
-               augment_layers: int = 4, context: int = 512, seed: int = 0) -> Pair:
-    """Write anchor/, augment/, bridges/ and tokenizer_no_template/ under ``folder``."""
+               augment_layers: int = 4, context: int = 512, seed: int = 0,
+               pairs: tuple = ((0, 0), (2, 2), (4, 4))) -> Pair:
+    """Write anchor/, augment/, bridges/ and tokenizer_no_template/ under ``folder``.
+
+    ``pairs``: the bridges' (augment_index, anchor_index); the default's first bridge is at the anchor's input.
+    """
     folder = Path(folder)
     tok = make_char_tokenizer()
     vocab = len(tok)
@@ -68,7 +72,7 @@ def build_pair(folder: str | Path, anchor_hidden: int = 64, anchor_layers: int =
         model.save_pretrained(folder / name)
         tok.save_pretrained(folder / name)
     make_char_tokenizer(chat_template=None).save_pretrained(folder / "tokenizer_no_template")
-    mapping = LayerMapping(pairs=[(0, 0), (2, 2), (4, 4)])
+    mapping = LayerMapping(pairs=[tuple(p) for p in pairs])
     composed = ComposedModel(anchor, [augment], CompositionConfig(mappings=[mapping]))
     torch.manual_seed(seed + 2)
     with torch.no_grad():
