@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (pair / part).exists():
             p.error(f"{pair / part} does not exist: --pair takes a folder written by jobs.kv_arithmetic")
     world = KVWorld.load(pair / "data")
+    lo = args.compose_min_terms if args.compose_min_terms is not None else world.settings.min_terms
+    hi = args.compose_max_terms if args.compose_max_terms is not None else world.settings.max_terms
+    if not 1 <= lo <= hi <= world.settings.max_terms:
+        p.error(f"--compose-min-terms {lo} and --compose-max-terms {hi} must satisfy 1 <= min <= max <= "
+                f"{world.settings.max_terms} (the pair's longest expression)")
     if not 0 <= args.extra_keys < len(world.heldout_keys):
         p.error(f"--extra-keys must be in [0, {len(world.heldout_keys)}) (the held-out keys), got {args.extra_keys}")
     try:
