@@ -222,7 +222,8 @@ def test_kv_trial_names_a_wrong_pair_folder(tmp_path):
     assert "does not exist: --pair takes a folder written by jobs.kv_arithmetic" in run.stderr
 
 
-@pytest.mark.parametrize("flags", [["--compose-min-terms", "0"], ["--compose-min-terms", "5", "--compose-max-terms", "4"],
+@pytest.mark.parametrize("flags", [["--compose-min-terms", "0"],
+                                   ["--compose-min-terms", "5", "--compose-max-terms", "4"],
                                    ["--compose-max-terms", "99"]])
 def test_kv_trial_refuses_a_term_range_the_pair_cannot_make(flags):
     run = subprocess.run([sys.executable, "-m", "jobs.kv_trial", "--pair", str(ROOT / "assets" / "kv_pair"), *flags],
