@@ -73,11 +73,12 @@ class ServingArgs(BaseModel):
     @field_validator("model_thread", mode="before")
     @classmethod
     def _model_thread(cls, v):
-        words = {"auto": "auto", "true": True, "false": False}
-        if isinstance(v, bool) or v == "auto":
+        words = {"auto": "auto", **dict.fromkeys(("true", "yes", "on", "1"), True),
+                 **dict.fromkeys(("false", "no", "off", "0"), False)}
+        if isinstance(v, bool):
             return v
-        if isinstance(v, str) and v.lower() in words:
-            return words[v.lower()]
+        if isinstance(v, (str, int)) and str(v).lower() in words:  # also `serve run ... model_thread=1`
+            return words[str(v).lower()]
         raise ValueError(f"model_thread is true, false or auto, got {v!r}")
 
     @field_validator("dtype")

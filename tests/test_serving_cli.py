@@ -40,6 +40,7 @@ def test_python_m_jobs_serve_runs_a_config_and_stops_only_its_app_on_ctrl_c(ray_
     app = config["applications"][0]
     app.update(name=APP, route_prefix="/cli")
     app["args"].update(anchor=pair.anchor, augments=[pair.augment], bridges=pair.bridges, model_name="cli")
+    app["args"].pop("model_thread", None)  # the default, auto, is under test
     for d in app["deployments"]:
         d["ray_actor_options"] = {"num_cpus": 0.1}
     path = tmp_path / "serve_tiny.yaml"

@@ -111,10 +111,18 @@ def test_relative_model_paths_are_taken_from_the_project_root(tmp_path, monkeypa
     assert args.anchor == str(ROOT / "configs")
 
 
-@pytest.mark.parametrize("given, expected", [(None, "auto"), ("auto", "auto"), (True, True), ("false", False)])
+@pytest.mark.parametrize("given, expected", [(None, "auto"), ("auto", "auto"), ("AUTO", "auto"), (True, True),
+                                             ("True", True), ("false", False), (1, True), ("0", False)])
 def test_model_thread_is_auto_unless_set(given, expected):
     args = {"anchor": "a", "augments": ["b"], "bridges": "d"} | ({} if given is None else {"model_thread": given})
-    assert ServingArgs.from_dict(args).model_thread == expected
+    got = ServingArgs.from_dict(args).model_thread
+    assert got == expected and type(got) is type(expected)  # True, not 1
+
+
+@pytest.mark.parametrize("bad", ["sometimes", 2, 0.5])
+def test_a_model_thread_that_is_not_true_false_or_auto_is_refused(bad):
+    with pytest.raises(ServeConfigError, match="model_thread is true, false or auto"):
+        ServingArgs.from_dict({"anchor": "a", "augments": ["b"], "bridges": "d", "model_thread": bad})
 
 
 @pytest.mark.parametrize("pairs, setting, expected", [
