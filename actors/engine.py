@@ -281,9 +281,20 @@ class DecodeEngine:
         else:
             select_rows(self._cache, torch.tensor(keep, dtype=torch.long, device=self.device))
 
-    def _emit(self, rows: list[_Row], next_ids: list[int]) -> None:
+    def _emit(self, rows: list[_Row], next_ids: list[int | Exception]) -> None:
+        """Hand each row its next token; a row whose token could not be made (an exception) fails alone.
+
+        Failed rows are marked done here and leave the batch cache at the caller's ``_compact``.
+        """
         for row, token in zip(rows, next_ids):
             if row.done:
+                continue
+            if isinstance(token, Exception):
+                log.warning("request %s failed: %s", row.request.request_id, token)
+                row.done = True
+                row.queue.put_nowait(RequestFailed(f"generation failed: {token}"))
+                self._by_id.pop(row.request.request_id, None)
+                self.counters["failed"] += 1
                 continue
             row.tokens.append(token)
             row.generated += 1
@@ -297,14 +308,24 @@ class DecodeEngine:
             if finish is not None or row.cancelled:
                 self._finish(row, cancelled=row.cancelled and finish is None)
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """Next token per row from last-position logits [rows, vocab]; each row uses its own settings."""
-        next_ids = logits.argmax(dim=-1)
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int | Exception]:
+        """Next token per row from last-position logits [rows, vocab]; each row uses its own settings.
+
+        A row whose logits are not finite, or whose sampler fails, gets the exception instead of a token:
+        one request's failure never reaches the other rows of the batch.
+        """
+        next_ids: list[int | Exception] = logits.argmax(dim=-1).tolist()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         for i, row in enumerate(rows):
             r = row.request
-            if r.temperature > 0:
-                next_ids[i] = sample_next(logits[i : i + 1], True, r.temperature, 0, r.top_p, row.generator)[0]
-        return next_ids.tolist()
+            try:
+                if not finite[i]:
+                    raise ValueError("the model produced non-finite logits (NaN or inf) for this request")
+                if r.temperature > 0:
+                    next_ids[i] = int(sample_next(logits[i : i + 1], True, r.temperature, 0, r.top_p, row.generator)[0])
+            except Exception as e:  # noqa: BLE001 - this row's failure is reported to this row only
+                next_ids[i] = e
+        return next_ids
 
     # ------------------------------------------------------------------ model calls
     async def _prefill(self, rows: list[_Row]) -> None:

@@ -30,10 +30,23 @@ def sample_next(
     top_p: float,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Next token ids [batch] from last-position logits [batch, vocab]."""
+    """Next token ids [batch] from last-position logits [batch, vocab].
+
+    Sampling runs on ``(logits - max) / temperature`` in float64: the largest logit is 0 and every other
+    one is <= 0, and any positive Python float stays positive in float64 (in float32, 2.4e-78 rounds to 0),
+    so no temperature > 0, however small, overflows to inf or makes a NaN. As the
+    temperature goes to 0 the distribution goes to the argmax (uniform over exact ties), which is what
+    such a temperature means. Logits that are not finite (NaN, +-inf in a row) raise ``ValueError``:
+    no token can be drawn from them, and a caller serving several rows fails that row alone.
+    """
     if not do_sample or temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.double()
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(f"the model produced non-finite logits (NaN or inf) in row(s) {rows}: no token can be sampled")
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

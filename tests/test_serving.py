@@ -316,6 +316,32 @@ def test_sixteen_concurrent_clients_all_get_their_own_greedy_answer(server, refe
     assert after["failed"] == before["failed"]
 
 
+def test_near_zero_temperatures_among_greedy_streams_leave_every_stream_its_solo_answer(server, reference):
+    # temperature 3e-38 (inside the documented 0..2) used to make NaN and fail every running request
+    prompts = PROMPTS[:8]
+    want = _expected_for(reference, prompts, 20)
+    before = anchor_stats()
+
+    async def tiny(http, t):
+        body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 20, "temperature": t, "seed": 5}
+        r = await http.post(f"{server}/v1/completions", json=body)
+        return r.status_code, r.json()
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.wait_for(asyncio.gather(
+                *(_complete(http, server, p, 20, stream=True) for p in prompts),
+                *(tiny(http, t) for t in (3e-38, 2.4e-78, 5e-324))), timeout=180)
+
+    results = asyncio.run(main())
+    goods, tinies = results[: len(prompts)], results[len(prompts):]
+    assert goods == [(200, text) for text in want]
+    greedy = _expected_for(reference, [PROMPTS[2]], 20)[0]
+    for status, body in tinies:  # the limit of sampling as t -> 0 is the greedy answer
+        assert status == 200 and body["choices"][0]["text"] == greedy, body
+    assert anchor_stats()["failed"] == before["failed"]
+
+
 def test_a_full_queue_answers_503_quickly_instead_of_hanging(server):
     # Anchor: 8 running + 16 queued at most (see the fixture); 40 long requests at once
     async def main():

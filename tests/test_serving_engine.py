@@ -158,6 +158,51 @@ def test_invalid_requests_are_refused_with_the_reason(model, bad, message):
         asyncio.run(main())
 
 
+# ---------------------------------------------------------------- one request's failure never reaches another
+def test_near_zero_temperatures_decode_as_greedy_and_leave_every_other_row_untouched(model, tok):
+    # 3e-38 overflowed (logits / t) to inf, the softmax to NaN, and torch.multinomial failed the whole batch
+    engine, _ = make_engine(model)
+    good = [tok(p)["input_ids"] for p in PROMPTS]
+    tiny = tok(PROMPTS[2])["input_ids"]
+
+    async def main():
+        goods = [collect(engine, GenerationRequest(p, 12)) for p in good]
+        bads = [collect(engine, GenerationRequest(tiny, 12, temperature=t, seed=1)) for t in (3e-38, 2.4e-78, 1e-45)]
+        return await asyncio.gather(*goods, *bads)
+
+    results = asyncio.run(main())
+    for prompt, (tokens, _) in zip(good, results):
+        assert tokens == reference_completion(model, tok, prompt, 12)
+    for tokens, _ in results[len(good):]:  # the limit of sampling as t -> 0 is the argmax
+        assert tokens == reference_completion(model, tok, tiny, 12)
+    assert engine.counters["failed"] == 0 and engine.counters["max_rows_in_step"] > 1
+
+
+def test_a_request_with_non_finite_logits_fails_alone_and_the_batch_decodes_on(pair, model, tok):
+    poisoned = load_in_process(pair)
+    bad_token = tok.convert_tokens_to_ids("~")
+    with torch.no_grad():  # a real defect in a real model: one embedding row is NaN
+        poisoned.anchor.get_input_embeddings().weight[bad_token] = float("nan")
+    rows = AugmentRows(poisoned.encoders[0], augment=0, pad_id=0, lock=threading.Lock())
+    engine = DecodeEngine(poisoned, LocalAugments([rows]), max_batch_size=8, max_context=512)
+    good = [tok(p)["input_ids"] for p in PROMPTS if "~" not in p]
+    bad = tok("read ~ this")["input_ids"]
+    assert bad_token in bad and all(bad_token not in p for p in good)
+
+    async def main():
+        async def bad_one(delay, **sampling):
+            await asyncio.sleep(delay)  # once joining the first prefill wave, once a batch already decoding
+            with pytest.raises(RequestFailed, match="non-finite logits"):
+                await collect(engine, GenerationRequest(bad, 12, **sampling))
+        goods = [collect(engine, GenerationRequest(p, 16)) for p in good]
+        return await asyncio.gather(*goods, bad_one(0), bad_one(0.05, temperature=0.7, seed=3))
+
+    results = asyncio.run(main())
+    for prompt, (tokens, _) in zip(good, results):
+        assert tokens == reference_completion(model, tok, prompt, 16)
+    assert engine.counters["failed"] == 2 and engine.stats()["running"] == 0
+
+
 # ---------------------------------------------------------------- overlap of the augmenting call with the anchor
 class ObservedAugments(LocalAugments):
     """LocalAugments whose calls answer only once the anchor's layers below its first bridge ran
