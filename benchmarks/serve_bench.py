@@ -137,8 +137,8 @@ def serve_app(pair, args) -> tuple[str, str]:
     import ray
     from ray import serve
 
-    from actors.serve_config import ServingArgs
-    from actors.serving import build_app
+    from actors.serve.config import ServingArgs
+    from actors.serve.deployments import build_app
 
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, namespace="serve",
              num_gpus=1 if args.device == "cuda" else 0, log_to_driver=False)
@@ -195,7 +195,7 @@ def make_pair(args) -> dict:
     if args.pair:
         base = Path(args.pair)
         return {"anchor": str(base / "anchor"), "augment": str(base / "augment"), "bridges": str(base / "bridges")}
-    from tests.test_serving_pair import build_pair
+    from tests.fixtures import build_pair
 
     folder = Path(tempfile.mkdtemp(prefix="serve_bench_"))
     if args.size == "smollm2":

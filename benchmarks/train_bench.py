@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 TARGET_RATIO = 0.8
-from tests.tiny_models import CHARS, char_tokenizer  # noqa: E402,F401  (shared with the tests)
+from tests.fixtures import char_tokenizer  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- models and data
@@ -58,7 +58,7 @@ def write_models(root: Path, anchor_hidden: int, anchor_layers: int) -> None:
     for name, (hidden, layers, heads, seed) in specs.items():
         cfg = LlamaConfig(hidden_size=hidden, intermediate_size=-(-(8 * hidden // 3) // 256) * 256,
                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                          vocab_size=64, max_position_embeddings=1024, pad_token_id=0, eos_token_id=1,
+                          vocab_size=len(tok), max_position_embeddings=1024, pad_token_id=0, eos_token_id=1,
                           bos_token_id=2)
         torch.manual_seed(seed)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(root / name)
@@ -67,7 +67,8 @@ def write_models(root: Path, anchor_hidden: int, anchor_layers: int) -> None:
 
 def write_data(path: Path, n: int, length: int) -> None:
     rng = random.Random(0)
-    words = ["".join(rng.choice(CHARS[:36]) for _ in range(rng.randint(2, 8))) for _ in range(500)]
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 8))) for _ in range(500)]
     with open(path, "w") as f:
         for _ in range(n):
             line = ""
@@ -104,9 +105,9 @@ def _summary(tokens: list[int], seconds: list[float], warmup: int) -> dict:
 
 
 def run_in_process(config: dict, warmup: int) -> dict:
-    from actors.train_config import load_config
-    from actors.train_data import prepare_examples
-    from actors.training import build_model
+    from actors.train.config import load_config
+    from actors.train.data import prepare_examples
+    from actors.train.worker import build_model
     from composition.training import BridgeTrainer, TrainSettings
 
     start = time.perf_counter()
@@ -220,7 +221,7 @@ def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
 
-    from actors.train_config import check_files_and_models, load_config
+    from actors.train.config import check_files_and_models, load_config
 
     root = Path(tempfile.mkdtemp(prefix="train_bench_"))
     write_models(root, args.anchor_hidden, args.anchor_layers)

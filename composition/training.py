@@ -13,7 +13,7 @@ weights are broadcast from rank 0, so the frozen models are never wrapped or syn
 
 Plateau restarts: some runs sit on a loss plateau that a fresh initialisation may escape (the key-value
 experiment's bridges left it in about 1 of 3 starts while every composition row held 3-6 keys; the fix
-there was the data, docs/kv_experiment.md). With
+there was the data, experiments/kv_arithmetic/README.md). With
 ``plateau_restarts > 0``, a run whose mean loss over the last 100 steps is still above
 ``plateau_max_loss`` at step ``plateau_check_step`` starts again: new random bridges, a fresh
 optimiser and warmup, step 0, at most ``plateau_restarts`` times. The step that triggers it returns

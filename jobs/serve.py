@@ -13,7 +13,7 @@ A cluster (the config's keys are checked first, since Serve ignores unknown keys
     serve deploy configs/serve.yaml                          # Serve's CLI, without this project's checks
 
 Config files use Serve's ``serve deploy`` format; the application's ``args`` are
-``actors.serve_config.ServingArgs``.
+``actors.serve.config.ServingArgs``.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import signal
 import sys
 import time
 
-from actors.serve_config import ServeConfigError, ServingArgs, load_serve_config
+from actors.serve.config import ServeConfigError, ServingArgs, load_serve_config
 
 
 def app_builder(args: dict):
     """Serve's application builder (``import_path: jobs.serve:app_builder`` with ``args:``)."""
-    from actors.serving import build_app
+    from actors.serve.deployments import build_app
 
     settings = ServingArgs.from_dict(dict(args)).resolved()
     settings.check_paths()
@@ -40,7 +40,7 @@ def run_config(config: dict, address: str | None = None, blocking: bool = True) 
     import ray
     from ray import serve
 
-    from actors.serving import build_app
+    from actors.serve.deployments import build_app
 
     if blocking:
         # A process started in the background by a non-interactive shell (scripts, CI, `cmd &`)

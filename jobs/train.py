@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actors.train_config import TrainConfigError, TrainJobConfig, check_files_and_models, read_config
+from actors.train.config import TrainConfigError, TrainJobConfig, check_files_and_models, read_config
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TrainResult:
 
 def prepare(config) -> tuple[TrainJobConfig, dict, dict]:
     """Everything that runs before any cluster work: the checked config, model facts, token arrays."""
-    from actors.train_data import prepare_examples
+    from actors.train.data import prepare_examples
 
     cfg = config if isinstance(config, TrainJobConfig) else read_config(config)
     facts = check_files_and_models(cfg)
@@ -105,7 +105,7 @@ def _warn_if_cluster_too_small(cfg: TrainJobConfig) -> None:
 
 
 def _export(checkpoint, output: Path) -> None:
-    from actors.training import TRAINER_DIR
+    from actors.train.worker import TRAINER_DIR
     from composition.checkpoint import atomic_folder
 
     with checkpoint.as_directory() as folder:
@@ -133,9 +133,9 @@ def run(config, address: str | None = None) -> TrainResult:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     import ray.data
 
-    from actors.augment import with_augment_states
-    from actors.train_data import cache_manifest, cached_dataset, epochs_needed, estimate_cache_bytes, to_ray_dataset
-    from actors.training import fit
+    from actors.train.augment_pool import with_augment_states
+    from actors.train.data import cache_manifest, cached_dataset, epochs_needed, estimate_cache_bytes, to_ray_dataset
+    from actors.train.worker import fit
 
     started = _connect(address)
     data_context = ray.data.DataContext.get_current()

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m jobs.kv_arithmetic --config configs/kv_quick.yaml
+python -m experiments.kv_arithmetic --config experiments/kv_arithmetic/configs/kv_quick.yaml
 
 echo; echo "=== serving the composed model on http://127.0.0.1:8000 (configs/serve_tiny.yaml)"
 python -m jobs.serve --config configs/serve_tiny.yaml > /tmp/calm-ray-serve.log 2>&1 &

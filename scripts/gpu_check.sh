@@ -2,10 +2,10 @@
 # The project's GPU checks, for a lent GPU machine (docs: ../shared/docs/gpu-checks.md). Each part is
 # one device call of a few minutes; logs and JSON go to $OUT (default ./gpu_out), a table is printed last.
 #
-#   bash scripts/gpu_check.sh kv     # key-value bridges on CUDA: 8 seeds of jobs.kv_trial at once, no
+#   bash scripts/gpu_check.sh kv     # key-value bridges on CUDA: 8 seeds of experiments.kv_arithmetic.trial at once, no
 #                                    # restarts, loss per 100 steps -> how often and when runs leave the plateau.
 #                                    # Needs a trained pair in .gpu/kv_pair (anchor/, augment/, data/keys.json,
-#                                    # data/tokenizer: copy them from a jobs.kv_arithmetic output; carry ".gpu")
+#                                    # data/tokenizer: copy them from a experiments.kv_arithmetic output; carry ".gpu")
 #   bash scripts/gpu_check.sh serve  # benchmarks/serve_bench.py on CUDA, bf16, the "large" shape; needs Ray
 #                                    # from ../shared/tools/gpu-ray-bundle.sh (carry ".raybundle")
 set -uo pipefail
@@ -18,7 +18,7 @@ kv)
     pair=${KV_PAIR:-.gpu/kv_pair}
     steps=${KV_STEPS:-5000}
     run() {  # lr seed: every run's progress lines go into one log (the device returns at most 8 files)
-        python -m jobs.kv_trial --pair "$pair" --device cuda --threads 1 --steps "$steps" --lr "$1" --seed "$2" \
+        python -m experiments.kv_arithmetic.trial --pair "$pair" --device cuda --threads 1 --steps "$steps" --lr "$1" --seed "$2" \
             --eval-examples 500 --out "$OUT/kv_sweep.jsonl" 2>&1 | grep --line-buffered -E "step|exact|rror" | \
             sed -u "s/^/lr $1 seed $2: /" >> "$OUT/kv_sweep.log"
     }

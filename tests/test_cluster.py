@@ -37,7 +37,7 @@ import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from actors.train_config import read_config
+from actors.train.config import read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster.yaml"
@@ -60,7 +60,7 @@ def prepared(raw: dict) -> dict:
 
 # ------------------------------------------------------------------------ resource requests
 def train_requests(cfg) -> list[tuple[str, dict]]:
-    """(what, resources) for every actor a training job starts (as actors/training.py and actors/augment.py
+    """(what, resources) for every actor a training job starts (as actors/train/worker.py and actors/train/augment_pool.py
     ask for them), custom resources included."""
     r = cfg.ray
     worker = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, **r.resources_per_worker}

@@ -19,7 +19,7 @@ from composition import (
 )
 from composition.bridge import cross_model_mask
 from composition.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from tests.tiny_models import VOCAB, tiny
+from tests.fixtures import VOCAB, tiny
 
 FAMILIES = ["llama", "gpt2", "qwen2", "gpt_neox"]
 # (anchor family, augmenting family): every family is an anchor once and an augmenting model once.
@@ -215,7 +215,7 @@ def test_loss_on_labelled_positions_only_equals_the_full_loss_and_its_gradients(
 
 def test_loss_on_labelled_positions_of_a_plain_lm_equals_its_own_loss():
     """The KV experiment's PlainLM (m_A, m_B and the LoRA ablation train through it) uses the same path."""
-    from jobs.kv_lib import PlainLM
+    from experiments.kv_arithmetic.lib import PlainLM
 
     ids = tokens(2, 10)
     labels = torch.full_like(ids, -100)

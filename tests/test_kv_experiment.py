@@ -1,4 +1,4 @@
-"""The key-value experiment (jobs/kv_arithmetic.py): data splits, and the whole pipeline at a tiny scale.
+"""The key-value experiment (experiments/kv_arithmetic/run.py): data splits, and the whole pipeline at a tiny scale.
 
 The pipeline test runs every stage for real (m_A and m_B trained from scratch, bridges through the
 Ray Train job on the session's cluster, both ablations, greedy evaluation, report) with a
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.kv_arithmetic import TASKS, ExperimentConfig
-from jobs.kv_data import KVSettings, KVWorld, build_tokenizer
+from experiments.kv_arithmetic.run import TASKS, ExperimentConfig
+from experiments.kv_arithmetic.data import KVSettings, KVWorld, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_expressions_are_correct():
 
 
 def test_every_task_honours_the_length_bounds():
-    # numeric rows too: an m_B probe on 2-term expressions once silently got 3-6 terms (docs/kv_experiment.md)
+    # numeric rows too: an m_B probe on 2-term expressions once silently got 3-6 terms (experiments/kv_arithmetic/README.md)
     world = KVWorld.create(KVSettings(num_keys=100, min_terms=3, max_terms=6, seed=2))
     rng = random.Random(1)
     for task in ("num", "sub", "kvar"):
@@ -114,7 +114,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_a_finished_stage_is_not_reused_with_other_settings(tmp_path):
     """The data stages in process (--stop-after data, no Ray); a changed setting stops the rerun with the fix."""
-    from jobs.kv_arithmetic import main
+    from experiments.kv_arithmetic.run import main
 
     config = tmp_path / "kv.yaml"
     cfg = {**TINY, "output": str(tmp_path / "out"), "results": str(tmp_path / "r.json")}
@@ -140,7 +140,7 @@ def test_a_finished_stage_is_not_reused_with_other_settings(tmp_path):
 
 def _run(ray_cluster, config: Path, timeout: float = 400):
     """The experiment as a user runs it, connected to the session's cluster (its GCS address)."""
-    return subprocess.run([sys.executable, "-m", "jobs.kv_arithmetic", "--config", str(config)],
+    return subprocess.run([sys.executable, "-m", "experiments.kv_arithmetic", "--config", str(config)],
                           env={**ray_cluster.env, "RAY_ADDRESS": ray_cluster.address}, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -199,10 +199,10 @@ def test_quick_pipeline_end_to_end(ray_cluster, tmp_path):
 
 
 def test_kv_trial_trains_and_evaluates_one_bridge_setting(tmp_path):
-    """jobs.kv_trial on the embedded pair: a few real steps, evaluation on keys outside the composition data."""
+    """experiments.kv_arithmetic.trial on the embedded pair: a few real steps, evaluation on keys outside the composition data."""
     out = tmp_path / "trials.jsonl"
     run = subprocess.run(
-        [sys.executable, "-m", "jobs.kv_trial", "--pair", str(ROOT / "assets" / "kv_pair"), "--steps", "4",
+        [sys.executable, "-m", "experiments.kv_arithmetic.trial", "--pair", str(ROOT / "assets" / "kv_pair"), "--steps", "4",
          "--examples", "300", "--eval-examples", "8", "--extra-keys", "10", "--seed", "3", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -216,17 +216,17 @@ def test_kv_trial_trains_and_evaluates_one_bridge_setting(tmp_path):
 
 
 def test_kv_trial_names_a_wrong_pair_folder(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "jobs.kv_trial", "--pair", str(tmp_path)], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "experiments.kv_arithmetic.trial", "--pair", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
-    assert "does not exist: --pair takes a folder written by jobs.kv_arithmetic" in run.stderr
+    assert "does not exist: --pair takes a folder written by experiments.kv_arithmetic" in run.stderr
 
 
 @pytest.mark.parametrize("flags", [["--compose-min-terms", "0"],
                                    ["--compose-min-terms", "5", "--compose-max-terms", "4"],
                                    ["--compose-max-terms", "99"]])
 def test_kv_trial_refuses_a_term_range_the_pair_cannot_make(flags):
-    run = subprocess.run([sys.executable, "-m", "jobs.kv_trial", "--pair", str(ROOT / "assets" / "kv_pair"), *flags],
+    run = subprocess.run([sys.executable, "-m", "experiments.kv_arithmetic.trial", "--pair", str(ROOT / "assets" / "kv_pair"), *flags],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
     assert "must satisfy 1 <= min <= max <=" in run.stderr

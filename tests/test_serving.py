@@ -21,10 +21,10 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from actors.serve_config import ServingArgs  # noqa: E402
-from actors.serving import build_app  # noqa: E402
+from actors.serve.config import ServingArgs  # noqa: E402
+from actors.serve.deployments import build_app  # noqa: E402
 from composition.loading import load_tokenizer  # noqa: E402
-from tests.test_serving_pair import build_pair, load_in_process, reference_completion  # noqa: E402
+from tests.fixtures import build_pair, load_in_process, reference_completion  # noqa: E402
 
 APP = "calm-test"
 MODEL = "calm-test-model"

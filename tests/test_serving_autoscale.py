@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from tests.test_serving import free_port, wait_until  # noqa: E402
-from tests.test_serving_pair import build_pair  # noqa: E402
+from tests.fixtures import build_pair  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "calm-auto"

@@ -20,7 +20,7 @@ from ray import serve  # noqa: E402
 
 from tests.test_serving import free_port, wait_until  # noqa: E402
 from composition.loading import load_tokenizer  # noqa: E402
-from tests.test_serving_pair import build_pair, load_in_process, reference_completion  # noqa: E402
+from tests.fixtures import build_pair, load_in_process, reference_completion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "calm-cli"

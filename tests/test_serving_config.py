@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from actors.serve_config import ServeConfigError, ServingArgs, check_serve_config
+from actors.serve.config import ServeConfigError, ServingArgs, check_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,9 +132,9 @@ def test_a_model_thread_that_is_not_true_false_or_auto_is_refused(bad):
     ([(0, 0)], True, True),
 ])
 def test_auto_model_thread_follows_the_anchors_first_bridge(pairs, setting, expected):
-    from actors.serving import anchor_model_thread
+    from actors.serve.deployments import anchor_model_thread
     from composition import ComposedModel, CompositionConfig, LayerMapping
-    from tests.tiny_models import tiny
+    from tests.fixtures import tiny
 
     model = ComposedModel(tiny("llama", layers=4), [tiny("llama", hidden=16, layers=2, seed=1)],
                           CompositionConfig(mappings=[LayerMapping(pairs=pairs)]))

@@ -13,11 +13,11 @@ import threading
 import pytest
 import torch
 
-from actors.augment_client import LocalAugments
-from actors.augment_rows import AugmentRows
-from actors.engine import DecodeEngine, GenerationRequest, RequestFailed
+from actors.serve.augment_client import LocalAugments
+from actors.serve.augment_rows import AugmentRows
+from actors.serve.engine import DecodeEngine, GenerationRequest, RequestFailed
 from composition.loading import load_tokenizer
-from tests.test_serving_pair import build_pair, load_in_process, reference_completion
+from tests.fixtures import build_pair, load_in_process, reference_completion
 
 PROMPTS = ["The key of door seven is", "a", "Once upon a time, in a land far away,", "xyz 123", "Q: 2+2?\nA:"]
 

@@ -14,13 +14,13 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 
-from actors.augment_client import LocalAugments
-from actors.augment_rows import AugmentRows
-from actors.engine import DecodeEngine, GenerationRequest
-from actors.openai_api import Limits, OpenAIFrontend, TextAssembler
+from actors.serve.augment_client import LocalAugments
+from actors.serve.augment_rows import AugmentRows
+from actors.serve.engine import DecodeEngine, GenerationRequest
+from actors.serve.openai.app import Limits, OpenAIFrontend, TextAssembler
 from composition.loading import load_tokenizer
 from tests.test_serving import free_port, wait_until
-from tests.test_serving_pair import build_pair, load_in_process
+from tests.fixtures import build_pair, load_in_process
 
 
 @pytest.fixture(scope="module")

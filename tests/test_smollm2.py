@@ -24,7 +24,7 @@ from jobs.convert_smollm2 import (
     find_smollm2_gguf,
     is_complete,
 )
-from tests.tiny_models import tiny
+from tests.fixtures import tiny
 
 pytestmark = pytest.mark.slow
 

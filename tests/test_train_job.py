@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import CHARS, char_tokenizer  # noqa: F401
+from tests.fixtures import char_tokenizer
 import torch
 import yaml
 
-from tests.tiny_models import tiny
+from tests.fixtures import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
@@ -39,7 +39,7 @@ def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_pair")
     tok = char_tokenizer()
     for name, hidden, seed in (("anchor", 64, 0), ("augment", 32, 1)):
-        model = tiny("llama", hidden=hidden, layers=4, heads=4, vocab=64, seed=seed)
+        model = tiny("llama", hidden=hidden, layers=4, heads=4, vocab=len(tok), seed=seed)
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     with open(root / "train.jsonl", "w") as f:
@@ -188,7 +188,7 @@ def first_job(ray_cluster, pair, tmp_path_factory):
     ids=lambda v: None if isinstance(v, str) else str(v)[:40],
 )
 def test_invalid_config_is_rejected_with_the_key_and_fix(pair, tmp_path, overrides, message):
-    from actors.train_config import TrainConfigError
+    from actors.train.config import TrainConfigError
     from jobs.train import prepare
 
     root, base = pair
@@ -198,8 +198,8 @@ def test_invalid_config_is_rejected_with_the_key_and_fix(pair, tmp_path, overrid
 
 
 def test_init_bridges_start_the_workers_model_from_saved_bridges_of_the_same_composition(pair, tmp_path):
-    from actors.train_config import TrainConfigError
-    from actors.training import build_model
+    from actors.train.config import TrainConfigError
+    from actors.train.worker import build_model
     from composition.model import ComposedModel
     from jobs.train import prepare
 
@@ -236,7 +236,7 @@ def test_bad_config_fails_before_any_cluster_work(pair, tmp_path):
 def test_augment_encoder_emits_only_selected_layers_as_raw_16_bit(pair):
     import numpy as np
 
-    from actors.augment import AugmentBatchEncoder
+    from actors.train.augment_pool import AugmentBatchEncoder
 
     root, _ = pair
     encoder = AugmentBatchEncoder([str(root / "augment")], [[2, 4]], dtype="bfloat16", device="cpu")
@@ -260,8 +260,8 @@ def ray_client(ray_cluster):
 
 
 def streamed_dataset(cfg, examples):
-    from actors.augment import with_augment_states
-    from actors.train_data import to_ray_dataset
+    from actors.train.augment_pool import with_augment_states
+    from actors.train.data import to_ray_dataset
 
     return with_augment_states(to_ray_dataset(examples, 8), cfg.augments, [[2, 4]], "float32", batch_size=8,
                                max_actors=1, cpus_per_actor=0.5, gpus_per_actor=0)
@@ -269,7 +269,7 @@ def streamed_dataset(cfg, examples):
 
 def test_streamed_states_give_the_in_process_loss(ray_client, pair, tmp_path):
     """Same batch, fp32: bridges fed by the Ray Data actor pool == bridges fed in-process (1e-5)."""
-    from actors.training import build_model, decode_batch
+    from actors.train.worker import build_model, decode_batch
     from jobs.train import prepare
 
     root, base = pair
@@ -295,8 +295,8 @@ def test_streamed_states_give_the_in_process_loss(ray_client, pair, tmp_path):
 def test_activation_cache_is_written_once_and_holds_the_streamed_states(ray_client, pair, tmp_path):
     import numpy as np
 
-    from actors.augment import AugmentBatchEncoder
-    from actors.train_data import cache_manifest, cached_dataset, estimate_cache_bytes
+    from actors.train.augment_pool import AugmentBatchEncoder
+    from actors.train.data import cache_manifest, cached_dataset, estimate_cache_bytes
     from jobs.train import prepare
 
     root, base = pair

@@ -39,11 +39,11 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 
-from actors.augment_client import AugmentClient, AugmentUnavailable
-from actors.augment_rows import AugmentRows
-from actors.engine import DecodeEngine, GenerationRequest
-from actors.openai_api import Limits, OpenAIFrontend
-from actors.serve_config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
+from actors.serve.augment_client import AugmentClient, AugmentUnavailable
+from actors.serve.augment_rows import AugmentRows
+from actors.serve.engine import DecodeEngine, GenerationRequest
+from actors.serve.openai.app import Limits, OpenAIFrontend
+from actors.serve.config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
 from composition.augment import AugmentEncoder
 from composition.checkpoint import fingerprint, read_meta
 from composition.loading import load_causal_lm, load_tokenizer

@@ -6,7 +6,7 @@ One engine runs in each anchor replica. Requests join and leave its batch betwee
         admit waiting requests (up to max_batch_size rows), prefill them together:
             augmenting side: prefill(rows)            -> their hidden states  [new, longest, d_aug]
             anchor + bridges: forward with those states -> first token of each, cache rows
-            merge the new cache rows into the batch cache (left padding, actors.batch_cache)
+            merge the new cache rows into the batch cache (left padding, actors.serve.batch_cache)
         one decode step for every running row:
             augmenting side: step(ids, newest tokens) -> states               [rows, 1, d_aug]
             anchor + bridges: forward one token per row, with the batch cache -> next tokens
@@ -21,7 +21,7 @@ forward starts at once and waits for the states only at that bridge).
 ``generate(request)`` is an async generator of ``{"token_ids": [...], "finish_reason": ...}``
 chunks (``finish_reason`` is None until the last chunk, then "stop" for an end-of-sequence token,
 or "length"); closing it early (a client that went away) frees the request's row at the next step.
-Works without Ray: give it ``actors.augment_client.LocalAugments``.
+Works without Ray: give it ``actors.serve.augment_client.LocalAugments``.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.augment_client import AugmentClient
-from actors.batch_cache import left_pad_rows, merge_composition_caches, select_rows
+from actors.serve.augment_client import AugmentClient
+from actors.serve.batch_cache import left_pad_rows, merge_composition_caches, select_rows
 from composition.cache import CompositionCache
 from composition.generate import sample_next
 

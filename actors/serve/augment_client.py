@@ -1,6 +1,6 @@
 """How a decode engine reaches the augmenting models' ``AugmentRows``: in-process or through Ray Serve.
 
-The engine (``actors.engine.DecodeEngine``) calls three coroutines and gets tensors back:
+The engine (``actors.serve.engine.DecodeEngine``) calls three coroutines and gets tensors back:
 
     states = await client.prefill([(id, tokens), ...])        # per augmenting model {index: [rows, longest, d]}
     states = await client.step(ids, tokens, history)          # per augmenting model {index: [rows, 1, d]}
@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from actors.augment_rows import AugmentRows
+from actors.serve.augment_rows import AugmentRows
 from actors.codec import arrays_to_states
 
 

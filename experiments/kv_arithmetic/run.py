@@ -1,9 +1,9 @@
-"""The CALM key-value experiment, end to end: ``python -m jobs.kv_arithmetic --config configs/kv_quick.yaml``.
+"""The CALM key-value experiment, end to end: ``python -m experiments.kv_arithmetic --config experiments/kv_arithmetic/configs/kv_quick.yaml``.
 
 Stages (each resumable: a finished stage is skipped, an interrupted one continues from its
 last checkpoint; what each stage measured is kept in ``<output>/stages.json``):
 
-1. data       keys, values, splits and the shared word-level tokenizer (jobs/kv_data.py)
+1. data       keys, values, splits and the shared word-level tokenizer (experiments/kv_arithmetic/data.py)
 2. augment    m_A trained from scratch on KV-substitution over all keys
 3. anchor     m_B trained from scratch on numeric arithmetic
 4. compose    bridges (m_A, m_B frozen) on KV-arithmetic over the composition keys, plus anchor-task
@@ -33,8 +33,8 @@ import yaml
 
 from composition.checkpoint import atomic_folder
 from composition.training import TrainSettings
-from jobs.kv_data import KVSettings, KVWorld, build_tokenizer, read_jsonl, write_jsonl
-from jobs.kv_lib import PlainLM, compose_warmup, encode_rows, exact_match, fmt_time, llama, train
+from experiments.kv_arithmetic.data import KVSettings, KVWorld, build_tokenizer, read_jsonl, write_jsonl
+from experiments.kv_arithmetic.lib import PlainLM, compose_warmup, encode_rows, exact_match, fmt_time, llama, train
 
 STAGES = ("data", "augment", "anchor", "compose", "ablations", "evaluate")
 TASKS = ("sub", "num", "kvar")
@@ -65,7 +65,7 @@ class ExperimentConfig:
     anchor: ModelSpec = field(default_factory=ModelSpec)
     # m_B's numeric training expressions: anchor_min_terms to keys.max_terms terms (None: keys.min_terms, as
     # evaluated). Shorter expressions let the composition data hold short KV-arithmetic expressions too, whose
-    # answers depend on one or two keys (docs/kv_experiment.md, sixth session)
+    # answers depend on one or two keys (experiments/kv_arithmetic/README.md, sixth session)
     anchor_min_terms: int | None = None
     compose_examples: int = 50_000
     anchor_task_fraction: float = 0.3
@@ -396,8 +396,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.kv_arithmetic", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/kv_quick.yaml")
+    parser = argparse.ArgumentParser(prog="python -m experiments.kv_arithmetic", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="experiments/kv_arithmetic/configs/kv_quick.yaml")
     parser.add_argument("--stop-after", choices=STAGES, default=None,
                         help="stop after this stage (a later run resumes from the next one)")
     args = parser.parse_args(argv)

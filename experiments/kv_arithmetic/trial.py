@@ -1,13 +1,13 @@
 """Try one bridge setting on a trained key-value pair, in process (no Ray): train, evaluate, print, write JSON.
 
-The full experiment (``jobs.kv_arithmetic``) spends most of its hour on the base models and the
+The full experiment (``experiments.kv_arithmetic``) spends most of its hour on the base models and the
 ablations; choosing the bridge only needs its compose stage. This runs that stage with the same
-training loop (``jobs.kv_lib.train`` -> ``BridgeTrainer``) on a pair the experiment already trained,
+training loop (``experiments.kv_arithmetic.lib.train`` -> ``BridgeTrainer``) on a pair the experiment already trained,
 and evaluates KV-arithmetic on held-out keys, numeric arithmetic, and KV-arithmetic on new
 expressions over the composition keys::
 
-    python -m jobs.kv_trial --pair runs/kv_full --lr 1e-2 --weight-decay 0.5 --seed 1
-    python -m jobs.kv_trial --pair runs/kv_full --extra-keys 1000   # 1000 more composition keys
+    python -m experiments.kv_arithmetic.trial --pair runs/kv_full --lr 1e-2 --weight-decay 0.5 --seed 1
+    python -m experiments.kv_arithmetic.trial --pair runs/kv_full --extra-keys 1000   # 1000 more composition keys
 
 ``--data-seed`` must be the experiment's ``seed`` that built the pair for the rows to match its run.
 ``--extra-keys N`` moves N held-out keys into the composition data and evaluates on the remaining
@@ -28,15 +28,15 @@ import yaml
 
 from composition import ComposedModel, CompositionConfig, load_causal_lm
 from composition.training import TrainSettings
-from jobs.kv_data import KVWorld
-from jobs.kv_lib import compose_warmup, encode_rows, exact_match, train
+from experiments.kv_arithmetic.data import KVWorld
+from experiments.kv_arithmetic.lib import compose_warmup, encode_rows, exact_match, train
 
 DEFAULT_COMPOSITION = "{mappings: [{pairs: [[0, 0]]}], window: 1, proj_hidden: 256, gate: retrieved}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.kv_trial", description=__doc__.split("\n")[0])
-    p.add_argument("--pair", required=True, help="an output folder of jobs.kv_arithmetic (anchor/, augment/, data/)")
+    p = argparse.ArgumentParser(prog="python -m experiments.kv_arithmetic.trial", description=__doc__.split("\n")[0])
+    p.add_argument("--pair", required=True, help="an output folder of experiments.kv_arithmetic (anchor/, augment/, data/)")
     p.add_argument("--composition", default=DEFAULT_COMPOSITION, help="CompositionConfig as YAML or JSON")
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=64)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     pair = Path(args.pair)
     for part in ("anchor", "augment", "data/keys.json", "data/tokenizer"):
         if not (pair / part).exists():
-            p.error(f"{pair / part} does not exist: --pair takes a folder written by jobs.kv_arithmetic")
+            p.error(f"{pair / part} does not exist: --pair takes a folder written by experiments.kv_arithmetic")
     world = KVWorld.load(pair / "data")
     lo = args.compose_min_terms if args.compose_min_terms is not None else world.settings.min_terms
     hi = args.compose_max_terms if args.compose_max_terms is not None else world.settings.max_terms

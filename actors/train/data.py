@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.codec import state_key
-from actors.train_config import DATA_EXTENSIONS, TrainConfigError, TrainJobConfig
+from actors.train.config import DATA_EXTENSIONS, TrainConfigError, TrainJobConfig
 
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
 MANIFEST = "manifest.json"
@@ -104,7 +104,7 @@ def tokenize(cfg: TrainJobConfig, records, tokenizer, chunk: int = 1024) -> dict
 
 def prepare_examples(cfg: TrainJobConfig, anchor_vocab: int) -> dict[str, np.ndarray]:
     """Read, tokenise and shuffle (seeded) the training data; checks there is at least one global batch."""
-    from actors.train_config import check_tokenizer
+    from actors.train.config import check_tokenizer
     from composition.loading import load_tokenizer
 
     try:

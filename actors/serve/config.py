@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 APP_IMPORT_PATH = "jobs.serve:app_builder"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 INGRESS, ANCHOR = "Ingress", "Anchor"
 
 

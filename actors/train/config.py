@@ -8,7 +8,7 @@ closest valid name), types and ranges, that the model folders (or hub ids) have 
 that the layer mapping fits the models (``LayerMapping.resolve`` against a weightless copy of each
 model built on the meta device), that the tokenizer fits the anchor's vocabulary, and that the data
 files exist. Reading the data itself (missing fields, too few examples) is checked by
-``actors.train_data`` right after, still before Ray is started.
+``actors.train.data`` right after, still before Ray is started.
 
 Relative paths are resolved against the current directory (the repository root for
 ``python -m jobs.train``, the uploaded working directory for ``ray job submit --working-dir .``).

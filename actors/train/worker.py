@@ -1,7 +1,7 @@
 """The Ray Train side of bridge training: the worker body and the TorchTrainer wiring.
 
 Each Ray Train worker holds the frozen anchor and the bridges, reads its shard of the streamed
-dataset (token columns + the augmenting states that the actor pool in ``actors.augment``
+dataset (token columns + the augmenting states that the actor pool in ``actors.train.augment_pool``
 computed), and drives the one training loop, ``composition.training.BridgeTrainer.step``, with
 ``batch["augment_states"]`` decoded from those columns. BridgeTrainer averages the bridge gradients
 under torch.distributed itself, so nothing is wrapped in DDP.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from actors.codec import arrays_to_states
-from actors.train_config import TrainJobConfig, config_from_dict
+from actors.train.config import TrainJobConfig, config_from_dict
 
 TRAINER_DIR = "bridge_trainer"  # inside each Ray checkpoint
 

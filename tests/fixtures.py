@@ -1,10 +1,10 @@
-"""A tiny servable model pair on disk (anchor, augmenting model, bridges, character tokenizer).
+"""What tests and benchmarks build: tiny Hugging Face models from configs, the character tokenizer, a servable pair.
 
-``build_pair(folder)`` writes what ``configs/serve_tiny.yaml`` expects from the key-value
-experiment, at test size: two Hugging Face folders that each hold the shared tokenizer, and a
-bridges folder in ``save_pretrained`` format. The bridges get non-zero random output weights, so
-the composition changes the anchor's answers (checked below): tests that compare served text with
-in-process generation then really exercise the bridges. Also used by benchmarks/serve_bench.py.
+Nothing here downloads anything. ``build_pair(folder)`` writes what ``configs/serve_tiny.yaml`` expects
+from the key-value experiment, at test size: two Hugging Face folders that each hold the shared
+tokenizer, and a bridges folder in ``save_pretrained`` format. Its bridges get non-zero random output
+weights, so the composition changes the anchor's answers (tests/test_fixtures.py checks it): tests that
+compare served text with in-process generation then really exercise the bridges.
 """
 
 from __future__ import annotations
@@ -14,10 +14,37 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from composition import ComposedModel, CompositionConfig, LayerMapping
-from composition.loading import load_causal_lm, load_tokenizer
+from composition.loading import load_causal_lm
+
+VOCAB = 97
+
+
+def tiny(kind: str, hidden: int = 32, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
+         vocab: int = VOCAB, seed: int = 0):
+    """A random-weight causal LM of family ``kind`` (llama, gpt2, qwen2, gpt_neox), fp32, eval mode."""
+    common = dict(vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if kind == "llama":
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                          max_position_embeddings=2048, **common)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                          max_position_embeddings=2048, **common)
+    elif kind == "gpt2":
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=2048, **common)
+    elif kind == "gpt_neox":
+        cfg = GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=heads, max_position_embeddings=2048, **common)
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    return model.float().eval()
+
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -26,7 +53,7 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<pad>", "<eos>", "<bos>"]  # ids 0, 1, 2
 
 
-def make_char_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+def char_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """One token per character (printable ASCII and newline) plus <pad>=0, <eos>=1, <bos>=2."""
     vocab = {s: i for i, s in enumerate(SPECIALS)}
     for c in [chr(i) for i in range(32, 127)] + ["\n"]:
@@ -64,14 +91,14 @@ def build_pair(folder: str | Path, anchor_hidden: int = 64, anchor_layers: int =
     ``pairs``: the bridges' (augment_index, anchor_index); the default's first bridge is at the anchor's input.
     """
     folder = Path(folder)
-    tok = make_char_tokenizer()
+    tok = char_tokenizer()
     vocab = len(tok)
     anchor = _llama(anchor_hidden, anchor_layers, 4, vocab, context, seed)
     augment = _llama(augment_hidden, augment_layers, 4, vocab, context, seed + 1)
     for name, model in [("anchor", anchor), ("augment", augment)]:
         model.save_pretrained(folder / name)
         tok.save_pretrained(folder / name)
-    make_char_tokenizer(chat_template=None).save_pretrained(folder / "tokenizer_no_template")
+    char_tokenizer(chat_template=None).save_pretrained(folder / "tokenizer_no_template")
     mapping = LayerMapping(pairs=[tuple(p) for p in pairs])
     composed = ComposedModel(anchor, [augment], CompositionConfig(mappings=[mapping]))
     torch.manual_seed(seed + 2)
@@ -96,25 +123,3 @@ def reference_completion(model: ComposedModel, tokenizer, prompt_ids: list[int],
     if tokenizer.eos_token_id in new:
         new = new[: new.index(tokenizer.eos_token_id) + 1]
     return new
-
-
-# ---------------------------------------------------------------------- tests of the fixture itself
-def test_char_tokenizer_round_trips_text_and_renders_the_chat_template(tmp_path):
-    tok = make_char_tokenizer()
-    tok.save_pretrained(tmp_path)
-    tok = load_tokenizer(str(tmp_path))
-    text = "Hello, world!\n  x=1"
-    assert tok.decode(tok(text)["input_ids"]) == text
-    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
-    assert rendered == "<user>hi\n<assistant>"
-
-
-def test_bridges_of_the_test_pair_change_the_anchor_answer(tmp_path):
-    pair = build_pair(tmp_path)
-    model = load_in_process(pair)
-    tok = load_tokenizer(pair.anchor)
-    prompt = tok("The key of door seven is")["input_ids"]
-    composed = reference_completion(model, tok, prompt, 24)
-    anchor_only = model.anchor.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                                        eos_token_id=tok.eos_token_id, pad_token_id=0)[0, len(prompt):].tolist()
-    assert composed != anchor_only[: len(composed)]

@@ -1,6 +1,6 @@
 """AugmentRows: the augmenting model's side of one decode engine's batch, keyed by request id.
 
-A serving engine (``actors.engine.DecodeEngine``) decodes many requests in one batch. For every
+A serving engine (``actors.serve.engine.DecodeEngine``) decodes many requests in one batch. For every
 step it needs the augmenting model's hidden states of the batch's newest tokens, which needs the
 augmenting model's KV cache of every row. That cache lives here, next to the augmenting model
 (in a Serve replica or in-process), and mirrors the engine's rows by request id:
@@ -26,7 +26,7 @@ import threading
 
 import torch
 
-from actors.batch_cache import left_pad_rows, leading_padding, merge_hf_caches, crop_left_hf_cache, select_rows_hf_cache
+from actors.serve.batch_cache import left_pad_rows, leading_padding, merge_hf_caches, crop_left_hf_cache, select_rows_hf_cache
 from actors.codec import dtype_name, state_key, tensor_to_numpy
 from composition.augment import AugmentEncoder
 from composition.model import positions_from_mask

@@ -1,0 +1,1 @@
+"""Serving: deployments, decode engine, augmenting rows, batch caches, config, the OpenAI API."""

@@ -1,0 +1,1 @@
+"""The OpenAI-shaped HTTP API: request schemas, errors, detokenising, retries, the app."""

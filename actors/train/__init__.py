@@ -1,0 +1,1 @@
+"""Training: config, data (datasets -> Ray Data), augmenting actor pool, worker loop, pipeline."""
