@@ -38,6 +38,7 @@ import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from composition import ComposedModel, CompositionConfig, LayerMapping
+from composition.checkpoint import atomic_file  # noqa: E402
 
 CONTEXTS = (64, 1024)  # decode figures: tokens of context
 TARGETS = {
@@ -404,10 +405,8 @@ def main(argv=None) -> dict:
     result["markdown"] = markdown(result)
     print()
     print(result["markdown"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    with atomic_file(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return result
 

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from composition.checkpoint import atomic_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -357,10 +358,8 @@ def main(argv=None) -> int:
         "checks": checks,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

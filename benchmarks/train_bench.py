@@ -108,7 +108,7 @@ def run_in_process(config: dict, warmup: int) -> dict:
     from actors.train.config import load_config
     from actors.train.data import prepare_examples
     from actors.train.worker import build_model
-    from composition.training import BridgeTrainer, TrainSettings
+    from composition.training import BridgeTrainer
 
     start = time.perf_counter()
     cfg = load_config(config)
@@ -116,7 +116,7 @@ def run_in_process(config: dict, warmup: int) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg, "cpu")  # the augmenting model runs in this process (AugmentEncoder)
     t = cfg.training
-    trainer = BridgeTrainer(model, TrainSettings(lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps))
+    trainer = BridgeTrainer(model, t)
     n = len(examples["input_ids"])
     times, tokens = [], []
     for step in range(t.steps):

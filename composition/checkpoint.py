@@ -89,6 +89,23 @@ def atomic_folder(folder: str | os.PathLike):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+        with atomic_file("results/x.json") as tmp:
+            tmp.write_text(...)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")  # same suffix: savefig picks the format
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_bridges(model, folder: str | os.PathLike) -> None:
     """Write ``model``'s bridges to ``folder`` (see the module docstring for the layout)."""
     meta = {

@@ -13,14 +13,21 @@ of ``0`` reads the augmenting model's embeddings.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a model, a bridge or a streamed state may have
 
 
 class ConfigError(ValueError):
-    """A composition setting that cannot work; the message says what to change."""
+    """A setting that cannot work; the message says what to change. Base of every config error."""
+
+
+def did_you_mean(key: str, valid) -> str:
+    """`` (did you mean 'x'?)`` for the closest valid key, or ``""``."""
+    close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 @dataclass
@@ -138,8 +145,8 @@ class CompositionConfig:
             raise ConfigError("mappings is empty: give one LayerMapping per augmenting model")
         if self.num_heads is not None and int(self.num_heads) < 1:
             raise ConfigError(f"num_heads must be positive or null (anchor's head count), got {self.num_heads}")
-        if self.bridge_dtype not in _DTYPES:
-            raise ConfigError(f"bridge_dtype {self.bridge_dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.bridge_dtype not in DTYPES:
+            raise ConfigError(f"bridge_dtype {self.bridge_dtype!r} is not one of {', '.join(DTYPES)}")
         if self.window is not None and int(self.window) < 1:
             raise ConfigError(f"window must be a positive integer or null (no window), got {self.window}")
         if self.proj_hidden is not None and int(self.proj_hidden) < 1:
@@ -162,7 +169,7 @@ class CompositionConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(
-                f"unknown composition keys {unknown}; valid keys are {sorted(known)}"
+                f"unknown composition keys {unknown}{did_you_mean(unknown[0], known)}; valid keys are {sorted(known)}"
             )
         mappings = []
         for m in d.get("mappings", [{}]):

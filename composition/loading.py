@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from composition.config import CompositionConfig
+from composition.config import DTYPES, CompositionConfig
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -14,8 +14,8 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     if dtype == "auto":
         return None
-    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)} or auto")
     return getattr(torch, dtype)
 
 

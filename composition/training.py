@@ -7,30 +7,25 @@
 
 Any model with ``trainable_parameters()`` and ``forward(input_ids, attention_mask, labels=...,
 augment_states=...)`` can be trained (the key-value experiment pre-trains its small models with
-it too); for a ComposedModel only the bridge parameters reach the optimiser. Under torch.distributed (Ray Train's workers) the
-bridge gradients are averaged across workers after each backward pass, and the initial bridge
-weights are broadcast from rank 0, so the frozen models are never wrapped or synchronised.
-
-Plateau restarts: some runs sit on a loss plateau that a fresh initialisation may escape (the key-value
-experiment's bridges left it in about 1 of 3 starts while every composition row held 3-6 keys; the fix
-there was the data, experiments/kv_arithmetic/README.md). With
-``plateau_restarts > 0``, a run whose mean loss over the last 100 steps is still above
-``plateau_max_loss`` at step ``plateau_check_step`` starts again: new random bridges, a fresh
-optimiser and warmup, step 0, at most ``plateau_restarts`` times. The step that triggers it returns
-``restarted: True``; ``steps_run`` counts every step over all starts (the data position).
+it too); for a ComposedModel only the bridge parameters reach the optimiser. Under torch.distributed
+(Ray Train's workers) the bridge gradients are averaged across workers after each backward pass, and
+the initial bridge weights are broadcast from rank 0, so the frozen models are never wrapped or
+synchronised. The learning rate follows torch's own schedulers: linear warmup, then cosine decay to
+``min_lr_ratio * lr``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from composition.checkpoint import atomic_folder, save_bridges
 
@@ -41,7 +36,14 @@ WEIGHTS_FILE = "trainable.safetensors"
 
 @dataclass
 class TrainSettings:
-    """Optimisation settings for the bridges (AdamW with linear warmup and cosine decay)."""
+    """Optimisation settings for the bridges (AdamW, linear warmup, cosine decay).
+
+    The one definition of these keys: the training job's ``training:`` section extends it
+    (``actors.train.config.TrainingSettings``), and pydantic validates it there; the checks below
+    hold for in-process use too.
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}  # as a config section: unknown keys are errors
 
     lr: float = 1e-3
     steps: int = 1000
@@ -49,26 +51,24 @@ class TrainSettings:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     min_lr_ratio: float = 0.1
-    plateau_check_step: int = 0  # 0: never restart
-    plateau_max_loss: float = 0.0
-    plateau_restarts: int = 0
-    plateau_window: int = 100
 
     def __post_init__(self):
-        if self.plateau_restarts:
-            if not 0 < self.plateau_check_step < self.steps:
-                raise ValueError(f"plateau_check_step must be in (0, steps={self.steps}) when plateau_restarts > 0, "
-                                 f"got {self.plateau_check_step}")
-            if self.plateau_max_loss <= 0:
-                raise ValueError(f"plateau_max_loss must be positive when plateau_restarts > 0, "
-                                 f"got {self.plateau_max_loss}")
+        for key in ("lr", "steps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
 
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> LRScheduler:
+        """The learning-rate schedule on ``optimizer``: step ``s`` runs at ``lr * (s + 1) / warmup_steps``
+        during warmup, then cosine from ``lr`` down to ``min_lr_ratio * lr`` at ``steps``."""
+        decay = CosineAnnealingLR(optimizer, T_max=max(1, self.steps - self.warmup_steps),
+                                  eta_min=self.lr * self.min_lr_ratio)
+        if self.warmup_steps <= 1:
+            return decay
+        warmup = LinearLR(optimizer, start_factor=1 / self.warmup_steps, total_iters=self.warmup_steps - 1)
+        return SequentialLR(optimizer, [warmup, decay], milestones=[self.warmup_steps])
 
 
 def _distributed() -> bool:
@@ -76,48 +76,18 @@ def _distributed() -> bool:
 
 
 class BridgeTrainer:
-    """Owns the optimiser over ``model.trainable_parameters()`` and the step counter."""
+    """Owns the optimiser over ``model.trainable_parameters()``, its schedule and the step counter."""
 
     def __init__(self, model, settings: TrainSettings):
         self.model = model
         self.settings = settings
         self.params = model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.schedule = settings.scheduler(self.optimizer)
         self.step_count = 0
-        self.steps_run = 0  # over all starts: where the data stream is
-        self.restarts = 0
-        self._losses: list[float] = []
-        if self.settings.plateau_restarts and not hasattr(model, "reset_trainable_parameters"):
-            raise ValueError(f"plateau restarts need a model with reset_trainable_parameters() "
-                             f"({type(model).__name__} has none): set plateau_restarts to 0")
-        self._broadcast()
-
-    def _broadcast(self) -> None:
         if _distributed():
             for p in self.params:
                 dist.broadcast(p.data, src=0)
-
-    def _on_plateau(self) -> bool:
-        """At the check step: is the mean loss of the last window (over all workers) above the limit?"""
-        s = self.settings
-        if not (s.plateau_restarts and self.restarts < s.plateau_restarts and self.step_count == s.plateau_check_step):
-            return False
-        recent = self._losses[-s.plateau_window:]
-        loss = torch.tensor(sum(recent) / len(recent), dtype=torch.float64, device=self.params[0].device)
-        if _distributed():
-            dist.all_reduce(loss)
-            loss /= dist.get_world_size()
-        return float(loss) > s.plateau_max_loss
-
-    def restart(self) -> None:
-        """Start again from a fresh initialisation of the trained parameters: new optimiser, step 0."""
-        with torch.no_grad():
-            self.model.reset_trainable_parameters()
-        self._broadcast()
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
-        self.step_count = 0
-        self.restarts += 1
-        self._losses = []
 
     def step(self, batch: dict) -> dict:
         """One optimiser step on ``batch``.
@@ -125,13 +95,10 @@ class BridgeTrainer:
         ``batch`` holds ``input_ids`` [batch, seq], optional ``attention_mask`` and ``labels``
         (default: the input ids), and optional ``augment_states`` (per augmenting model
         ``{index: [batch, seq, d_aug]}``, e.g. streamed from Ray actors).
-        Returns ``{"loss", "tokens", "lr", "step", "steps_run", "restarts"}`` for this step, plus ``restarted: True``
-        when this step ended a run on a plateau (the next step is step 1 of a fresh start).
+        Returns ``{"loss", "tokens", "lr", "step"}`` for this step (``lr``: the rate it ran at).
         """
         self.model.train()
-        lr = self.settings.lr_at(self.step_count)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.optimizer.param_groups[0]["lr"]
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         # the LM head runs only where a label is predicted (same loss; most of a step for small models)
@@ -148,17 +115,10 @@ class BridgeTrainer:
             torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
         self.step_count += 1
-        self.steps_run += 1
-        loss = float(out.loss.detach())
-        self._losses = (self._losses + [loss])[-self.settings.plateau_window:]
         tokens = int(mask.sum()) if mask is not None else ids.numel()
-        metrics = {"loss": loss, "tokens": tokens, "lr": lr, "step": self.step_count, "steps_run": self.steps_run,
-                   "restarts": self.restarts}
-        if self._on_plateau():
-            self.restart()
-            metrics.update(restarted=True, restarts=self.restarts)
-        return metrics
+        return {"loss": float(out.loss.detach()), "tokens": tokens, "lr": lr, "step": self.step_count}
 
     # -------------------------------------------------------------- checkpoints (safetensors + JSON only)
     def save(self, folder: str | os.PathLike, extra: dict | None = None) -> None:
@@ -176,8 +136,8 @@ class BridgeTrainer:
                     tensors[f"{i}.{key}"] = value.detach().contiguous().cpu()
                 else:
                     scalars[f"{i}.{key}"] = float(value)
-        meta = {"step": self.step_count, "steps_run": self.steps_run, "restarts": self.restarts,
-                "recent_losses": self._losses, "settings": asdict(self.settings), "scalars": scalars, **(extra or {})}
+        meta = {"step": self.step_count, "settings": asdict(self.settings), "scalars": scalars,
+                "schedule": self.schedule.state_dict(), **(extra or {})}
         weights = {str(i): p.detach().contiguous().cpu() for i, p in enumerate(self.params)}
         with atomic_folder(folder) as tmp:
             save_file(weights, str(tmp / WEIGHTS_FILE))
@@ -210,7 +170,11 @@ class BridgeTrainer:
             if state:
                 self.optimizer.state[p] = state
         self.step_count = int(meta["step"])
-        self.steps_run = int(meta.get("steps_run", self.step_count))
-        self.restarts = int(meta.get("restarts", 0))
-        self._losses = list(meta.get("recent_losses", []))
+        if "schedule" in meta:
+            self.schedule.load_state_dict(meta["schedule"])
+        else:  # a checkpoint from before the schedule was saved: replay it to the step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+                for _ in range(self.step_count):
+                    self.schedule.step()
         return meta

@@ -111,3 +111,11 @@ def stop_cluster(temp_dir: str) -> None:
         if not pids:
             return
         time.sleep(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that runs on the session's Ray cluster is slow (a cluster start, Serve, jobs): marked here, so
+    ``pytest -m "not slow"`` is the fast loop without anyone having to remember the marker."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -63,7 +63,7 @@ MISTAKES = [
     (ANCHOR + ["max_queued_requests"], -1, "unbounded"),
     (ANCHOR + ["num_replicas"], 2, "not both"),
     (["applications", 0, "args", "max_batch"], 8, "did you mean 'max_batch_size'?"),
-    (["applications", 0, "args", "dtype"], "fp8", "dtype 'fp8' is not one of"),
+    (["applications", 0, "args", "dtype"], "fp8", "'args.dtype' must be one of float32, bfloat16, float16, got 'fp8'"),
     (["applications", 0, "import_path"], "other:app", "this project's application is 'jobs.serve:app_builder'"),
     (["http_options", "hots"], "0.0.0.0", "did you mean 'host'?"),
     (["proxy_locaton"], "EveryNode", "did you mean 'proxy_location'?"),

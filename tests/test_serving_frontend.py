@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 
 from actors.serve.augment_client import LocalAugments
 from actors.serve.augment_rows import AugmentRows
-from actors.serve.engine import DecodeEngine, GenerationRequest
+from actors.serve.engine import DecodeEngine
 from actors.serve.openai.app import Limits, OpenAIFrontend, TextAssembler
 from composition.loading import load_tokenizer
 from tests.test_serving import free_port, wait_until
@@ -32,7 +32,7 @@ def served(tmp_path_factory):
     engine = DecodeEngine(model, LocalAugments([AugmentRows(model.encoders[0], 0, 0, threading.Lock())]),
                           max_batch_size=4, max_context=512)
     frontend = OpenAIFrontend(tok, "local", Limits(context=512, request_timeout_s=0.3),
-                              open_stream=lambda r: engine.generate(GenerationRequest(**r)))
+                              open_stream=engine.generate)
     app = FastAPI()
 
     @app.post("/v1/completions")

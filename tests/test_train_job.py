@@ -181,9 +181,9 @@ def first_job(ray_cluster, pair, tmp_path_factory):
         ({"data.prompt_field": "question"}, r"'data.prompt_field': the data has no field 'question'"),
         ({"training.batch_size": 128}, r"gives 64 usable examples, fewer than one global batch"),
         ({"activation_cache": {"enabled": True}}, r"'activation_cache.path' is not set"),
-        ({"training.plateau_restarts": 2}, r"'training.plateau_restarts' is 2: also set 'training.plateau_check_step'"),
         ({"init_bridges": "/nonexistent/bridges"}, r"'init_bridges': /nonexistent/bridges is not a bridges checkpoint"),
-        ({"training.plateau_max_loss": -1}, r"'training.plateau_max_loss' must be >= 0"),
+        ({"training.lr": 0}, r"'training.lr' must be positive, got 0"),
+        ({"training.min_lr_ratio": -1}, r"'training.min_lr_ratio' must be >= 0"),
     ],
     ids=lambda v: None if isinstance(v, str) else str(v)[:40],
 )
@@ -335,27 +335,6 @@ def test_job_submit_trains_and_exports_loadable_bridges(first_job, pair):
     model = ComposedModel.from_pretrained(output, anchor, augments)
     assert [(link.augment_index, link.anchor_index) for link in model.links] == [(2, 2), (4, 4)]
     assert any(p.abs().sum() > 0 for p in model.trainable_parameters())
-
-
-def test_job_restarts_a_run_still_on_a_plateau_from_fresh_bridges(ray_cluster, pair, tmp_path):
-    """plateau_max_loss 1e-6 is never reached: at step 3 the run starts again, once, then trains all 6 steps."""
-    from ray.job_submission import JobStatus
-
-    from composition.model import ComposedModel
-
-    root, base = pair
-    config = write_config(tmp_path, base, "plateau", **{"training.plateau_check_step": 3,
-                                                         "training.plateau_max_loss": 1e-6,
-                                                         "training.plateau_restarts": 1})
-    submit(ray_cluster, config, "train-plateau")
-    status, logs = wait_job(ray_cluster, "train-plateau")
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert [s for _, s in steps_in(logs)] == [1, 2, 3, 1, 2, 3, 4, 5, 6]
-    assert "still on a loss plateau at step 3" in logs and "restart 1/1 from fresh random bridges" in logs
-    run_dir = root / "runs" / "plateau"
-    assert sorted(p.name for p in run_dir.glob("checkpoint_0*"))[-1] == "checkpoint_00000009"  # 3 + 6 steps run
-    anchor, augments = load_pair(root)
-    assert ComposedModel.from_pretrained(tmp_path / "plateau" / "bridges", anchor, augments)
 
 
 def test_job_submit_without_the_token_is_refused(ray_cluster, tmp_path):

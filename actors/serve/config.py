@@ -11,11 +11,13 @@ keys that are valid there, before anything is deployed:
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
+
+from actors.config import DType, StrictModel, parse
+from composition.config import ConfigError, did_you_mean
 
 APP_IMPORT_PATH = "jobs.serve:app_builder"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -26,28 +28,27 @@ def augment_deployment_name(index: int) -> str:
     return f"Augment{index}"
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(ConfigError):
     """A serving config that would not work as written; the message lists every problem."""
 
 
-class ServingArgs(BaseModel):
+class ServingArgs(StrictModel):
     """What one served composed model loads, and its request limits (the application's ``args``).
 
-    Paths must exist on every node that runs a replica.
+    Paths must exist on every node that runs a replica. Validated once (``from_dict``, at the edge);
+    ``build_app`` binds the object itself to every deployment.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     model_name: str = "calm-ray"  # the id clients put in "model"
     anchor: str  # Hugging Face folder (or hub id where the hub is reachable)
     augments: list[str]  # one folder per augmenting model, in the bridges' order
     bridges: str  # folder written by ComposedModel.save_pretrained
     tokenizer: str | None = None  # default: the anchor's folder (the models share one tokenizer)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: DType = "float32"
     device: str = "cpu"  # "cuda" in replicas that have num_gpus
-    max_batch_size: int = 16  # rows one anchor replica decodes together
+    max_batch_size: int = Field(16, ge=1)  # rows one anchor replica decodes together
     max_context: int | None = None  # default: the smallest max_position_embeddings of the models
-    default_max_tokens: int = 256  # when a request gives none
+    default_max_tokens: int = Field(256, ge=1)  # when a request gives none
     max_tokens_limit: int | None = None  # largest max_tokens a request may ask for (default: the context)
     request_timeout_s: float = 120.0  # a request running longer is stopped and answered 504
     max_retries: int = 2  # resumes of a request whose anchor replica died
@@ -81,30 +82,12 @@ class ServingArgs(BaseModel):
             return words[str(v).lower()]
         raise ValueError(f"model_thread is true, false or auto, got {v!r}")
 
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v):
-        if v not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype {v!r} is not one of float32, bfloat16, float16")
-        return v
-
-    @field_validator("max_batch_size", "default_max_tokens")
-    @classmethod
-    def _positive(cls, v):
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
-
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> "ServingArgs":
         """Validated args; a ServeConfigError naming each bad or unknown key."""
-        if not isinstance(args, dict):
-            raise ServeConfigError(f"args must be a mapping, got {type(args).__name__}")
-        try:
-            return cls.model_validate(args)
-        except ValidationError as e:
-            valid = sorted(cls.model_fields)
-            raise ServeConfigError("; ".join(_describe(err, "args", valid) for err in e.errors())) from None
+        if isinstance(args, ServingArgs):
+            return args
+        return parse(cls, args, ServeConfigError, where="args.")
 
     def resolved(self) -> "ServingArgs":
         """A copy whose relative paths are absolute, taken from the project root when they exist there.
@@ -134,25 +117,16 @@ class ServingArgs(BaseModel):
                 missing.append(f"{role} folder {path!r} does not exist")
         if missing:
             raise ServeConfigError(
-                "; ".join(missing) + ": train or copy the model pair there first (for assets/kv_pair, run the "
-                "key-value experiment), or point the config at existing Hugging Face folders"
+                "; ".join(missing) + ": copy or train the model pair there first, or point the config at existing "
+                "Hugging Face folders"
             )
 
     def deployment_names(self) -> list[str]:
         return [INGRESS, ANCHOR] + [augment_deployment_name(i) for i in range(len(self.augments))]
 
 
-def _describe(err: dict, where: str, valid: list[str]) -> str:
-    loc = ".".join(str(x) for x in err["loc"])
-    if err["type"] == "extra_forbidden":
-        return _unknown(f"{where}.{loc}", err["loc"][-1], valid)
-    return f"{where}.{loc}: {err['msg']}"
-
-
 def _unknown(path: str, key, valid) -> str:
-    close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{path}: unknown key '{key}'{hint}; valid keys: {', '.join(sorted(map(str, valid)))}"
+    return f"{path}: unknown key '{key}'{did_you_mean(key, valid)}; valid keys: {', '.join(sorted(map(str, valid)))}"
 
 
 def _schemas():

@@ -115,8 +115,7 @@ def model_context(paths: list[str]) -> int:
 class AugmentDeployment:
     """Augmenting model ``index`` and, per anchor engine, the KV caches of that engine's rows."""
 
-    def __init__(self, args: dict, index: int):
-        settings = ServingArgs.from_dict(args)
+    def __init__(self, settings: ServingArgs, index: int):
         _threads(settings)
         model = load_causal_lm(settings.augments[index], settings.dtype, settings.device)
         meta = read_meta(settings.bridges)
@@ -207,10 +206,9 @@ class ServeAugments(AugmentClient):
 class AnchorDeployment:
     """The anchor with its bridges, decoding all its requests in one continuously batched engine."""
 
-    def __init__(self, args: dict, *augments: DeploymentHandle):
+    def __init__(self, settings: ServingArgs, *augments: DeploymentHandle):
         from composition.model import ComposedModel
 
-        settings = ServingArgs.from_dict(args)
         _threads(settings)
         anchor = load_causal_lm(settings.anchor, settings.dtype, settings.device)
         meta = read_meta(settings.bridges)
@@ -222,18 +220,17 @@ class AnchorDeployment:
         except Exception:  # noqa: BLE001 - outside a replica (tests)
             replica = "local"
         self.engine_id = f"engine-{replica}-{uuid.uuid4().hex[:8]}"
-        context = settings.max_context or model_context([settings.anchor, *settings.augments])
         client = ServeAugments(list(augments), self.engine_id, settings.device, settings.augment_retry_s)
         model_thread = anchor_model_thread(settings.model_thread, model)
         log.info("anchor engine %s: model calls %s", self.engine_id,
                  "in a worker thread (augmenting calls overlap the anchor's layers below its first bridge)"
                  if model_thread else "on the replica's event loop")
-        self.engine = DecodeEngine(model, client, settings.max_batch_size, context,
+        self.engine = DecodeEngine(model, client, settings.max_batch_size, settings.max_context,
                                    pad_id=anchor.config.pad_token_id or 0, model_thread=model_thread)
 
-    async def generate(self, request: dict):
+    async def generate(self, request: GenerationRequest):
         """Stream ``{"token_ids": [...], "finish_reason": ...}`` chunks for one request."""
-        stream = self.engine.generate(GenerationRequest(**request))
+        stream = self.engine.generate(request)
         try:
             async for chunk in stream:
                 yield chunk
@@ -256,11 +253,9 @@ api = FastAPI(title="calm-ray", description="A composed model (anchor + augmenti
 class Ingress:
     """OpenAI-shaped HTTP front: /v1/completions, /v1/chat/completions, /v1/models, /health."""
 
-    def __init__(self, args: dict, anchor: DeploymentHandle):
-        settings = ServingArgs.from_dict(args)
+    def __init__(self, settings: ServingArgs, anchor: DeploymentHandle):
         tokenizer = load_tokenizer(settings.tokenizer or settings.anchor)
-        context = settings.max_context or model_context([settings.anchor, *settings.augments])
-        limits = Limits(context=context, default_max_tokens=settings.default_max_tokens,
+        limits = Limits(context=settings.max_context, default_max_tokens=settings.default_max_tokens,
                         max_tokens=settings.max_tokens_limit, request_timeout_s=settings.request_timeout_s,
                         max_retries=settings.max_retries)
         streaming = anchor.options(stream=True)
@@ -300,15 +295,18 @@ def build_app(settings: ServingArgs, deployment_options: dict[str, dict] | None 
     unknown = set(options) - set(settings.deployment_names())
     if unknown:
         raise ValueError(f"no deployment named {sorted(unknown)}; this application has {settings.deployment_names()}")
-    args = settings.model_dump()
+    # the validated object itself goes to every deployment (no replica parses it again); the context is
+    # decided once, here
+    if settings.max_context is None:
+        settings = settings.model_copy(update={"max_context": model_context([settings.anchor, *settings.augments])})
 
     def opts(name: str, **defaults) -> dict:
         return {"name": name, **defaults, **options.get(name, {})}
 
     augments = [
-        AugmentDeployment.options(**opts(augment_deployment_name(i))).bind(args, i)
+        AugmentDeployment.options(**opts(augment_deployment_name(i))).bind(settings, i)
         for i in range(len(settings.augments))
     ]
     anchor_options = opts(ANCHOR, max_ongoing_requests=settings.max_batch_size)
-    anchor = AnchorDeployment.options(**anchor_options).bind(args, *augments)
-    return Ingress.options(**opts(INGRESS)).bind(args, anchor)
+    anchor = AnchorDeployment.options(**anchor_options).bind(settings, *augments)
+    return Ingress.options(**opts(INGRESS)).bind(settings, anchor)

@@ -1,7 +1,10 @@
 """The training job's configuration: YAML -> TrainJobConfig, validated before any cluster work.
 
     cfg = load_config("configs/train_tiny.yaml")     # raises TrainConfigError naming the key and fix
-    cfg.to_dict()                                    # plain dict (what Ray ships to the workers)
+    cfg = load_config(path, ["training.steps=50"])   # with --set overrides, checked like the file
+
+A ``TrainJobConfig`` (pydantic, see ``actors.config``) is validated once, here; the typed object is
+what Ray Train hands its workers.
 
 Everything that can be checked on the submitting machine is checked here: unknown keys (with the
 closest valid name), types and ranges, that the model folders (or hub ids) have a readable config,
@@ -16,30 +19,28 @@ Relative paths are resolved against the current directory (the repository root f
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
 import re
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal
 
+from pydantic import Field, field_validator, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from actors.config import DType, StrictModel, apply_overrides, load_yaml, parse
 from composition.config import CompositionConfig, ConfigError, LayerMapping
+from composition.training import TrainSettings
 
 DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_DEVICES = ("auto", "cpu", "cuda")
-_FORMATS = ("text", "prompt_completion")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+NonNegative = Annotated[float, Field(ge=0)]
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     """A training config that cannot work; the message names the key and what to do."""
 
 
-@dataclass
-class DataSettings:
+class DataSettings(StrictModel):
     """Training data: files read with ``datasets`` (jsonl, parquet or text, one example per record/line).
 
     ``format: text`` trains on every token of ``text_field``; ``format: prompt_completion`` tokenises
@@ -48,37 +49,52 @@ class DataSettings:
     right-padded to it, so every batch has the shape [batch, max_length].
     """
 
-    train: list[str] = field(default_factory=list)
-    format: str = "text"
+    train: list[str]
+    format: Literal["text", "prompt_completion"] = "text"
     text_field: str = "text"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
-    max_length: int = 512
+    max_length: int = Field(512, ge=2)
     append_eos: bool = True
 
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_more(cls, v):
+        v = [v] if isinstance(v, str) else v
+        if v in (None, []):
+            raise ValueError("give a file or a list of files (jsonl, parquet or text)")
+        return v
 
-@dataclass
-class TrainingSettings:
-    """Optimisation: ``batch_size`` is global (split evenly over ``ray.num_workers``)."""
 
-    steps: int = 1000
-    batch_size: int = 8
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    checkpoint_every: int = 100
+@pydantic_dataclass(config={"extra": "forbid"})
+class TrainingSettings(TrainSettings):
+    """``training:``: the optimiser's settings (``composition.training.TrainSettings``) and the loop's.
+
+    ``batch_size`` is global (split evenly over ``ray.num_workers``).
+    """
+
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    checkpoint_every: Annotated[int, Field(gt=0)] = 100
     seed: int = 0
-    log_every: int = 10
-    # start again from fresh bridges if the mean loss of the last 100 steps is still above
-    # plateau_max_loss at step plateau_check_step, at most plateau_restarts times (0: never)
-    plateau_check_step: int = 0
-    plateau_max_loss: float = 0.0
-    plateau_restarts: int = 0
+    log_every: Annotated[int, Field(gt=0)] = 10
 
 
-@dataclass
-class RaySettings:
+def _custom_resources(resources: dict[str, float], key: str, who: str) -> dict[str, float]:
+    """Custom resource requests: no CPU/GPU (they have their own keys), amounts Ray can schedule."""
+    for name, amount in resources.items():
+        if name.upper() in ("CPU", "GPU"):
+            raise ValueError(
+                f"'{key}' names {name!r}: set 'ray.{name.lower()}s_per_{who}' for {name.upper()}s instead; '{key}' is for "
+                f"custom resources that node types declare, such as anchor_node"
+            )
+        if amount < 0:
+            raise ValueError(f"'{key}.{name}' must be >= 0, got {amount}")
+        if 0 < amount < 1e-4:
+            raise ValueError(f"'{key}.{name}' is {amount}: Ray counts resources in steps of 0.0001; use 0.0001 or more")
+    return resources
+
+
+class RaySettings(StrictModel):
     """Cluster resources. CPU and GPU requests may be fractional (several actors share a GPU).
 
     ``resources_per_worker`` and ``resources_per_augment_actor`` are custom Ray resources
@@ -89,44 +105,121 @@ class RaySettings:
     accepted too; CPU and GPU are not (they have their own keys).
     """
 
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    resources_per_worker: dict[str, float] = field(default_factory=dict)
-    augment_actors: int = 1
-    cpus_per_augment_actor: float = 1.0
-    gpus_per_augment_actor: float = 0.0
-    resources_per_augment_actor: dict[str, float] = field(default_factory=dict)
-    prefetch_batches: int = 2
-    max_failures: int = 3
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: NonNegative = 1.0
+    gpus_per_worker: NonNegative = 0.0
+    resources_per_worker: dict[str, float] = {}
+    augment_actors: int = Field(1, gt=0)
+    cpus_per_augment_actor: NonNegative = 1.0
+    gpus_per_augment_actor: NonNegative = 0.0
+    resources_per_augment_actor: dict[str, float] = {}
+    prefetch_batches: int = Field(2, ge=0)
+    max_failures: int = Field(3, ge=0)
+
+    @field_validator("resources_per_worker", "resources_per_augment_actor", mode="before")
+    @classmethod
+    def _mapping(cls, v, info):
+        if v is None:  # `key:` with nothing after it in YAML
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError(f"'ray.{info.field_name}' must be a mapping of {{name: amount}}, got {v!r}")
+        for name, amount in v.items():
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool):
+                raise ValueError(f"'ray.{info.field_name}.{name}' must be a number, got {amount!r}")
+        return v
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _worker(cls, v):
+        return _custom_resources(v, "ray.resources_per_worker", "worker")
+
+    @field_validator("resources_per_augment_actor")
+    @classmethod
+    def _augment_actor(cls, v):
+        return _custom_resources(v, "ray.resources_per_augment_actor", "augment_actor")
 
 
-@dataclass
-class CacheSettings:
+class CacheSettings(StrictModel):
     """Write the augmenting states once to Parquet shards under ``path`` and train from them."""
 
     enabled: bool = False
     path: str | None = None
 
 
-@dataclass
-class TrainJobConfig:
+class TrainJobConfig(StrictModel):
     """The whole job. See docs/training.md for every key."""
+
+    model_config = {**StrictModel.model_config, "arbitrary_types_allowed": True}
 
     anchor: str
     augments: list[str]
     data: DataSettings
     name: str = "calm-train"
     tokenizer: str | None = None
-    composition: CompositionConfig = field(default_factory=CompositionConfig)
-    training: TrainingSettings = field(default_factory=TrainingSettings)
-    ray: RaySettings = field(default_factory=RaySettings)
+    composition: CompositionConfig | None = None  # None: the paper's default mapping for each augmenting model
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
     storage_path: str = "~/calm-ray/runs"
     output: str | None = None
     init_bridges: str | None = None  # start from these trained bridges (a bridges folder) instead of random ones
-    activation_cache: CacheSettings = field(default_factory=CacheSettings)
-    dtype: str = "auto"
-    device: str = "auto"
+    activation_cache: CacheSettings = Field(default_factory=CacheSettings)
+    dtype: Literal["auto"] | DType = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not re.fullmatch(r"[\w.-]+", v):
+            raise ValueError(f"'name' must be a folder name (letters, digits, . _ -), got {v!r}")
+        return v
+
+    @field_validator("anchor", mode="before")
+    @classmethod
+    def _anchor(cls, v):
+        if v in (None, ""):
+            raise ValueError("add e.g. `anchor: path/to/anchor_model`")
+        return v
+
+    @field_validator("augments", mode="before")
+    @classmethod
+    def _augments(cls, v):
+        v = [v] if isinstance(v, str) else v
+        if v in (None, []):
+            raise ValueError("add e.g. `augments: [path/to/augmenting_model]`")
+        return v
+
+    @field_validator("composition", mode="before")
+    @classmethod
+    def _composition(cls, v):
+        if v is None or isinstance(v, CompositionConfig):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError(f"must be a mapping of keys, got {v!r}")
+        try:
+            return CompositionConfig.from_dict(v)
+        except (ConfigError, TypeError) as e:
+            raise ValueError(f"composition: {e}") from None
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        t, r = self.training, self.ray
+        if self.composition is None:
+            self.__dict__["composition"] = CompositionConfig(mappings=[LayerMapping() for _ in self.augments])
+        if t.batch_size % r.num_workers:
+            raise ValueError(
+                f"'training.batch_size' ({t.batch_size}) is the global batch and must divide evenly over "
+                f"'ray.num_workers' ({r.num_workers}): use a multiple of {r.num_workers}"
+            )
+        if self.device == "cuda" and r.gpus_per_worker == 0:
+            raise ValueError("'device: cuda' needs GPUs for the training workers: set 'ray.gpus_per_worker' > 0")
+        if self.activation_cache.enabled and not self.activation_cache.path:
+            raise ValueError("'activation_cache.enabled' is true but 'activation_cache.path' is not set: give a folder")
+        if len(self.composition.mappings) != len(self.augments):
+            raise ValueError(
+                f"'composition.mappings' has {len(self.composition.mappings)} entries for {len(self.augments)} "
+                f"augmenting models: give one mapping per entry of 'augments'"
+            )
+        return self
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -160,182 +253,12 @@ class TrainJobConfig:
         """The training workers' device: ``auto`` takes the one Ray Train assigned."""
         return str(ray_device) if self.device == "auto" else self.device
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["composition"] = self.composition.to_dict()
-        return d
-
-
-# ---------------------------------------------------------------------------------- parsing
-_SECTIONS = {"data": DataSettings, "training": TrainingSettings, "ray": RaySettings, "activation_cache": CacheSettings}
-
-
-def _unknown(keys, valid, where: str) -> None:
-    unknown = [k for k in keys if k not in valid]
-    if not unknown:
-        return
-    key = unknown[0]
-    close = difflib.get_close_matches(str(key), list(valid), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise TrainConfigError(
-        f"unknown key '{where}{key}'{hint}; valid keys{' under ' + where.rstrip('.') if where else ''} are: "
-        f"{', '.join(sorted(valid))}"
-    )
-
-
-def _check_type(value, hint, key: str):
-    """Return ``value`` as type ``hint`` or raise naming ``key``. ints are accepted for floats."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(value, inner, key)
-    if origin is dict:
-        if value is None:  # `key:` with nothing after it in YAML
-            return {}
-        if not isinstance(value, dict):
-            raise TrainConfigError(f"'{key}' must be a mapping of {{name: amount}}, got {value!r}")
-        out = {}
-        for name, v in value.items():
-            if not isinstance(name, str) or not name:
-                raise TrainConfigError(f"'{key}': resource names must be non-empty strings, got {name!r}")
-            out[name] = _check_type(v, args[1], f"{key}.{name}")
-        return out
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise TrainConfigError(f"'{key}' must be a list, got {value!r}")
-        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    ok = {
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        bool: isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(hint, True)
-    if not ok:
-        raise TrainConfigError(f"'{key}' must be {names[hint]}, got {value!r}")
-    return float(value) if hint is float else value
-
-
-def _section(cls, raw, where: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise TrainConfigError(f"'{where}' must be a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    _unknown(raw, hints, f"{where}.")
-    return cls(**{k: _check_type(v, hints[k], f"{where}.{k}") for k, v in raw.items()})
-
 
 def parse_config(raw: dict, name: str | None = None) -> TrainJobConfig:
     """Build a TrainJobConfig from a plain dict, checking keys, types and ranges (no file access)."""
-    if not isinstance(raw, dict):
-        raise TrainConfigError(f"the config must be a YAML mapping of keys, got {type(raw).__name__}")
-    hints = typing.get_type_hints(TrainJobConfig)
-    _unknown(raw, hints, "")
-    for key in ("anchor", "augments", "data"):
-        if key not in raw or raw[key] in (None, [], ""):
-            example = {"anchor": "anchor: path/to/anchor_model", "augments": "augments: [path/to/augmenting_model]",
-                       "data": "data: {train: path/to/train.jsonl}"}[key]
-            raise TrainConfigError(f"missing required key '{key}': add e.g. `{example}`")
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in _SECTIONS:
-            kwargs[key] = _section(_SECTIONS[key], value, key)
-        elif key == "composition":
-            if not isinstance(value, dict):
-                raise TrainConfigError(f"'composition' must be a mapping of keys, got {value!r}")
-            try:
-                kwargs[key] = CompositionConfig.from_dict(value)
-            except (ConfigError, TypeError) as e:
-                raise TrainConfigError(f"composition: {e}") from None
-        else:
-            kwargs[key] = _check_type(value, hints[key], key)
-    if "name" not in raw and name:
-        kwargs["name"] = name
-    if "composition" not in raw:
-        kwargs["composition"] = CompositionConfig(mappings=[LayerMapping() for _ in kwargs["augments"]])
-    cfg = TrainJobConfig(**kwargs)
-    _check_values(cfg)
-    return cfg
-
-
-def _positive(value, key: str, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        raise TrainConfigError(f"'{key}' must be {'>= 0' if zero_ok else 'positive'}, got {value}")
-
-
-def _check_custom_resources(resources: dict[str, float], key: str, who: str) -> None:
-    """Custom resource requests: no CPU/GPU (they have their own keys), amounts Ray can schedule."""
-    for name, amount in resources.items():
-        if name.upper() in ("CPU", "GPU"):
-            own = f"ray.{name.lower()}s_per_{who}"
-            raise TrainConfigError(
-                f"'{key}' names {name!r}: set '{own}' for {name.upper()}s instead; '{key}' is for custom "
-                f"resources that node types declare, such as anchor_node"
-            )
-        _positive(amount, f"{key}.{name}", zero_ok=True)
-        if 0 < amount < 1e-4:
-            raise TrainConfigError(
-                f"'{key}.{name}' is {amount}: Ray counts resources in steps of 0.0001; use 0.0001 or more"
-            )
-
-
-def _check_values(cfg: TrainJobConfig) -> None:
-    t, r, d = cfg.training, cfg.ray, cfg.data
-    if not re.fullmatch(r"[\w.-]+", cfg.name):
-        raise TrainConfigError(f"'name' must be a folder name (letters, digits, . _ -), got {cfg.name!r}")
-    if cfg.dtype not in _DTYPES:
-        raise TrainConfigError(f"'dtype' must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
-    if cfg.device not in _DEVICES:
-        raise TrainConfigError(f"'device' must be one of {', '.join(_DEVICES)}, got {cfg.device!r}")
-    if not d.train:
-        raise TrainConfigError(
-            "missing required key 'data.train': give a file or a list of files (jsonl, parquet or text)"
-        )
-    if d.format not in _FORMATS:
-        raise TrainConfigError(f"'data.format' must be one of {', '.join(_FORMATS)}, got {d.format!r}")
-    if d.max_length < 2:
-        raise TrainConfigError(f"'data.max_length' must be at least 2 tokens, got {d.max_length}")
-    for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
-        _positive(getattr(t, key), f"training.{key}")
-    _positive(t.lr, "training.lr")
-    for key in ("warmup_steps", "weight_decay", "grad_clip", "plateau_check_step", "plateau_max_loss",
-                "plateau_restarts"):
-        _positive(getattr(t, key), f"training.{key}", zero_ok=True)
-    if t.plateau_restarts and not (0 < t.plateau_check_step < t.steps and t.plateau_max_loss > 0):
-        raise TrainConfigError(
-            f"'training.plateau_restarts' is {t.plateau_restarts}: also set 'training.plateau_check_step' between 1 "
-            f"and training.steps - 1 ({t.steps - 1}) and 'training.plateau_max_loss' > 0 (the mean loss above which "
-            f"a run counts as stuck), or set plateau_restarts to 0"
-        )
-    for key in ("num_workers", "augment_actors"):
-        _positive(getattr(r, key), f"ray.{key}")
-    for key in ("cpus_per_worker", "gpus_per_worker", "cpus_per_augment_actor", "gpus_per_augment_actor",
-                "prefetch_batches", "max_failures"):
-        _positive(getattr(r, key), f"ray.{key}", zero_ok=True)
-    _check_custom_resources(r.resources_per_worker, "ray.resources_per_worker", "worker")
-    _check_custom_resources(r.resources_per_augment_actor, "ray.resources_per_augment_actor", "augment_actor")
-    if t.batch_size % r.num_workers:
-        raise TrainConfigError(
-            f"'training.batch_size' ({t.batch_size}) is the global batch and must divide evenly over "
-            f"'ray.num_workers' ({r.num_workers}): use a multiple of {r.num_workers}"
-        )
-    if cfg.device == "cuda" and r.gpus_per_worker == 0:
-        raise TrainConfigError("'device: cuda' needs GPUs for the training workers: set 'ray.gpus_per_worker' > 0")
-    if cfg.activation_cache.enabled and not cfg.activation_cache.path:
-        raise TrainConfigError(
-            "'activation_cache.enabled' is true but 'activation_cache.path' is not set: give a folder"
-        )
-    if len(cfg.composition.mappings) != len(cfg.augments):
-        raise TrainConfigError(
-            f"'composition.mappings' has {len(cfg.composition.mappings)} entries for {len(cfg.augments)} augmenting "
-            f"models: give one mapping per entry of 'augments'"
-        )
+    if isinstance(raw, dict) and "name" not in raw and name:
+        raw = {**raw, "name": name}
+    return parse(TrainJobConfig, raw, TrainConfigError)
 
 
 # ---------------------------------------------------------------------------------- files and models
@@ -467,32 +390,22 @@ def check_tokenizer(cfg: TrainJobConfig, tokenizer, anchor_vocab: int) -> None:
         )
 
 
-def read_config(source: str | os.PathLike | dict) -> TrainJobConfig:
-    """Parse a config (a YAML path or a dict): keys, types and ranges only (no file access)."""
-    if isinstance(source, dict):
-        return parse_config(source)
-    import yaml
-
-    path = Path(source)
-    if not path.is_file():
-        raise TrainConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TrainConfigError(f"{path} is not valid YAML: {e}") from None
-    return parse_config(raw, name=path.stem)
+def read_config(source: str | os.PathLike | dict, overrides: list[str] = ()) -> TrainJobConfig:
+    """Parse a config (a YAML path or a dict, then ``key.path=value`` overrides): keys, types and ranges
+    only (no file access)."""
+    if isinstance(source, TrainJobConfig):
+        return source
+    raw, name = (source, None) if isinstance(source, dict) else (load_yaml(source, TrainConfigError), Path(source).stem)
+    if overrides:
+        raw = apply_overrides(raw, list(overrides), TrainConfigError)
+    return parse_config(raw, name=name)
 
 
-def load_config(source: str | os.PathLike | dict) -> TrainJobConfig:
+def load_config(source: str | os.PathLike | dict, overrides: list[str] = ()) -> TrainJobConfig:
     """Parse and check a config (a YAML path or a dict): keys, types, ranges, files, models, layer mapping.
 
     Raises TrainConfigError with a message that names the key and the fix. Starts no Ray.
     """
-    cfg = read_config(source)
+    cfg = read_config(source, overrides)
     check_files_and_models(cfg)
     return cfg
-
-
-def config_from_dict(d: dict) -> TrainJobConfig:
-    """Rebuild a config that ``to_dict`` produced (already checked: no file access)."""
-    return parse_config(d)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from actors.codec import state_key
 from actors.train.config import DATA_EXTENSIONS, TrainConfigError, TrainJobConfig
+from composition.checkpoint import atomic_folder
 
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
 MANIFEST = "manifest.json"
@@ -208,12 +208,10 @@ def cached_dataset(cfg: TrainJobConfig, manifest: dict, build):
     if (shards / MANIFEST).is_file() and json.loads((shards / MANIFEST).read_text()) == manifest:
         print(f"activation cache: reusing {shards}", flush=True)
     else:
-        tmp = root / f".{manifest['key']}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        build().write_parquet(str(tmp))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        shutil.rmtree(shards, ignore_errors=True)
-        os.replace(tmp, shards)
+        with atomic_folder(shards) as tmp:
+            shutil.rmtree(tmp)  # write_parquet makes the folder itself
+            build().write_parquet(str(tmp))
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         size = sum(f.stat().st_size for f in shards.rglob("*.parquet"))
         print(f"activation cache: wrote {size / 1e6:.1f} MB to {shards}", flush=True)
     return ray.data.read_parquet(str(shards), file_extensions=["parquet"])

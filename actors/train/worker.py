@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from actors.codec import arrays_to_states
-from actors.train.config import TrainJobConfig, config_from_dict
+from actors.train.config import TrainJobConfig
 
 TRAINER_DIR = "bridge_trainer"  # inside each Ray checkpoint
 
@@ -98,21 +98,17 @@ def train_worker(loop_config: dict) -> dict:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from composition.training import BridgeTrainer, TrainSettings
+    from composition.training import BridgeTrainer
 
     _quiet_report_logging()
-    cfg = config_from_dict(loop_config["config"])
+    cfg: TrainJobConfig = loop_config["config"]  # validated once, on the submitting machine
     t = cfg.training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = torch.device(cfg.worker_device(ray.train.torch.get_device()))
     torch.manual_seed(t.seed)
     model = build_model(cfg, device)
-    trainer = BridgeTrainer(model, TrainSettings(lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps,
-                                                 weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-                                                 plateau_check_step=t.plateau_check_step,
-                                                 plateau_max_loss=t.plateau_max_loss,
-                                                 plateau_restarts=t.plateau_restarts))
+    trainer = BridgeTrainer(model, t)  # a TrainSettings, extended by the loop's keys
     attempts: list[dict] = []  # which steps each (re)start ran, as far as a checkpoint recorded it
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -142,18 +138,13 @@ def train_worker(loop_config: dict) -> dict:
             loss, tokens = _mean_over_workers([out["loss"], out["tokens"]], device, world, [False, True])
             now = time.perf_counter()
             step = out["step"]
-            epoch = (trainer.steps_run - 1) * t.batch_size // loop_config["examples"]
+            epoch = (step - 1) * t.batch_size // loop_config["examples"]
             metrics = {"step": step, "loss": loss, "tokens": int(tokens), "seconds": now - last,
-                       "tokens_per_s": tokens / (now - last), "lr": out["lr"], "epoch": epoch,
-                       "steps_run": out["steps_run"], "restarts": out["restarts"]}
+                       "tokens_per_s": tokens / (now - last), "lr": out["lr"], "epoch": epoch}
             last = now
             history.append(metrics)
             window.append(metrics)
-            if out.get("restarted") and rank == 0:
-                say(f"still on a loss plateau at step {step} (mean of the last {trainer.settings.plateau_window} "
-                    f"steps above {t.plateau_max_loss}): restart {out['restarts']}/{t.plateau_restarts} "
-                    f"from fresh random bridges")
-            save = step % t.checkpoint_every == 0 or step == t.steps or out.get("restarted", False)
+            save = step % t.checkpoint_every == 0 or step == t.steps
             if save or step % t.log_every == 0 or len(history) == 1:
                 report = {**metrics, "loss_mean": sum(m["loss"] for m in window) / len(window),
                           "tokens_per_s": sum(m["tokens"] for m in window) / sum(m["seconds"] for m in window)}
@@ -169,9 +160,9 @@ def train_worker(loop_config: dict) -> dict:
                             trainer.save(Path(tmp) / TRAINER_DIR,
                                          extra={"name": cfg.name, "loss": loss, "attempts": attempts})
                             ckpt = Checkpoint.from_directory(tmp)
-                    # named by the steps run over all (re)starts: unique, and in the order they were written
+                    # named by the step: unique, and in the order they were written
                     ray.train.report(report, checkpoint=ckpt,
-                                     checkpoint_dir_name=f"checkpoint_{trainer.steps_run:08d}" if save else None)
+                                     checkpoint_dir_name=f"checkpoint_{step:08d}" if save else None)
             if trainer.step_count >= t.steps:
                 break
         if batches == 0:
@@ -193,7 +184,7 @@ def fit(cfg: TrainJobConfig, train_dataset, n_examples: int):
         resources["GPU"] = r.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "examples": n_examples},
+        train_loop_config={"config": cfg, "examples": n_examples},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -17,6 +17,7 @@ import random
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from composition.checkpoint import atomic_file
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 OPS = ("+", "-")
@@ -135,10 +136,8 @@ def build_tokenizer(world: KVWorld):
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:

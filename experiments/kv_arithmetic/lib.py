@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from torch import nn
 
 from composition.cache import CompositionCache
@@ -116,35 +117,28 @@ def train(model, pairs, settings: TrainSettings, batch_size: int, pad_id: int, s
           log_every: int = 50, device: str | torch.device = "cpu") -> list[dict]:
     """Train ``model.trainable_parameters()`` for ``settings.steps``; resumes from ``checkpoint``.
 
-    Returns the per-step metrics (loss, tokens, lr, step, restarts, seconds) of the steps run now;
-    with plateau restarts (``settings.plateau_*``) ``step`` starts again at 1 after each restart.
+    Returns the per-step metrics (loss, tokens, lr, step, seconds) of the steps run now.
     """
     trainer = BridgeTrainer(model, settings)
     if checkpoint is not None and (checkpoint / "trainer_state.json").is_file():
         trainer.load(checkpoint)
-        print(f"[{label}] resumed at step {trainer.step_count}/{settings.steps}"
-              + (f" (after {trainer.restarts} plateau restarts)" if trainer.restarts else ""), flush=True)
+        print(f"[{label}] resumed at step {trainer.step_count}/{settings.steps}", flush=True)
     history = []
-    start = time.monotonic()
-    stream = batches(pairs, batch_size, pad_id, seed, start_step=trainer.steps_run)
+    stream = batches(pairs, batch_size, pad_id, seed, start_step=trainer.step_count)
+    bar = tqdm(total=settings.steps, initial=trainer.step_count, desc=f"[{label}]", file=sys.stdout,
+               mininterval=5, bar_format="{desc} step {n}/{total} {postfix} ({rate_inv_fmt}, ETA {remaining})")
     while trainer.step_count < settings.steps:
         t0 = time.monotonic()
         metrics = trainer.step({k: v.to(device) for k, v in next(stream).items()})
         metrics["seconds"] = time.monotonic() - t0
         history.append(metrics)
         done = metrics["step"]
-        if done % log_every == 0 or done == settings.steps:
-            rate = (time.monotonic() - start) / len(history)
-            recent = sum(m["loss"] for m in history[-log_every:]) / len(history[-log_every:])
-            print(f"[{label}] step {done}/{settings.steps} loss {recent:.4f} "
-                  f"({rate:.2f}s/step, ETA {fmt_time(rate * (settings.steps - done))})", flush=True)
-        if metrics.get("restarted"):
-            print(f"[{label}] still on a loss plateau at step {done} (mean of the last {settings.plateau_window} "
-                  f"above {settings.plateau_max_loss}): restart {trainer.restarts}/{settings.plateau_restarts} "
-                  f"from fresh random weights", flush=True)
-        if checkpoint is not None and (done % checkpoint_every == 0 or done == settings.steps
-                                       or metrics.get("restarted")):
+        recent = history[-log_every:]
+        bar.set_postfix_str(f"loss {sum(m['loss'] for m in recent) / len(recent):.4f}", refresh=False)
+        bar.update(1)
+        if checkpoint is not None and (done % checkpoint_every == 0 or done == settings.steps):
             trainer.save(checkpoint, extra={"label": label})
+    bar.close()
     return history
 
 

@@ -25,13 +25,15 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import yaml
+from pydantic import BaseModel, Field, model_validator
 
-from composition.checkpoint import atomic_folder
+from actors.config import StrictModel, load_yaml, parse
+from composition.checkpoint import atomic_file, atomic_folder
+from composition.config import ConfigError
 from composition.training import TrainSettings
 from experiments.kv_arithmetic.data import KVSettings, KVWorld, build_tokenizer, read_jsonl, write_jsonl
 from experiments.kv_arithmetic.lib import PlainLM, compose_warmup, encode_rows, exact_match, fmt_time, llama, train
@@ -44,8 +46,7 @@ PAPER = {"m_A": {"sub": 98.1, "num": 4.2, "kvar": 0.7}, "m_B": {"sub": 0.0, "num
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@dataclass
-class ModelSpec:
+class ModelSpec(StrictModel):
     hidden: int = 128
     layers: int = 4
     heads: int = 4
@@ -56,13 +57,12 @@ class ModelSpec:
     weight_decay: float = 0.1
 
 
-@dataclass
-class ExperimentConfig:
+class ExperimentConfig(StrictModel):
     output: str = "assets/kv_pair"
     results: str = "results/kv_arithmetic.json"
-    keys: KVSettings = field(default_factory=KVSettings)
-    augment: ModelSpec = field(default_factory=ModelSpec)
-    anchor: ModelSpec = field(default_factory=ModelSpec)
+    keys: KVSettings = Field(default_factory=KVSettings)
+    augment: ModelSpec = Field(default_factory=ModelSpec)
+    anchor: ModelSpec = Field(default_factory=ModelSpec)
     # m_B's numeric training expressions: anchor_min_terms to keys.max_terms terms (None: keys.min_terms, as
     # evaluated). Shorter expressions let the composition data hold short KV-arithmetic expressions too, whose
     # answers depend on one or two keys (experiments/kv_arithmetic/README.md, sixth session)
@@ -83,11 +83,7 @@ class ExperimentConfig:
     compose_first_steps: int = 0
     compose_first_min_terms: int | None = None
     compose_first_max_terms: int | None = None
-    # fresh bridges when the loss is still above max_loss at check_step, at most `restarts` times (training.plateau_*)
-    compose_plateau_check_step: int = 0
-    compose_plateau_max_loss: float = 0.0
-    compose_plateau_restarts: int = 0
-    composition: dict = field(default_factory=lambda: {"mappings": [{"pairs": [[0, 0]]}], "window": 1,
+    composition: dict = Field(default_factory=lambda: {"mappings": [{"pairs": [[0, 0]]}], "window": 1,
                                                        "proj_hidden": 256})
     random_augment_ablation: bool = True
     lora_ablation: bool = True
@@ -96,37 +92,31 @@ class ExperimentConfig:
     seed: int = 0
     ray_workers: int = 1
 
-    @classmethod
-    def load(cls, path: str) -> "ExperimentConfig":
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise SystemExit(f"error: {path}: unknown keys {unknown}; valid keys are {sorted(known)}")
-        try:
-            if "keys" in raw:
-                raw["keys"] = KVSettings(**raw["keys"])
-            for k in ("augment", "anchor"):
-                if k in raw:
-                    raw[k] = ModelSpec(**raw[k])
-        except TypeError as e:
-            raise SystemExit(f"error: {path}: {e}; see ModelSpec and KVSettings in jobs/ for the valid keys")
-        cfg = cls(**raw)
+    @model_validator(mode="after")
+    def _term_ranges(self):
         for key in ("anchor_min_terms", "compose_min_terms", "compose_max_terms", "compose_first_min_terms",
                     "compose_first_max_terms"):
-            value = getattr(cfg, key)
-            if value is not None and not (isinstance(value, int) and 1 <= value <= cfg.keys.max_terms):
-                raise SystemExit(f"error: {path}: {key} must be an integer from 1 to keys.max_terms "
-                                 f"({cfg.keys.max_terms}), or null; got {value!r}")
+            value = getattr(self, key)
+            if value is not None and not 1 <= value <= self.keys.max_terms:
+                raise ValueError(f"{key} must be an integer from 1 to keys.max_terms ({self.keys.max_terms}), "
+                                 f"or null; got {value!r}")
         for prefix in ("compose", "compose_first"):
-            low, high = getattr(cfg, f"{prefix}_min_terms"), getattr(cfg, f"{prefix}_max_terms")
+            low, high = getattr(self, f"{prefix}_min_terms"), getattr(self, f"{prefix}_max_terms")
             if low is not None and high is not None and low > high:
-                raise SystemExit(f"error: {path}: {prefix}_min_terms ({low}) is above {prefix}_max_terms ({high})")
-        if cfg.compose_first_steps and not (0 < cfg.compose_first_steps < cfg.compose_steps
-                                            and cfg.compose_first_min_terms):
-            raise SystemExit(f"error: {path}: compose_first_steps ({cfg.compose_first_steps}) must be below "
-                             f"compose_steps ({cfg.compose_steps}) and needs compose_first_min_terms; or set it to 0")
-        return cfg
+                raise ValueError(f"{prefix}_min_terms ({low}) is above {prefix}_max_terms ({high})")
+        if self.compose_first_steps and not (0 < self.compose_first_steps < self.compose_steps
+                                             and self.compose_first_min_terms):
+            raise ValueError(f"compose_first_steps ({self.compose_first_steps}) must be below compose_steps "
+                             f"({self.compose_steps}) and needs compose_first_min_terms; or set it to 0")
+        return self
+
+    @classmethod
+    def load(cls, path: str) -> "ExperimentConfig":
+        """The checked config (the project's config system, ``actors.config``); exits naming every problem."""
+        try:
+            return parse(cls, load_yaml(path))
+        except ConfigError as e:
+            raise SystemExit(f"error: {path}: {e}") from None
 
 
 class StageLog:
@@ -161,10 +151,8 @@ class StageLog:
         if inputs is not None:
             info = {**info, "inputs": _plain(inputs)}
         self.records[name] = info
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.records, indent=1) + "\n")
-        tmp.replace(self.path)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps(self.records, indent=1) + "\n")
 
     def stop(self, name: str) -> bool:
         return self.stop_after == name
@@ -172,12 +160,12 @@ class StageLog:
 
 def _plain(value):
     """Dataclasses and tuples as JSON gives them back (for comparing a stage's recorded settings)."""
-    return json.loads(json.dumps(value, default=lambda o: asdict(o)))
+    return json.loads(json.dumps(value, default=lambda o: o.model_dump() if isinstance(o, BaseModel) else asdict(o)))
 
 
 def _history(metrics: list[dict]) -> list[dict]:
-    """Per step: the step of its (re)start, the steps run over all plateau restarts, the restarts so far, the loss."""
-    return [{"step": m.get("step"), "steps_run": m.get("steps_run", m.get("step")), "restarts": m.get("restarts", 0),
+    """Per step: the step, the steps run over both phases (set by the caller for the second), the loss."""
+    return [{"step": m.get("step"), "steps_run": m.get("steps_run", m.get("step")),
              "loss": round(float(m.get("loss")), 5)} for m in metrics if m.get("loss") is not None]
 
 
@@ -202,12 +190,12 @@ def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, nam
     """Train the bridges through the Ray Train job; returns the per-step history.
 
     With ``compose_first_steps``, two jobs: the first on the ``compose_first.jsonl`` data from random
-    bridges (with the plateau rule), the second on the composition data from the first's bridges
+    bridges, the second on the composition data from the first's bridges
     (``init_bridges``) for the rest of ``compose_steps``; each resumes on its own.
     """
-    from jobs.train import run
+    from actors.train.pipeline import run
 
-    def job(job_name: str, data_file: str, steps: int, output: Path, init: Path | None, restarts: bool) -> list[dict]:
+    def job(job_name: str, data_file: str, steps: int, output: Path, init: Path | None) -> list[dict]:
         train_config = {
             "name": job_name,
             "anchor": str(out / "anchor"),
@@ -225,24 +213,20 @@ def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, nam
             "storage_path": str((out / "runs").resolve()),
             "output": str(output.resolve()),
         }
-        if restarts:
-            train_config["training"].update(plateau_check_step=cfg.compose_plateau_check_step,
-                                            plateau_max_loss=cfg.compose_plateau_max_loss,
-                                            plateau_restarts=cfg.compose_plateau_restarts)
         if init is not None:
             train_config["init_bridges"] = str(init.resolve())
         return _history(run(train_config).history)
 
     if not cfg.compose_first_steps:
-        return job(name, "compose_train.jsonl", cfg.compose_steps, bridges, None, True)
+        return job(name, "compose_train.jsonl", cfg.compose_steps, bridges, None)
     first = bridges.with_name(bridges.name + "_first")
     history = []
     if not (first / "bridges.safetensors").is_file():
         print(f"[compose] first phase: {cfg.compose_first_steps} steps on {cfg.compose_first_min_terms}-"
               f"{cfg.compose_first_max_terms or cfg.keys.max_terms}-term expressions", flush=True)
-        history = job(name + "_first", "compose_first.jsonl", cfg.compose_first_steps, first, None, True)
+        history = job(name + "_first", "compose_first.jsonl", cfg.compose_first_steps, first, None)
     offset = history[-1]["steps_run"] if history else 0
-    rest = job(name, "compose_train.jsonl", cfg.compose_steps - cfg.compose_first_steps, bridges, first, False)
+    rest = job(name, "compose_train.jsonl", cfg.compose_steps - cfg.compose_first_steps, bridges, first)
     return history + [{**h, "phase": 2, "steps_run": h["steps_run"] + offset} for h in rest]
 
 
@@ -268,7 +252,7 @@ def _lora(cfg: ExperimentConfig, out: Path, tok, bridge_params: int) -> dict:
     rank, params = _lora_rank(out / "anchor", bridge_params)
     print(f"[lora] rank {rank}: {params:,} trainable parameters (bridges: {bridge_params:,})", flush=True)
     model = _lora_model(load_causal_lm(str(out / "anchor")), rank)
-    # the bridges' data schedule: the first phase's data first, if any (LoRA starts at the anchor: no plateau rule)
+    # the bridges' data schedule: the first phase's data first, if any 
     phases = [("compose_train.jsonl", cfg.compose_steps, "ablation_lora.ckpt")]
     if cfg.compose_first_steps:
         phases = [("compose_first.jsonl", cfg.compose_first_steps, "ablation_lora_first.ckpt"),
@@ -365,14 +349,14 @@ def plot(results: dict, path: Path) -> None:
     fig, (curves, table) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.1, 1]})
     for name, hist in results["training_curves"].items():
         if hist:
-            steps = [h.get("steps_run", h["step"]) for h in hist]  # plateau restarts continue the line
+            steps = [h.get("steps_run", h["step"]) for h in hist]  # the second phase continues the line
             losses = [h["loss"] for h in hist]
             k = max(1, len(losses) // 100)  # moving average over ~1% of the run
             smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1])
                       for i in range(len(losses))]
             curves.plot(steps, smooth, label=name)
     curves.set_yscale("log")
-    curves.set_xlabel("steps run (over all plateau restarts)")
+    curves.set_xlabel("steps run (both phases)")
     curves.set_ylabel("training loss (completion tokens)")
     curves.set_title("training curves")
     curves.legend()
@@ -389,9 +373,8 @@ def plot(results: dict, path: Path) -> None:
             cell.set_height(cell.get_height() * 1.8)
     table.set_title("exact match % (paper's Table 1 in parentheses)")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -454,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     for role, spec, task_file in (("augment", cfg.augment, "augment_train.jsonl"),
                                   ("anchor", cfg.anchor, "anchor_train.jsonl")):
         # the anchor's recorded settings include its data's expression lengths (absent = the default, None)
-        inputs = {**asdict(spec), "min_terms": cfg.anchor_min_terms} if role == "anchor" else spec
+        inputs = {**spec.model_dump(), "min_terms": cfg.anchor_min_terms} if role == "anchor" else spec
         if log.begin(role, (out / role / "config.json").is_file(), role, inputs, out / role):
             t0 = time.monotonic()
             history = _train_base(spec, read_jsonl(data / task_file), tok, out / role, role,
@@ -466,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     # 4. composition through the Ray Train job
     compose_settings = {**compose_inputs, **{k: getattr(cfg, k) for k in (
         "compose_steps", "compose_first_steps", "compose_batch_size", "compose_lr", "compose_weight_decay",
-        "compose_plateau_check_step", "compose_plateau_max_loss", "compose_plateau_restarts", "composition",
+        "composition",
         "ray_workers")}}
     # what to delete to compose again: the bridges of both phases and the Ray runs (a job resumes from those)
     compose_folders = f"{out / 'bridges'}, {out / 'bridges_first'} and {out / 'runs'}"
@@ -525,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     stage_s["evaluate"] = round(sum(r.get("wall_s", 0) for r in rec.get("evaluate", {}).values()), 1)
     anchor, augment = load_causal_lm(str(out / "anchor")), load_causal_lm(str(out / "augment"))
     results = {
-        "config": asdict(cfg),
+        "config": cfg.model_dump(),
         "accuracy_percent": accuracy,
         "paper_percent": PAPER,
         "data": {"keys": len(world.values), "compose_keys": len(world.compose_keys),
@@ -547,10 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         "training_curves": curves,
     }
     path = Path(cfg.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
     plot(results, path.with_suffix(".png"))
     print("\n" + markdown_table(accuracy))
     print(f"\nresults written to {path} and {path.with_suffix('.png')} "

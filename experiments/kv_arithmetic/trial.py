@@ -53,10 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-examples", type=int, default=500)
     p.add_argument("--data-seed", type=int, default=0,
                    help="the experiment's 'seed' that built the pair (0 in the shipped configs): same rows as its run")
-    p.add_argument("--plateau-check-step", type=int, default=0,
-                   help="restart from fresh bridges if the loss is still above --plateau-max-loss at this step")
-    p.add_argument("--plateau-max-loss", type=float, default=0.0)
-    p.add_argument("--plateau-restarts", type=int, default=0, help="at most this many restarts (0: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: two trials fit on two cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", help="append the result as one JSON line to this file")
@@ -80,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--composition: {e}")
     try:  # checked before any model is loaded
         settings = TrainSettings(lr=args.lr, steps=args.steps, warmup_steps=compose_warmup(args.steps),
-                                 weight_decay=args.weight_decay, plateau_check_step=args.plateau_check_step,
-                                 plateau_max_loss=args.plateau_max_loss, plateau_restarts=args.plateau_restarts)
+                                 weight_decay=args.weight_decay)
     except ValueError as e:
-        p.error(str(e).replace("plateau_", "--plateau-").replace("_", "-"))
+        p.error(str(e).replace("weight_decay", "--weight-decay"))
     torch.set_num_threads(args.threads)
 
     from transformers import AutoTokenizer
@@ -117,11 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"pair": str(pair), "composition": composition.to_dict(), "steps": args.steps, "lr": args.lr,
               "weight_decay": args.weight_decay, "batch_size": args.batch_size, "seed": args.seed,
               "composition_keys": len(compose_keys), "compose_min_terms": args.compose_min_terms,
-              "compose_max_terms": args.compose_max_terms, "restarts": history[-1]["restarts"],
-              "plateau": {"check_step": args.plateau_check_step, "max_loss": args.plateau_max_loss,
-                          "restarts": args.plateau_restarts},
+              "compose_max_terms": args.compose_max_terms,
               "device": args.device,
-              # mean loss per 100 steps over every start: when (and whether) each start left the plateau
+              # mean loss per 100 steps: when (and whether) the bridges left the plateau
               "loss_per_100_steps": [round(sum(m["loss"] for m in history[i:i + 100]) / len(history[i:i + 100]), 4)
                                      for i in range(0, len(history), 100)],
               "final_loss": sum(m["loss"] for m in tail) / len(tail),

@@ -1,4 +1,4 @@
-"""The OpenAI-shaped HTTP protocol: request validation, errors, responses, server-sent events.
+"""The OpenAI-shaped HTTP protocol: the endpoints, request preparation, responses, server-sent events.
 
 ``OpenAIFrontend`` turns an HTTP request into token ids, runs them through a token stream (a
 Serve handle to the anchor deployment, or a local DecodeEngine), and answers in OpenAI's formats:
@@ -10,12 +10,13 @@ Serve handle to the anchor deployment, or a local DecodeEngine), and answers in 
 Every bad input gets a 4xx with ``{"error": {"message", "type", "param", "code"}}``: the message
 says what is wrong and what is accepted. Streaming answers are ``data: {chunk}\\n\\n`` events
 ending with ``data: [DONE]``. Stop strings and detokenisation happen here; the engine only sees
-token ids. Plain Python + FastAPI/Starlette types; no Ray (the deployment wraps it).
+token ids. Plain Python + FastAPI/Starlette types; no Ray (the deployment wraps it). Beside this file:
+``schemas`` (request bodies), ``errors`` (OpenAI's error JSON), ``detokenize`` (text deltas and stop
+strings), ``resume`` (timeouts, resuming after a replica died).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -23,192 +24,17 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from actors.serve.engine import GenerationRequest
+from actors.serve.openai.detokenize import TextAssembler  # noqa: F401  (part of this module's API)
+from actors.serve.openai.errors import ApiError, validation_message
+from actors.serve.openai.resume import token_pieces
+from actors.serve.openai.schemas import MAX_STOP_SEQUENCES, ChatBody, ChatMessage, CompletionBody
+
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
-MAX_STOP_SEQUENCES = 4
-
-
-# ---------------------------------------------------------------------- errors
-class ApiError(Exception):
-    """An error answered as OpenAI's JSON error body with an HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 503 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-_EXPECTED = {
-    "prompt": "a non-empty string, a list holding one string, or a list of token ids",
-    "stop": "a string or a list of strings",
-    "messages": "a non-empty list of {\"role\": ..., \"content\": ...} objects",
-    "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts",
-    "max_tokens": "an integer", "max_completion_tokens": "an integer", "seed": "an integer", "n": "an integer",
-    "temperature": "a number", "top_p": "a number", "stream": "true or false", "model": "a string",
-}
-_BRANCH_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}
-
-
-def _validation_message(e: ValidationError) -> tuple[str, str | None]:
-    """The first pydantic error as "'field' must be ..., got ..." (and the field's path)."""
-    err = e.errors()[0]
-    # drop union-branch labels such as 'str' or 'list[int]' from the location
-    loc = [x for x in err["loc"] if isinstance(x, int) or ("[" not in str(x) and str(x) not in _BRANCH_LABELS)]
-    path = ".".join(str(x) for x in loc) or None
-    name = next((str(x) for x in reversed(loc) if isinstance(x, str)), None)
-    if err["type"] == "missing":
-        return f"'{path}' is required", path
-    got = err.get("input")
-    shown = json.dumps(got)[:60] if _jsonable(got) else type(got).__name__
-    expected = _EXPECTED.get(name or "")
-    if expected and not err["type"].startswith(("too_short", "literal")):
-        return f"'{path}' must be {expected}, got {shown}", path
-    return f"'{path}': {err['msg']}, got {shown}", path
-
-
-def _jsonable(x) -> bool:
-    try:
-        json.dumps(x)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-class _DeadlineExceeded(Exception):
-    """The request ran past the server's request timeout."""
-
-
-# ---------------------------------------------------------------------- request bodies
-class _Body(BaseModel):
-    # strict: "5" is not an int and true is not a number; unknown fields (user, logit_bias=None, ...) are ignored
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Sampling(_Body):
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int | None = None
-    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
-
-
-class CompletionBody(_Sampling):
-    prompt: str | list[str] | list[int]
-    echo: bool | None = None
-    logprobs: int | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
-
-
-class ChatBody(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-
-
-# ---------------------------------------------------------------------- text assembly
-class TextAssembler:
-    """Token ids -> text deltas, cut at the first stop string; holds back a possible stop-string start.
-
-    Decoding is incremental (the usual prefix/read offsets): each call decodes a few trailing tokens,
-    not the whole answer, so a long streamed answer costs O(1) per token.
-    """
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.longest_stop = max((len(s) for s in stop), default=0)
-        self.ids: list[int] = []
-        self.prefix_offset = 0  # ids[prefix_offset:read_offset] is context already turned into text
-        self.read_offset = 0
-        self.text = ""  # all decoded text so far (cut at a stop string once found)
-        self.sent = 0  # characters of the text already emitted
-        self.stopped = False
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _extend(self) -> None:
-        """Append the text of tokens decoded since the last call (the standard incremental detokeniser)."""
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):  # wait out incomplete characters
-            self.text += full[len(prefix) :]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-
-    def add(self, token_ids: list[int]) -> str:
-        """Append tokens; return the text that is now safe to emit."""
-        if self.stopped:
-            return ""
-        self.ids += token_ids
-        self._extend()
-        if self.stop:
-            window = max(0, self.sent - self.longest_stop)  # a stop string can only start after this
-            hits = [i for i in (self.text.find(s, window) for s in self.stop) if i >= 0]
-            if hits:
-                self.stopped = True
-                self.text = self.text[: min(hits)]
-                return self._flush(len(self.text))
-        safe = len(self.text)
-        for s in self.stop:  # a suffix that may grow into a stop string stays back
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if self.text.endswith(s[:k]):
-                    safe = min(safe, len(self.text) - k)
-                    break
-        return self._flush(safe)
-
-    def finish(self) -> str:
-        if not self.stopped:
-            full = self._decode(self.ids[self.prefix_offset :])
-            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-            self.text += full[len(prefix) :]  # whatever was held back as incomplete
-            self.prefix_offset = self.read_offset = len(self.ids)
-        return self._flush(len(self.text))
-
-    def _flush(self, upto: int) -> str:
-        if upto <= self.sent:
-            return ""
-        delta = self.text[self.sent : upto]
-        self.sent = upto
-        return delta
 
 
 # ---------------------------------------------------------------------- the frontend
@@ -242,15 +68,15 @@ class OpenAIFrontend:
         tokenizer: a Hugging Face tokenizer (its chat template serves /v1/chat/completions).
         model_name: the one model id served (``model`` in requests must match when given).
         limits: context and max_tokens limits, timeout, retries.
-        open_stream: ``request dict -> async iterator of {"token_ids", "finish_reason"}``; the
-            dict holds request_id, prompt_ids, max_tokens, temperature, top_p, seed, eos_ids.
+        open_stream: ``GenerationRequest -> async iterator of {"token_ids", "finish_reason"}`` (the
+            engine's own request type, the one shape a request has from here to the engine).
         retryable: exceptions meaning "the replica serving the request died": the request is
             resumed (prompt + tokens so far) on another replica, up to ``limits.max_retries`` times.
         overloaded: exceptions meaning "queue full": answered 503.
     """
 
     def __init__(self, tokenizer, model_name: str, limits: Limits,
-                 open_stream: Callable[[dict], AsyncIterator[dict]],
+                 open_stream: Callable[[GenerationRequest], AsyncIterator[dict]],
                  retryable: tuple[type[BaseException], ...] = (), overloaded: tuple[type[BaseException], ...] = ()):
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -281,7 +107,7 @@ class OpenAIFrontend:
         except ApiError as e:
             return e.response()
         rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex[:24]
-        pieces = self._pieces(prepared, rid)
+        pieces = token_pieces(self, prepared, rid)
         try:
             first = await pieces.__anext__()  # errors before the first token still get a real status code
         except ApiError as e:
@@ -316,7 +142,7 @@ class OpenAIFrontend:
         try:
             req = (CompletionBody if kind == "completion" else ChatBody).model_validate(body)
         except ValidationError as e:
-            message, field = _validation_message(e)
+            message, field = validation_message(e)
             raise ApiError(400, message, param=field) from None
         if req.model is not None and req.model != self.model_name:
             raise ApiError(404, f"the model '{req.model}' does not exist: this server serves '{self.model_name}' "
@@ -406,83 +232,6 @@ class OpenAIFrontend:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ generation
-    async def _pieces(self, p: _Prepared, rid: str):
-        """Async iterator of (text delta, finish_reason or None, completion tokens so far).
-
-        Runs the token stream with the request timeout, resumes it on another replica after a
-        replica death, applies stop strings; raises ApiError for failures.
-        """
-        text = TextAssembler(self.tokenizer, p.stop)
-        generated: list[int] = []
-        deadline = asyncio.get_running_loop().time() + self.limits.request_timeout_s
-        attempts = 0
-        while True:
-            request = {
-                "request_id": f"{rid}-{attempts}",
-                "prompt_ids": p.prompt_ids + generated,
-                "max_tokens": p.max_tokens - len(generated),
-                "temperature": p.temperature,
-                "top_p": p.top_p,
-                "seed": p.seed,
-                "eos_ids": [] if p.ignore_eos else self.eos_ids,
-            }
-            stream = None
-            settled = False  # the stream ended or failed by itself: nothing to cancel
-            try:
-                stream = self.open_stream(request)
-                while True:
-                    scope = asyncio.timeout_at(deadline)
-                    try:
-                        async with scope:  # around the await only: never around a yield
-                            chunk = await stream.__anext__()
-                    except StopAsyncIteration:
-                        settled = True
-                        raise ApiError(500, "the token stream ended without a finish reason") from None
-                    except asyncio.TimeoutError as e:
-                        if scope.expired():
-                            raise _DeadlineExceeded from None
-                        settled = True
-                        raise ApiError(503, f"the model did not answer in time ({type(e).__name__}): retry later",
-                                       type_="overloaded") from None
-                    except BaseException as e:
-                        settled = not isinstance(e, asyncio.CancelledError)
-                        raise
-                    generated += chunk["token_ids"]
-                    finish = chunk["finish_reason"]
-                    settled = finish is not None
-                    delta = text.add(chunk["token_ids"])
-                    if text.stopped:
-                        yield delta, "stop", len(generated)
-                        return
-                    if finish is not None:
-                        yield delta + text.finish(), finish, len(generated)
-                        return
-                    if delta:
-                        yield delta, None, len(generated)
-            except _DeadlineExceeded:
-                self.counters["timeouts"] += 1
-                raise ApiError(504, f"the request took longer than the server's request timeout of "
-                                    f"{self.limits.request_timeout_s:g} s: lower max_tokens", type_="timeout") from None
-            except self.overloaded:
-                raise ApiError(503, "the server is at capacity (request queue full): retry later",
-                               type_="overloaded") from None
-            except self.retryable as e:
-                attempts += 1
-                self.counters["retries"] += 1
-                if attempts > self.limits.max_retries:
-                    raise ApiError(503, f"the replica serving this request failed {attempts} times "
-                                        f"({type(e).__name__}): retry later") from None
-                continue
-            except ApiError:
-                raise
-            except ValueError as e:
-                raise ApiError(400, str(e)) from None
-            except Exception as e:  # noqa: BLE001 - answered as a 500 with the reason
-                raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from None
-            finally:
-                if stream is not None and not settled:  # stop string, timeout or a client that left
-                    await _close(stream)
-
     def _usage(self, p: _Prepared, completion_tokens: int) -> dict:
         return {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion_tokens,
                 "total_tokens": len(p.prompt_ids) + completion_tokens}
@@ -542,15 +291,3 @@ class OpenAIFrontend:
         finally:
             await pieces.aclose()  # a client that went away cancels the generation here
         yield "data: [DONE]\n\n"
-
-
-async def _close(stream) -> None:
-    """Stop a token stream early (best effort): Serve's response generators cancel, async generators close."""
-    try:
-        cancel = getattr(stream, "cancel", None)
-        if cancel is not None:
-            cancel()
-        elif getattr(stream, "aclose", None) is not None:
-            await stream.aclose()
-    except Exception:  # noqa: BLE001 - the request is over either way
-        pass
