@@ -1,0 +1,1 @@
+"""Experiments built on the project (not part of the installed wheel); run them from the repository root."""
