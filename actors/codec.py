@@ -13,15 +13,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from composition.config import DTYPES
+
 _RAW16 = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_BY_NAME = {name: getattr(torch, name) for name in DTYPES}
+_CANNOT = f"cannot be streamed: use {', '.join(DTYPES[:-1])} or {DTYPES[-1]}"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     for name, d in _BY_NAME.items():
         if d == dtype:
             return name
-    raise TypeError(f"activations of dtype {dtype} cannot be streamed: use float32, bfloat16 or float16")
+    raise TypeError(f"activations of dtype {dtype} {_CANNOT}")
 
 
 def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -30,7 +33,7 @@ def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype in _RAW16:
         return t.view(torch.int16).numpy()
     if t.dtype != torch.float32:
-        raise TypeError(f"activations of dtype {t.dtype} cannot be streamed: use float32, bfloat16 or float16")
+        raise TypeError(f"activations of dtype {t.dtype} {_CANNOT}")
     return t.numpy()
 
 
