@@ -172,6 +172,8 @@ class BridgeTrainer:
         self.step_count = int(meta["step"])
         if "schedule" in meta:
             self.schedule.load_state_dict(meta["schedule"])
+            for group, lr in zip(self.optimizer.param_groups, self.schedule.get_last_lr()):
+                group["lr"] = lr  # loading a schedule's state does not touch the optimiser it drives
         else:  # a checkpoint from before the schedule was saved: replay it to the step
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
