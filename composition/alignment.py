@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -155,17 +155,15 @@ class RowText:
     last_is_text: bool = False  # the last character is not whitespace (a space after it cuts)
 
 
-def _append_text(state: RowText, text: str) -> tuple[RowText, list[str]]:
-    """Append stable text; returns the new state and the pieces it closed."""
-    closed, piece, last_is_text = [], state.piece, state.last_is_text
-    start = 0
+def _cut(piece: str, last_is_text: bool, text: str) -> tuple[str, bool, list[str]]:
+    """Append ``text`` to the open ``piece``; returns (open piece, last character is not whitespace, closed pieces)."""
+    closed, start = [], 0
     for k, ch in enumerate(text):
         if ch == " " and last_is_text:
             closed.append(piece + text[start:k])
             piece, start = "", k
         last_is_text = not ch.isspace()
-    piece += text[start:]
-    return replace(state, chars=state.chars + len(text), piece=piece, last_is_text=last_is_text), closed
+    return piece + text[start:], last_is_text, closed
 
 
 class Aligner:
@@ -209,13 +207,14 @@ class Aligner:
         # (ByteFallback turns a valid byte into U+FFFD when an invalid one follows) only delays the
         # text until it is longer again, so the text is always a function of the ids so far.
         done = len(state.context_text) + state.pending_chars  # characters of ``text`` emitted already
-        state, closed = _append_text(state, stable[done:])
+        new_text = stable[done:]
+        piece, last_is_text, closed = _cut(state.piece, state.last_is_text, new_text)
+        chars = state.chars + len(new_text)
         if complete and len(stable) >= done:  # a clean point: the ids emitted since the context become the next context
             window = window[state.context :]
-            state = replace(state, window=window, context=len(window), context_text=self._decode(window), pending_chars=0)
-        else:
-            state = replace(state, window=window, pending_chars=max(done, len(stable)) - len(state.context_text))
-        return state, closed
+            return RowText(window, len(window), self._decode(window), 0, chars, piece, last_is_text), closed
+        pending = max(done, len(stable)) - len(state.context_text)
+        return RowText(window, state.context, state.context_text, pending, chars, piece, last_is_text), closed
 
     def tokenize_pieces(self, augment: int, pieces: list[str]) -> list[list[int]]:
         """Each piece's augmenting token ids (no special tokens)."""
