@@ -170,6 +170,8 @@ class Bridge(nn.Module):
         Returns:
             [batch, seq, d_anchor] in h_anchor's dtype; zero for rows with no visible key.
         """
+        if keys.shape[2] == 0:  # no augmenting token yet (different tokenizers: none closed so far)
+            return torch.zeros_like(h_anchor)
         query = self.query_norm(h_anchor.to(self.dtype))
         q = self._heads(self.q(query))
         if self.rotary:

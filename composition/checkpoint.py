@@ -9,6 +9,12 @@ A folder holding:
 A fingerprint records the architecture, widths, depth, vocab size, parameter count and a hash of
 the weights (a fixed sample of each tensor, rounded to bf16 so that a dtype cast of the same model
 still matches). Loading onto a different pair is refused with the field that differs.
+
+A composition built with ``tokenizers=`` also records each model's tokenizer (``tokenizers``:
+``alignment.tokenizer_fingerprint``: hashes of vocabulary, normalizer, pre-tokenizer, decoder and
+added tokens). Loading it with another tokenizer is refused with the field that differs, and loading
+it without tokenizers is refused unless all the models shared one tokenizer. Checkpoints without
+the field (older ones, or shared-tokenizer compositions built without tokenizers) load as before.
 Folders are written atomically: a crash mid-save leaves the previous checkpoint intact.
 """
 
@@ -26,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from composition.alignment import tokenizer_fingerprint
 from composition.config import CompositionConfig
 from composition.layers import describe_decoder
 
@@ -117,6 +124,8 @@ def save_bridges(model, folder: str | os.PathLike) -> None:
         "anchor": fingerprint(model.anchor),
         "augments": [fingerprint(m) for m in model.augments],
     }
+    if getattr(model, "aligner", None) is not None:
+        meta["tokenizers"] = {"anchor": model.aligner.anchor_fingerprint, "augments": model.aligner.augment_fingerprints}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.bridges.state_dict().items()}
     with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
@@ -139,8 +148,34 @@ def read_meta(folder: str | os.PathLike) -> dict:
     return meta
 
 
-def load_bridges(cls, folder, anchor: nn.Module, augments: list[nn.Module], check_models: bool = True):
-    """Build ``cls(anchor, augments, saved config)`` and load the saved bridge weights into it."""
+def _check_tokenizers(folder, saved: dict | None, tokenizers: list | None) -> None:
+    """Refuse tokenizers other than the ones the bridges were trained with (ValueError naming the field)."""
+    if saved is None:
+        return  # an older checkpoint, or one trained without tokenizers: nothing to compare
+    if tokenizers is None:
+        if any(fp != saved["anchor"] for fp in saved["augments"]):
+            raise ValueError(
+                f"bridges in {folder} were trained with different tokenizers for the anchor and the augmenting "
+                f"models: pass tokenizers=[anchor_tokenizer, augment_tokenizer, ...] to load them"
+            )
+        return  # one shared tokenizer: the shared-tokenizer path is the same composition
+    if len(tokenizers) != len(saved["augments"]) + 1:
+        raise ValueError(f"bridges in {folder} need {len(saved['augments']) + 1} tokenizers, got {len(tokenizers)}")
+    roles = ["the anchor"] + [f"augmenting model {i}" for i in range(len(saved["augments"]))]
+    for role, want, tokenizer in zip(roles, [saved["anchor"], *saved["augments"]], tokenizers):
+        got = tokenizer_fingerprint(tokenizer, role)
+        for key in want:
+            if want[key] != got.get(key):
+                raise ValueError(
+                    f"the tokenizer of {role} is not the one the bridges in {folder} were trained with: it has "
+                    f"{key}={got.get(key)}, the bridges were trained with {key}={want[key]} ({want.get('model')}, "
+                    f"vocab {want.get('vocab_size')}): pass that tokenizer, or check_models=False to override"
+                )
+
+
+def load_bridges(cls, folder, anchor: nn.Module, augments: list[nn.Module], check_models: bool = True,
+                 tokenizers: list | None = None):
+    """Build ``cls(anchor, augments, saved config, tokenizers)`` and load the saved bridge weights into it."""
     meta = read_meta(folder)
     if isinstance(augments, nn.Module):
         augments = [augments]
@@ -156,7 +191,8 @@ def load_bridges(cls, folder, anchor: nn.Module, augments: list[nn.Module], chec
             problem = _mismatch(role, saved, fingerprint(m))
             if problem:
                 raise ValueError(problem)
-    model = cls(anchor, augments, CompositionConfig.from_dict(meta["config"]))
+        _check_tokenizers(folder, meta.get("tokenizers"), tokenizers)
+    model = cls(anchor, augments, CompositionConfig.from_dict(meta["config"]), tokenizers=tokenizers)
     device = next(model.bridges.parameters()).device
     state = load_file(str(Path(folder) / WEIGHTS_FILE), device=str(device))
     model.bridges.load_state_dict(state, strict=True)

@@ -50,16 +50,29 @@ def load_composition(
     dtype: str | torch.dtype | None = "float32",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    tokenizers: bool | list[str] | None = None,
 ):
     """Load the anchor and augmenting models by id or path and compose them.
 
     With ``bridges`` (a folder written by ``save_pretrained``) the trained bridges are loaded and
     checked against the models; otherwise new zero-initialised bridges are built from ``config``.
+    ``tokenizers`` composes models with different tokenizers: True loads each model's tokenizer from
+    its own id or folder, a list gives ``[anchor_tokenizer, *augment_tokenizers]`` ids or folders.
     """
     from composition.model import ComposedModel
 
     anchor_model = load_causal_lm(anchor, dtype, device, trust_remote_code)
     augment_models = [load_causal_lm(a, dtype, device, trust_remote_code) for a in augments]
+    loaded = None
+    if tokenizers is True:
+        tokenizers = [anchor, *augments]
+    if tokenizers:
+        if len(tokenizers) != len(augments) + 1:
+            raise ValueError(
+                f"got {len(tokenizers)} tokenizer paths for 1 anchor and {len(augments)} augmenting models: give "
+                f"[anchor_tokenizer, one per augmenting model] or tokenizers=True (each model's own folder)"
+            )
+        loaded = [load_tokenizer(t, trust_remote_code) for t in tokenizers]
     if bridges is not None:
-        return ComposedModel.from_pretrained(bridges, anchor_model, augment_models)
-    return ComposedModel(anchor_model, augment_models, config)
+        return ComposedModel.from_pretrained(bridges, anchor_model, augment_models, tokenizers=loaded)
+    return ComposedModel(anchor_model, augment_models, config, tokenizers=loaded)

@@ -2,6 +2,8 @@
 
     model = ComposedModel(anchor, [augment], CompositionConfig())
     out = model(input_ids, attention_mask, labels=labels)       # out.loss, out.logits
+    # models with different tokenizers: the same call on the anchor's ids (composition/alignment.py)
+    model = ComposedModel(anchor, [augment], config, tokenizers=[anchor_tokenizer, augment_tokenizer])
     ids = model.generate(input_ids, attention_mask, max_new_tokens=32)
     model.save_pretrained("bridges/")                             # bridges only
 
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from composition.alignment import AugmentInputs, Aligner, key_positions, visible_mask
 from composition.augment import AugmentEncoder
 from composition.bridge import Bridge, cross_model_mask
 from composition.cache import CompositionCache
@@ -45,7 +48,7 @@ class _Running:
     """
 
     make_keys_values: Callable[[], tuple[list, list, list]]  # -> (keys, values, cache buffers)
-    mask: torch.Tensor  # [batch, 1, new, seen] bool
+    masks: list[torch.Tensor]  # per augmenting model [batch, 1, new, seen by that model] bool
     positions: torch.Tensor  # [batch, new]
     keys: list[torch.Tensor] | None = None  # per bridge [batch, heads, seen, head_dim], once resolved
     values: list[torch.Tensor] | None = None
@@ -64,7 +67,20 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class ComposedModel(nn.Module):
     """An anchor LM composed with one or more augmenting LMs through trained bridges."""
 
-    def __init__(self, anchor: nn.Module, augments: list[nn.Module], config: CompositionConfig | None = None):
+    def __init__(self, anchor: nn.Module, augments: list[nn.Module], config: CompositionConfig | None = None,
+                 tokenizers: list | None = None, identity_when_shared: bool = True):
+        """
+        Args:
+            anchor, augments: the frozen models (Hugging Face causal LMs).
+            config: bridges and layer mappings; one LayerMapping per augmenting model.
+            tokenizers: ``[anchor_tokenizer, *augment_tokenizers]`` (fast tokenizers) when the models
+                tokenise differently: ``forward`` and ``generate`` still take the anchor's ids, and each
+                augmenting model reads the same text in its own tokens (composition/alignment.py).
+                None: every model reads the anchor's token ids (one shared tokenizer).
+            identity_when_shared: with ``tokenizers``, an augmenting model whose tokenizer equals the
+                anchor's reads the anchor's own tokens (exactly the shared-tokenizer composition);
+                False re-tokenises the text even then (to measure the text path).
+        """
         super().__init__()
         if isinstance(augments, nn.Module):
             augments = [augments]
@@ -79,6 +95,15 @@ class ComposedModel(nn.Module):
             )
         self.config = config
         self.anchor = anchor
+        self.tokenizers = list(tokenizers) if tokenizers is not None else None
+        self.aligner: Aligner | None = None
+        if tokenizers is not None:
+            if len(tokenizers) != len(augments) + 1:
+                raise ConfigError(
+                    f"got {len(tokenizers)} tokenizers for 1 anchor and {len(augments)} augmenting models: give "
+                    f"tokenizers=[anchor_tokenizer, one per augmenting model], in the order of the models"
+                )
+            self.aligner = Aligner(tokenizers[0], list(tokenizers[1:]), identity_when_shared)
         self.anchor_info = describe_decoder(anchor)
         for m in [anchor, *augments]:
             m.requires_grad_(False)
@@ -88,10 +113,11 @@ class ComposedModel(nn.Module):
         encoders = []
         for i, (augment, mapping) in enumerate(zip(augments, config.mappings)):
             info = describe_decoder(augment)
-            if info.vocab_size != self.anchor_info.vocab_size:
+            if self.aligner is None and info.vocab_size != self.anchor_info.vocab_size:
                 warnings.warn(
                     f"augmenting model {i} ({info.architecture}) has vocab size {info.vocab_size}, the anchor "
-                    f"{self.anchor_info.vocab_size}: both models read the same token ids, so they must share a tokenizer",
+                    f"{self.anchor_info.vocab_size}: both models read the same token ids, so they must share a tokenizer "
+                    f"(pass tokenizers=[anchor_tokenizer, augment_tokenizer, ...] to compose different tokenizers)",
                     stacklevel=2,
                 )
             pairs = mapping.resolve(info.num_layers, self.anchor_info.num_layers)
@@ -164,7 +190,8 @@ class ComposedModel(nn.Module):
             run.resolve()
             out = hidden
             for b in members:
-                out = out + self.bridges[b](hidden, run.keys[b], run.values[b], run.mask, run.positions)
+                mask = run.masks[self.links[b].augment]
+                out = out + self.bridges[b](hidden, run.keys[b], run.values[b], mask, run.positions)
             return out
 
         return add_bridges
@@ -186,28 +213,31 @@ class ComposedModel(nn.Module):
             new_caches.append(c)
         return states, new_caches
 
-    def _check_external_states(self, states, batch: int, seq: int) -> None:
+    def _check_external_states(self, states, batch: int, seq: int | list[int]) -> None:
         if len(states) != len(self.encoders):
             raise ValueError(f"augment_states has {len(states)} entries for {len(self.encoders)} augmenting models")
+        seqs = seq if isinstance(seq, list) else [seq] * len(self.encoders)
         for link in self.links:
             s = states[link.augment].get(link.augment_index)
-            want = (batch, seq, self.encoders[link.augment].info.hidden_size)
+            want = (batch, seqs[link.augment], self.encoders[link.augment].info.hidden_size)
             if s is None or tuple(s.shape) != want:
                 got = None if s is None else tuple(s.shape)
                 raise ValueError(
                     f"augment_states[{link.augment}][{link.augment_index}] has shape {got}, expected {want}"
                 )
 
-    def _bridge_keys_values(self, states, positions: torch.Tensor, cache: CompositionCache | None, batch: int,
-                            seq: int) -> tuple[list, list, list]:
+    def _bridge_keys_values(self, states, positions: torch.Tensor | list[torch.Tensor], cache: CompositionCache | None,
+                            batch: int, seq: int | list[int]) -> tuple[list, list, list]:
         """Per bridge keys/values [batch, heads, seen, head_dim] over the cached and new tokens, and the
-        cache buffers behind them. ``states`` may be deferred (a callable): it is called (once) here."""
+        cache buffers behind them. ``states`` may be deferred (a callable): it is called (once) here.
+        ``positions``: the keys' rotary positions, one tensor for all or one per augmenting model."""
         if callable(states):
             states = states()
             self._check_external_states(states, batch, seq)
         keys, values = [], []
         for b, link in enumerate(self.links):
-            k, v = self.bridges[b].keys_values(states[link.augment][link.augment_index], positions)
+            pos = positions[link.augment] if isinstance(positions, list) else positions
+            k, v = self.bridges[b].keys_values(states[link.augment][link.augment_index], pos)
             keys.append(k)
             values.append(v)
         if cache is None:
@@ -220,6 +250,7 @@ class ComposedModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         augment_states: list[dict[int, torch.Tensor]] | Callable[[], list[dict[int, torch.Tensor]]] | None = None,
+        augment_inputs: list[AugmentInputs] | None = None,
         cache: CompositionCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
@@ -235,6 +266,10 @@ class ComposedModel(nn.Module):
                 (e.g. streamed from Ray actors); None runs the augmenting models here. Or deferred states:
                 a zero-argument callable returning that list, called (once) at the first bridge site, so
                 the anchor's layers below it run first (e.g. while the states are still on their way).
+            augment_inputs: with different tokenizers, precomputed alignments (one AugmentInputs per augmenting
+                model, e.g. from ``composition.alignment.collate``); None derives them from ``input_ids`` with
+                the tokenizers given at construction. Giving them also selects the cross-tokenizer path.
+                With ``augment_states`` they describe the tokens those states are for.
             cache: a CompositionCache from the previous call; the forward then runs on new tokens only.
             use_cache: return an updated CompositionCache in ``out.cache``.
             logits_to_keep: keep only the last N positions' logits (0 = all).
@@ -256,6 +291,9 @@ class ComposedModel(nn.Module):
         past = cache.seq_len if cache is not None else 0
         full_mask = attention_mask if cache is None else torch.cat([cache.attention_mask, attention_mask], dim=1)
         positions = positions_from_mask(full_mask)[:, past:]
+        if augment_inputs is not None or self.aligner is not None:
+            return self._forward_aligned(input_ids, attention_mask, full_mask, positions, labels, augment_states,
+                                         augment_inputs, cache, use_cache, logits_to_keep, labelled_logits_only)
 
         if augment_states is None:
             augment_states, augment_caches = self.encode_augments(
@@ -267,15 +305,93 @@ class ComposedModel(nn.Module):
             augment_caches = [None] * len(self.encoders)
         mask = cross_model_mask(full_mask.bool(), past, seq, self.config.window)
 
+        run = _Running(
+            lambda: self._bridge_keys_values(augment_states, positions, cache, batch, seq),
+            [mask] * len(self.encoders),
+            positions,
+        )
+        out = self._run_anchor(run, input_ids, attention_mask, full_mask, positions, labels, cache, use_cache,
+                               logits_to_keep, labelled_logits_only)
+        new_cache = (
+            CompositionCache(full_mask, out.cache, augment_caches, run.keys, run.values, run.buffers)
+            if use_cache else None
+        )
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, cache=new_cache)
+
+    def _forward_aligned(self, input_ids, attention_mask, full_mask, positions, labels, augment_states,
+                         augment_inputs, cache, use_cache, logits_to_keep, labelled_logits_only):
+        """The forward pass when each augmenting model reads its own tokens (composition/alignment.py)."""
+        batch = input_ids.shape[0]
+        n = len(self.encoders)
+        texts = None
+        if cache is not None and cache.augment_masks is None:
+            raise ValueError("this cache was made by the shared-tokenizer path: it cannot continue a cross-tokenizer forward")
+        if augment_inputs is None:
+            if cache is not None and self.aligner.needs_text and cache.texts is None:
+                raise ValueError(
+                    "this cache holds no text state (it was made from precomputed augment_inputs or by a model without "
+                    "tokenizers): keep passing augment_inputs, or start the cache from a forward without them"
+                )
+            seen = [m.sum(-1) for m in cache.augment_masks] if cache is not None else None
+            texts, augment_inputs = self.aligner.step(input_ids, attention_mask, cache.texts if cache else None, seen)
+        elif len(augment_inputs) != n:
+            raise ValueError(f"augment_inputs has {len(augment_inputs)} entries for {n} augmenting models")
+
+        masks, key_pos, full_augment_masks, new_lengths = [], [], [], []
+        for m, inp in enumerate(augment_inputs):
+            if inp.visible.shape != input_ids.shape:
+                raise ValueError(
+                    f"augment_inputs[{m}].visible has shape {tuple(inp.visible.shape)}, expected one count per anchor "
+                    f"token {tuple(input_ids.shape)}"
+                )
+            full = inp.attention_mask if cache is None else torch.cat([cache.augment_masks[m], inp.attention_mask], 1)
+            new = inp.input_ids.shape[1]
+            masks.append(visible_mask(full, inp.visible, self.config.window))
+            key_pos.append(key_positions(full, new, inp.visible, positions))
+            full_augment_masks.append(full)
+            new_lengths.append(new)
+
+        augment_caches = [None] * n
+        if augment_states is None:
+            augment_states = []
+            for m, (encoder, inp) in enumerate(zip(self.encoders, augment_inputs)):
+                previous = cache.augments[m] if cache is not None else None
+                if new_lengths[m] == 0:  # no augmenting token closed: nothing to run
+                    empty = inp.input_ids.new_zeros(batch, 0).float()
+                    augment_states.append({i: empty[..., None].expand(batch, 0, encoder.info.hidden_size)
+                                           for i in encoder.indices})
+                    augment_caches[m] = previous
+                    continue
+                full = full_augment_masks[m]
+                aug_positions = positions_from_mask(full)[:, full.shape[1] - new_lengths[m]:]
+                s, c = encoder(inp.input_ids, full, aug_positions, previous, use_cache)
+                augment_states.append(s)
+                augment_caches[m] = c
+        elif not callable(augment_states):
+            self._check_external_states(augment_states, batch, new_lengths)
+
+        run = _Running(
+            lambda: self._bridge_keys_values(augment_states, key_pos, cache, batch, new_lengths), masks, positions
+        )
+        out = self._run_anchor(run, input_ids, attention_mask, full_mask, positions, labels, cache, use_cache,
+                               logits_to_keep, labelled_logits_only)
+        new_cache = None
+        if use_cache:
+            new_cache = CompositionCache(full_mask, out.cache, augment_caches, run.keys, run.values, run.buffers,
+                                         augment_masks=full_augment_masks, texts=texts)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, cache=new_cache)
+
+    def _run_anchor(self, run, input_ids, attention_mask, full_mask, positions, labels, cache, use_cache,
+                    logits_to_keep, labelled_logits_only):
+        """The anchor's forward with the bridges active (``run`` feeds them); resolves ``run`` in all cases."""
+        past = cache.seq_len if cache is not None else 0
+        seq = input_ids.shape[1]
         if labels is not None:
             # a label counts only where it and the token that predicts it are both real
             previous = full_mask[:, past - 1 : past + seq - 1] if past else torch.cat(
                 [attention_mask[:, :1], attention_mask[:, :-1]], dim=1
             )
             labels = labels.masked_fill((attention_mask == 0) | (previous == 0), -100)
-        run = _Running(
-            lambda: self._bridge_keys_values(augment_states, positions, cache, batch, seq), mask, positions
-        )
         self._running = run
         try:
             out = call_with_loss(
@@ -292,11 +408,7 @@ class ComposedModel(nn.Module):
         finally:
             self._running = None
         run.resolve()  # a no-op once a bridge site ran; keeps the cache complete otherwise
-        new_cache = (
-            CompositionCache(full_mask, out.cache, augment_caches, run.keys, run.values, run.buffers)
-            if use_cache else None
-        )
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, cache=new_cache)
+        return out
 
     # ------------------------------------------------------------------ generation and checkpoints
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -312,12 +424,14 @@ class ComposedModel(nn.Module):
         save_bridges(self, folder)
 
     @classmethod
-    def from_pretrained(cls, folder, anchor: nn.Module, augments: list[nn.Module], check_models: bool = True):
+    def from_pretrained(cls, folder, anchor: nn.Module, augments: list[nn.Module], check_models: bool = True,
+                        tokenizers: list | None = None):
         """Rebuild a composition from a bridges folder onto ``anchor`` and ``augments``.
 
-        Refuses (ValueError naming the mismatch) when the models differ from the ones the bridges were
-        trained with, unless ``check_models=False``.
+        Refuses (ValueError naming the mismatch) when the models, or the ``tokenizers``
+        (``[anchor_tokenizer, *augment_tokenizers]``, for models with different tokenizers), differ from
+        the ones the bridges were trained with, unless ``check_models=False``.
         """
         from composition.checkpoint import load_bridges
 
-        return load_bridges(cls, folder, anchor, augments, check_models=check_models)
+        return load_bridges(cls, folder, anchor, augments, check_models=check_models, tokenizers=tokenizers)

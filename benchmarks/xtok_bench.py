@@ -1,0 +1,218 @@
+"""What composing models with different tokenizers costs (composition/alignment.py).
+
+1. Same anchor and augmenting model (random-init Llamas sharing one tokenizer), three paths:
+   ``old``      the shared-tokenizer path (no tokenizers given);
+   ``identity`` the shared tokenizer passed through the new path (identity alignment);
+   ``text``     the cross-tokenizer text path forced on the same pair (decode anchor ids, cut into
+                pieces, re-tokenise, build masks): what a pair with different tokenizers pays.
+   Forward of one 1024-token sequence, and decode per token (teacher-forced cached steps on real text,
+   so words close as they would in generation) at 64 and 1024 tokens of context.
+2. The real pair (SmolLM2-135M + Gemma-3-270m, when converted under models/): composed forward and
+   decode vs the anchor alone + the augmenting model alone on the same text.
+
+Prints a table and writes results/xtok_bench.json. Wall times only; nothing is asserted.
+
+    python -m benchmarks.xtok_bench [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from composition import ComposedModel, CompositionConfig, LayerMapping
+from composition.alignment import align_text
+from tests.fixtures_xtok import SENTENCES, byte_bpe, randomise_bridges, tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def text_of(tokenizer, tokens: int) -> list[int]:
+    """Ids of at least ``tokens`` tokens of varied text (the fixture sentences, shuffled deterministically)."""
+    import random
+
+    rng = random.Random(0)
+    parts = []
+    while True:
+        parts.append(rng.choice(SENTENCES))
+        ids = tokenizer(" ".join(parts))["input_ids"]
+        if len(ids) >= tokens:
+            return ids
+
+
+def timed(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def forward_time(model, ids: torch.Tensor, reps: int) -> float:
+    return timed(lambda: model(ids[None], logits_to_keep=1), reps)
+
+
+@torch.no_grad()
+def decode_time(model, ids: list[int], context: int, steps: int, reps: int) -> float:
+    """Seconds per cached step after a prefill of ``context`` tokens, feeding the text's next tokens."""
+    prompt = torch.tensor([ids[:context]])
+    follow = torch.tensor([ids[context : context + steps]])
+
+    def run():
+        out = model(prompt, use_cache=True, logits_to_keep=1)
+        t = time.perf_counter()
+        for k in range(steps):
+            out = model(follow[:, k : k + 1], cache=out.cache, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - t
+
+    run()
+    return statistics.median(run() for _ in range(reps)) / steps
+
+
+def same_pair(quick: bool) -> dict:
+    tok = None
+    smollm = ROOT / "models" / "smollm2-135m"
+    if (smollm / "tokenizer.json").is_file():
+        from composition import load_tokenizer
+
+        tok, tok_name = load_tokenizer(str(smollm)), "SmolLM2 (byte-level BPE, 49152)"
+    else:
+        tok, tok_name = byte_bpe(), "fixture byte-level BPE (420)"
+    vocab = len(tok)
+    anchor = tiny_llama(vocab, hidden=512, layers=8, heads=8, seed=0)
+    augment = tiny_llama(vocab, hidden=256, layers=4, heads=4, seed=1)
+    cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(2, 4), (4, 8)])], rotary=True)
+    paths = {
+        "old": ComposedModel(anchor, [augment], cfg),
+        "identity": ComposedModel(anchor, [augment], cfg, tokenizers=[tok, tok]),
+        "text": ComposedModel(anchor, [augment], cfg, tokenizers=[tok, tok], identity_when_shared=False),
+    }
+    for m in paths.values():
+        randomise_bridges(m, scale=0.02)
+        m.load_state_dict(paths["old"].state_dict())
+    reps, steps = (2, 8) if quick else (5, 32)
+    ids = text_of(tok, 1024 + steps + 1)
+    seq = torch.tensor(ids[:1024])
+    rows = {}
+    for name, model in paths.items():
+        rows[name] = {
+            "forward_1024_s": forward_time(model, seq, reps),
+            "decode_64_s_per_token": decode_time(model, ids, 64, steps, reps),
+            "decode_1024_s_per_token": decode_time(model, ids, 1024, steps, reps),
+        }
+    a = align_text(tok.decode(ids[:1024]), tok, tok)
+    return {
+        "tokenizer": tok_name,
+        "anchor": "Llama d=512, 8 layers (random init)",
+        "augment": "Llama d=256, 4 layers (random init)",
+        "augment_tokens_per_anchor_token_text_path": len(a["augment_ids"]) / len(a["anchor_ids"]),
+        "paths": rows,
+        "ratios": {
+            f"{name}/old": {k: rows[name][k] / rows["old"][k] for k in rows["old"]} for name in ("identity", "text")
+        },
+    }
+
+
+def real_pair(quick: bool) -> dict | None:
+    smollm, gemma = ROOT / "models" / "smollm2-135m", ROOT / "models" / "gemma3-270m"
+    if not ((smollm / "conversion.json").is_file() and (gemma / "conversion.json").is_file()):
+        return None
+    from composition import load_causal_lm, load_tokenizer
+    from composition.model import positions_from_mask
+
+    anchor, augment = load_causal_lm(str(smollm), "float32"), load_causal_lm(str(gemma), "float32")
+    anchor_tok, augment_tok = load_tokenizer(str(smollm)), load_tokenizer(str(gemma))
+    cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(6, 10), (12, 20), (18, 30)])], rotary=True)
+    model = randomise_bridges(ComposedModel(anchor, [augment], cfg, tokenizers=[anchor_tok, augment_tok]), scale=0.02)
+    reps, steps = (1, 4) if quick else (3, 16)
+    contexts = [64] if quick else [64, 1024]
+    ids = text_of(anchor_tok, max(contexts) + steps + 1)
+    aug_ids = augment_tok(anchor_tok.decode(ids))["input_ids"]
+
+    @torch.no_grad()
+    def alone(lm, token_ids, context):
+        prompt = torch.tensor([token_ids[:context]])
+        mask = torch.ones_like(prompt)
+
+        def run():
+            out = lm(input_ids=prompt, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
+                     logits_to_keep=1)
+            cache, t = out.cache, time.perf_counter()
+            for k in range(steps):
+                step = torch.tensor([[token_ids[context + k]]])
+                out = lm(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1)
+                cache = out.cache
+            return time.perf_counter() - t
+
+        run()
+        return statistics.median(run() for _ in range(reps)) / steps
+
+    seq_len = 1024 if not quick else 256
+    rows = {
+        "forward_s": {
+            "composed": forward_time(model, torch.tensor(ids[:seq_len]), reps),
+            "anchor": timed(lambda: anchor(input_ids=torch.tensor([ids[:seq_len]]), logits_to_keep=1), reps),
+            "augment": timed(lambda: augment(input_ids=torch.tensor([aug_ids[:seq_len]]), logits_to_keep=1), reps),
+        }
+    }
+    for context in contexts:
+        aug_context = len(augment_tok(anchor_tok.decode(ids[:context]))["input_ids"])
+        rows[f"decode_{context}_s_per_token"] = {
+            "composed": decode_time(model, ids, context, steps, reps),
+            "anchor": alone(anchor, ids, context),
+            "augment": alone(augment, aug_ids, aug_context),
+        }
+    model.remove_hooks()
+    return {"anchor": "SmolLM2-135M-Instruct (fp32)", "augment": "Gemma-3-270m (fp32)", "forward_tokens": seq_len,
+            "rows": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.xtok_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--out", default=str(ROOT / "results" / "xtok_bench.json"))
+    parser.add_argument("--no-real-pair", action="store_true")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    result = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU (shared with other work)",
+        "torch": torch.__version__,
+        "same_pair": same_pair(args.quick),
+    }
+    print(f"same anchor and augmenting model, tokenizer {result['same_pair']['tokenizer']}")
+    print(f"{'path':<10}{'forward 1024 (s)':>18}{'decode@64 (ms/tok)':>20}{'decode@1024 (ms/tok)':>22}")
+    for name, row in result["same_pair"]["paths"].items():
+        print(f"{name:<10}{row['forward_1024_s']:>18.3f}{row['decode_64_s_per_token'] * 1e3:>20.2f}"
+              f"{row['decode_1024_s_per_token'] * 1e3:>22.2f}")
+    for name, ratios in result["same_pair"]["ratios"].items():
+        print(f"{name:<14} forward {ratios['forward_1024_s']:.3f}x  decode@64 {ratios['decode_64_s_per_token']:.3f}x  "
+              f"decode@1024 {ratios['decode_1024_s_per_token']:.3f}x")
+    if not args.no_real_pair:
+        real = real_pair(args.quick)
+        result["real_pair"] = real
+        if real is None:
+            print("real pair: models/smollm2-135m and models/gemma3-270m not converted; skipped")
+        else:
+            print(f"\nreal pair {real['anchor']} + {real['augment']}")
+            print(f"{'measure':<24}{'composed':>10}{'anchor':>10}{'augment':>10}{'composed/(a+g)':>16}")
+            for key, r in real["rows"].items():
+                ratio = r["composed"] / (r["anchor"] + r["augment"])
+                r["composed_over_anchor_plus_augment"] = ratio
+                print(f"{key:<24}{r['composed']:>10.4f}{r['anchor']:>10.4f}{r['augment']:>10.4f}{ratio:>16.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
