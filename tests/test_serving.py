@@ -232,15 +232,17 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": ""}, 400, "prompt is empty"),
     ("/v1/completions", {"prompt": 5}, 400, "'prompt' must be"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "'max_tokens' must be an integer"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400, "max_tokens must be at least 1"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400, "'max_tokens' must be at least 1"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400, "more than this server allows"),
     ("/v1/completions", {"prompt": LONG}, 400, f"context is {CONTEXT} tokens"),
     ("/v1/completions", {"prompt": "x" * 500, "max_tokens": 100}, 400, "lower max_tokens"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be a number"),
     ("/v1/completions", {"prompt": "hi", "temperature": 7}, 400, "between 0 and 2"),
-    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "'stream' must be true or false"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "up to 4"),
+    ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "up to 4 non-empty strings"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "'seed' must be a 64-bit integer"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt per request"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "'gpt-4' does not exist"),
@@ -248,7 +250,7 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages' must be"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
-     "max_completion_tokens must be at least 1"),
+     "'max_completion_tokens' must be at least 1"),
 ]
 
 
@@ -260,6 +262,29 @@ def test_bad_input_gets_a_4xx_json_error_that_says_what_is_wrong(server, path, b
     assert words in error["message"], error
     assert error["type"] == "invalid_request_error"
     assert_serves(server)
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v2/nothing", 404), ("GET", "/v1/completions", 405),
+                                                  ("DELETE", "/v1/models", 405)])
+def test_unknown_paths_and_methods_get_openai_error_json(server, method, path, status):
+    r = httpx.request(method, f"{server}{path}", timeout=30)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and path in error["message"]
+
+
+def test_the_openapi_spec_declares_typed_request_and_response_bodies(server):
+    spec = httpx.get(f"{server}/openapi.json", timeout=30).json()
+    schemas = spec["components"]["schemas"]
+    for path, body, answer in [("/v1/completions", "CompletionBody", "Completion"),
+                               ("/v1/chat/completions", "ChatBody", "ChatCompletion")]:
+        post = spec["paths"][path]["post"]
+        assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + body)
+        assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + answer)
+        assert post["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    temperature = schemas["CompletionBody"]["properties"]["temperature"]["anyOf"][0]
+    assert (temperature["minimum"], temperature["maximum"]) == (0, 2)
+    assert "prompt" in schemas["CompletionBody"]["required"] and "messages" in schemas["ChatBody"]["required"]
 
 
 def test_the_openai_client_raises_its_own_error_types_for_bad_input(client):

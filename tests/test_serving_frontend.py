@@ -12,12 +12,14 @@ import time
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from actors.serve.augment_client import LocalAugments
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.engine import DecodeEngine
 from actors.serve.openai.app import Limits, OpenAIFrontend, TextAssembler
+from actors.serve.openai.errors import install as install_error_handlers
+from actors.serve.openai.schemas import CompletionBody
 from composition.loading import load_tokenizer
 from tests.test_serving import free_port, wait_until
 from tests.fixtures import build_pair, load_in_process
@@ -34,10 +36,11 @@ def served(tmp_path_factory):
     frontend = OpenAIFrontend(tok, "local", Limits(context=512, request_timeout_s=0.3),
                               open_stream=engine.generate)
     app = FastAPI()
+    install_error_handlers(app)
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await frontend.completions(request)
+    async def completions(body: CompletionBody):
+        return await frontend.completions(body)
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

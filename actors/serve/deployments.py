@@ -28,7 +28,7 @@ import time
 import uuid
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
@@ -42,7 +42,9 @@ from ray.serve.handle import DeploymentHandle
 from actors.serve.augment_client import AugmentClient, AugmentUnavailable
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.engine import DecodeEngine, GenerationRequest
+from actors.serve.openai import errors as openai_errors
 from actors.serve.openai.app import Limits, OpenAIFrontend
+from actors.serve.openai.schemas import ChatBody, ChatCompletion, Completion, CompletionBody, ErrorBody, ModelList
 from actors.serve.config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
 from composition.augment import AugmentEncoder
 from composition.checkpoint import fingerprint, read_meta
@@ -246,6 +248,8 @@ class AnchorDeployment:
 
 # ---------------------------------------------------------------------- HTTP ingress
 api = FastAPI(title="calm-ray", description="A composed model (anchor + augmenting models + bridges), OpenAI-shaped")
+openai_errors.install(api)  # every error, 404/405/500 included, in OpenAI's error JSON
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 500, 503, 504)}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128, max_queued_requests=128)
@@ -269,17 +273,17 @@ class Ingress:
     async def health(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> dict:
         return self.frontend.models()
 
-    @api.post("/v1/completions")
-    async def completions(self, request: Request):
-        return await self.frontend.completions(request)
+    @api.post("/v1/completions", response_model=Completion, responses=_ERRORS)
+    async def completions(self, body: CompletionBody):
+        return await self.frontend.completions(body)
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        return await self.frontend.chat_completions(request)
+    @api.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+    async def chat_completions(self, body: ChatBody):
+        return await self.frontend.chat_completions(body)
 
 
 def build_app(settings: ServingArgs, deployment_options: dict[str, dict] | None = None):

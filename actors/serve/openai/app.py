@@ -22,19 +22,30 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import ValidationError
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from actors.serve.engine import GenerationRequest
 from actors.serve.openai.detokenize import TextAssembler  # noqa: F401  (part of this module's API)
-from actors.serve.openai.errors import ApiError, validation_message
+from actors.serve.openai.errors import ApiError
 from actors.serve.openai.resume import token_pieces
-from actors.serve.openai.schemas import MAX_STOP_SEQUENCES, ChatBody, ChatMessage, CompletionBody
-
-_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+from actors.serve.openai.schemas import (
+    AssistantMessage,
+    ChatBody,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatMessage,
+    Completion,
+    CompletionBody,
+    CompletionChoice,
+    ModelCard,
+    ModelList,
+    Usage,
+)
 
 
 # ---------------------------------------------------------------------- the frontend
@@ -91,18 +102,18 @@ class OpenAIFrontend:
 
     # ------------------------------------------------------------------ endpoints
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "calm-ray", "max_model_len": self.limits.context}]}
+        card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.limits.context)
+        return ModelList(data=[card]).model_dump()
 
-    async def completions(self, request: Request) -> Response:
-        return await self._handle(request, "completion")
+    async def completions(self, body: CompletionBody) -> Response:
+        """``body`` is validated already (FastAPI, against the field constraints of schemas.py)."""
+        return await self._handle(body, "completion")
 
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._handle(request, "chat")
+    async def chat_completions(self, body: ChatBody) -> Response:
+        return await self._handle(body, "chat")
 
-    async def _handle(self, request: Request, kind: str) -> Response:
+    async def _handle(self, body: CompletionBody | ChatBody, kind: str) -> Response:
         try:
-            body = await self._json(request)
             prepared = self._prepare(body, kind)
         except ApiError as e:
             return e.response()
@@ -127,23 +138,9 @@ class OpenAIFrontend:
             return e.response()
         return JSONResponse(self._full_response(prepared, rid, text, finish, completion_tokens))
 
-    # ------------------------------------------------------------------ parsing and validation
-    async def _json(self, request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e}): send a JSON object") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-        return body
-
-    def _prepare(self, body: dict, kind: str) -> _Prepared:
-        try:
-            req = (CompletionBody if kind == "completion" else ChatBody).model_validate(body)
-        except ValidationError as e:
-            message, field = validation_message(e)
-            raise ApiError(400, message, param=field) from None
+    # ------------------------------------------------------------------ what the field constraints cannot say
+    def _prepare(self, req: CompletionBody | ChatBody, kind: str) -> _Prepared:
+        """Checks that need the model (its name, context, vocabulary, chat template) or refuse a feature."""
         if req.model is not None and req.model != self.model_name:
             raise ApiError(404, f"the model '{req.model}' does not exist: this server serves '{self.model_name}' "
                                 f"(GET /v1/models)", param="model", type_="invalid_request_error",
@@ -175,8 +172,6 @@ class OpenAIFrontend:
         limit = min(self.limits.max_tokens or context, context)
         if max_tokens is None:
             max_tokens = min(self.limits.default_max_tokens, limit, context - len(prompt_ids))
-        elif max_tokens < 1:
-            raise ApiError(400, f"{param} must be at least 1, got {max_tokens}", param)
         elif max_tokens > limit:
             raise ApiError(400, f"{param}={max_tokens} is more than this server allows ({limit})", param)
         elif len(prompt_ids) + max_tokens > context:
@@ -184,16 +179,8 @@ class OpenAIFrontend:
                                 f"plus {param} ({max_tokens}) needs {len(prompt_ids) + max_tokens}: lower {param}",
                            param, code="context_length_exceeded")
         temperature = 1.0 if req.temperature is None else req.temperature
-        if not 0 <= temperature <= 2:
-            raise ApiError(400, f"temperature must be between 0 and 2, got {temperature}", "temperature")
         top_p = 1.0 if req.top_p is None else req.top_p
-        if not 0 < top_p <= 1:
-            raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
-        if req.seed is not None and not _INT64_MIN <= req.seed <= _UINT64_MAX:
-            raise ApiError(400, f"seed must fit in 64 bits, got {req.seed}", "seed")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > MAX_STOP_SEQUENCES or any(not s for s in stop):
-            raise ApiError(400, f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings, got {stop!r}", "stop")
         if req.stream_options is not None and not req.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
         return _Prepared(kind, prompt_ids, max_tokens, temperature, top_p, req.seed, stop, req.ignore_eos,
@@ -232,35 +219,33 @@ class OpenAIFrontend:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ generation
-    def _usage(self, p: _Prepared, completion_tokens: int) -> dict:
-        return {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion_tokens,
-                "total_tokens": len(p.prompt_ids) + completion_tokens}
+    def _usage(self, p: _Prepared, completion_tokens: int) -> Usage:
+        return Usage(prompt_tokens=len(p.prompt_ids), completion_tokens=completion_tokens,
+                     total_tokens=len(p.prompt_ids) + completion_tokens)
 
     def _full_response(self, p: _Prepared, rid: str, text: str, finish: str, completion_tokens: int) -> dict:
+        head = dict(id=rid, created=int(time.time()), model=self.model_name, usage=self._usage(p, completion_tokens))
         if p.kind == "completion":
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            obj = "text_completion"
-        else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                      "logprobs": None}
-            obj = "chat.completion"
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
-                "choices": [choice], "usage": self._usage(p, completion_tokens)}
+            return Completion(**head, choices=[CompletionChoice(text=text, finish_reason=finish)]).model_dump()
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)
+        return ChatCompletion(**head, choices=[choice]).model_dump()
 
     def _chunk(self, p: _Prepared, rid: str, created: int, delta: str | None, finish: str | None,
-               first: bool = False) -> dict:
+               first: bool = False, usage: Usage | None = None) -> dict:
+        """One streamed event; with ``usage`` the closing usage event (no choices)."""
+        head = dict(id=rid, created=created, model=self.model_name, usage=usage)
         if p.kind == "completion":
-            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            obj = "text_completion"
+            choices = [] if usage else [CompletionChoice(text=delta or "", finish_reason=finish)]
+            chunk = Completion(**head, choices=choices).model_dump(exclude_none=False)
         else:
-            d: dict[str, Any] = {}
-            if first:
-                d["role"] = "assistant"
-            if delta or first:
-                d["content"] = delta or ""
-            choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
-            obj = "chat.completion.chunk"
-        return {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
+            d = ChatDelta(role="assistant" if first else None, content=(delta or "") if (delta or first) else None)
+            choices = [] if usage else [ChatChunkChoice(delta=d, finish_reason=finish)]
+            chunk = ChatCompletionChunk(**head, choices=choices).model_dump()
+            for choice in chunk["choices"]:  # OpenAI sends only the fields a delta has
+                choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        if usage is None:
+            chunk.pop("usage")
+        return chunk
 
     async def _sse(self, p: _Prepared, rid: str, first, pieces) -> AsyncIterator[str]:
         created = int(time.time())
@@ -283,9 +268,7 @@ class OpenAIFrontend:
                         break
             yield event(self._chunk(p, rid, created, None, finish))
             if p.include_usage:
-                yield event({"id": rid, "object": self._chunk(p, rid, created, None, None)["object"],
-                             "created": created, "model": self.model_name, "choices": [],
-                             "usage": self._usage(p, completion_tokens)})
+                yield event(self._chunk(p, rid, created, None, None, usage=self._usage(p, completion_tokens)))
         except ApiError as e:
             yield event(e.body())
         finally:

@@ -37,20 +37,42 @@ _EXPECTED = {
     "max_tokens": "an integer", "max_completion_tokens": "an integer", "seed": "an integer", "n": "an integer",
     "temperature": "a number", "top_p": "a number", "stream": "true or false", "model": "a string",
 }
+# what the field constraints of schemas.py accept, in words
+_RANGES = {"temperature": "between 0 and 2", "top_p": "in (0, 1]", "max_tokens": "at least 1",
+           "max_completion_tokens": "at least 1", "seed": "a 64-bit integer", "stop": "up to 4 non-empty strings"}
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_long", "too_short",
+           "string_too_short")
 _BRANCH_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}
 
 
-def validation_message(e: ValidationError) -> tuple[str, str | None]:
-    """The first pydantic error as "'field' must be ..., got ..." (and the field's path)."""
-    err = e.errors()[0]
+def validation_message(e: ValidationError | list[dict]) -> tuple[str, str | None]:
+    """The first error on a request body as "'field' must be ..., got ..." (and the field's path).
+
+    Takes a pydantic ValidationError or FastAPI's ``RequestValidationError.errors()`` (whose locations
+    start with "body").
+    """
+    errors = e.errors() if isinstance(e, ValidationError) else e
+    # a union's branches each report an error: the one about a bound says most ("stop": [""] is a list of strings)
+    err = next((x for x in errors if x["type"] in _BOUNDS), errors[0])
+    raw_loc = list(err["loc"])
+    if raw_loc[:1] == ["body"]:
+        raw_loc = raw_loc[1:]
+    if err["type"] == "json_invalid":
+        return f"the request body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])}): send a JSON " \
+               f"object", None
+    if not raw_loc and err["type"] in ("model_attributes_type", "dict_type", "model_type"):
+        return f"the request body must be a JSON object, got {type(err.get('input')).__name__}", None
     # drop union-branch labels such as 'str' or 'list[int]' from the location
-    loc = [x for x in err["loc"] if isinstance(x, int) or ("[" not in str(x) and str(x) not in _BRANCH_LABELS)]
+    loc = [x for x in raw_loc if isinstance(x, int) or ("[" not in str(x) and str(x) not in _BRANCH_LABELS
+                                                       and not str(x).startswith("constrained-"))]
     path = ".".join(str(x) for x in loc) or None
     name = next((str(x) for x in reversed(loc) if isinstance(x, str)), None)
     if err["type"] == "missing":
-        return f"'{path}' is required", path
+        return (f"'{path}' is required", path) if path else ("send a JSON object as the request body", None)
     got = err.get("input")
     shown = json.dumps(got)[:60] if _jsonable(got) else type(got).__name__
+    if err["type"] in _BOUNDS and name in _RANGES:
+        return f"'{name}' must be {_RANGES[name]}, got {shown}", name
     expected = _EXPECTED.get(name or "")
     if expected and not err["type"].startswith(("too_short", "literal")):
         return f"'{path}' must be {expected}, got {shown}", path
@@ -67,3 +89,35 @@ def _jsonable(x) -> bool:
 
 class DeadlineExceeded(Exception):
     """The request ran past the server's request timeout."""
+
+
+def install(app) -> None:
+    """Answer every error of a FastAPI app in OpenAI's error JSON: invalid bodies (400), unknown paths (404),
+    wrong methods (405), and any unexpected exception (500 with a request id; the traceback goes to the log
+    at debug level, never to the client)."""
+    import logging
+    import uuid
+
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    log = logging.getLogger("calm_ray.api")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        message, param = validation_message(list(exc.errors()))
+        return ApiError(400, message, param).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc: HTTPException):
+        words = {404: f"no route {request.url.path}: the API is under /v1 (GET /v1/models)",
+                 405: f"{request.method} is not allowed on {request.url.path}"}
+        return ApiError(exc.status_code, words.get(exc.status_code, str(exc.detail)),
+                        type_="invalid_request_error" if exc.status_code < 500 else None).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):
+        rid = uuid.uuid4().hex[:12]
+        log.error("request %s failed: %s", rid, type(exc).__name__)
+        log.debug("request %s traceback", rid, exc_info=exc)
+        return ApiError(500, f"internal error (request id {rid}): the server logged it", code="internal_error").response()
