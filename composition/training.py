@@ -93,8 +93,9 @@ class BridgeTrainer:
         """One optimiser step on ``batch``.
 
         ``batch`` holds ``input_ids`` [batch, seq], optional ``attention_mask`` and ``labels``
-        (default: the input ids), and optional ``augment_states`` (per augmenting model
-        ``{index: [batch, seq, d_aug]}``, e.g. streamed from Ray actors).
+        (default: the input ids), optional ``augment_states`` (per augmenting model
+        ``{index: [batch, seq_i, d_aug]}``, e.g. streamed from Ray actors) and optional ``augment_inputs``
+        (per augmenting model its tokens and alignment, for models with different tokenizers).
         Returns ``{"loss", "tokens", "lr", "step"}`` for this step (``lr``: the rate it ran at).
         """
         self.model.train()
@@ -102,8 +103,10 @@ class BridgeTrainer:
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         # the LM head runs only where a label is predicted (same loss; most of a step for small models)
+        # augmenting models with their own tokenizers: their precomputed tokens and alignment (composition.alignment)
+        aligned = {"augment_inputs": batch["augment_inputs"]} if batch.get("augment_inputs") is not None else {}
         out = self.model(ids, mask, labels=batch.get("labels", ids), augment_states=batch.get("augment_states"),
-                         labelled_logits_only=True)
+                         labelled_logits_only=True, **aligned)
         out.loss.backward()
         if _distributed():
             world = dist.get_world_size()

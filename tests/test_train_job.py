@@ -16,13 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-
-from tests.fixtures import char_tokenizer
 import torch
 import yaml
 
-from tests.fixtures import tiny
+from tests.fixtures import char_tokenizer, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
@@ -405,3 +404,104 @@ def test_killed_training_worker_resumes_from_the_last_checkpoint(ray_cluster, pa
     assert state["attempts"] == [{"first_step": 1, "last_checkpointed_step": c},
                                  {"first_step": c + 1, "last_checkpointed_step": steps}]
     assert (tmp_path / "killed" / "bridges" / "bridges.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------ different tokenizers
+@pytest.fixture(scope="module")
+def cross_pair(tmp_path_factory):
+    """An anchor with the character tokenizer and an augmenting model with a byte-level BPE (tests/fixtures_xtok)."""
+    from tests.fixtures_xtok import SENTENCES, byte_bpe, tiny_llama
+
+    root = tmp_path_factory.mktemp("cross_pair")
+    anchor_tok, augment_tok = char_tokenizer(chat_template=None), byte_bpe()
+    tiny("llama", hidden=64, layers=4, heads=4, vocab=len(anchor_tok), seed=0).save_pretrained(root / "anchor")
+    anchor_tok.save_pretrained(root / "anchor")
+    tiny_llama(len(augment_tok), hidden=32, layers=4, seed=1).save_pretrained(root / "augment")
+    augment_tok.save_pretrained(root / "augment")
+    ascii_only = [s for s in SENTENCES if s.isascii()] * 8
+    with open(root / "train.jsonl", "w") as f:
+        for k, text in enumerate(ascii_only[:64]):
+            f.write(json.dumps({"text": f"{k}: {text}"}) + "\n")
+    base = {
+        "anchor": str(root / "anchor"),
+        "augments": [str(root / "augment")],
+        "composition": {"mappings": [{"pairs": [[2, 2], [4, 4]]}]},
+        "data": {"train": str(root / "train.jsonl"), "max_length": 48},
+        "training": {"steps": 4, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2,
+                     "log_every": 1},
+        "ray": {"num_workers": 1, "cpus_per_worker": 0.5, "augment_actors": 1, "cpus_per_augment_actor": 0.5},
+        "storage_path": str(root / "runs"),
+    }
+    return root, base
+
+
+def test_an_augmenting_model_with_another_tokenizer_gets_its_own_tokens_and_alignment(cross_pair, pair, tmp_path):
+    from jobs.train import prepare
+    from tests.fixtures_xtok import byte_bpe
+
+    root, base = cross_pair
+    _, _, examples = prepare(str(write_config(tmp_path, base, "cols")))
+    ids, mask = examples["input_ids"], examples["attention_mask"]
+    aug_ids, aug_mask, visible = examples["aug0_input_ids"], examples["aug0_attention_mask"], examples["aug0_visible"]
+    assert visible.shape == ids.shape and aug_ids.shape == aug_mask.shape
+    anchor_tok, augment_tok = char_tokenizer(chat_template=None), byte_bpe()
+    for r in range(8):
+        seen = visible[r]
+        assert (np.diff(seen) >= 0).all() and seen[-1] <= aug_mask[r].sum()
+        text = anchor_tok.decode(ids[r][mask[r].astype(bool)], skip_special_tokens=True)
+        for t in np.flatnonzero(mask[r])[::5]:  # what anchor token t sees is text it has already read
+            read = anchor_tok.decode(ids[r][: t + 1], skip_special_tokens=True)
+            sees = augment_tok.decode(aug_ids[r][: seen[t]], skip_special_tokens=True)
+            assert read.startswith(sees) and text.startswith(sees), (read, sees)
+    # the same tokenizer on both sides: no extra columns, the shared-tokenizer path as before
+    _, _, shared = prepare(str(write_config(tmp_path, pair[1], "shared")))
+    assert sorted(shared) == ["attention_mask", "input_ids", "labels"]
+
+
+def test_streamed_states_across_tokenizers_give_the_in_process_loss(ray_client, cross_pair, tmp_path):
+    """The pipeline's alignment columns + the actor pool's states == the composed model aligning by itself (1e-5)."""
+    from actors.train.worker import build_model, decode_batch
+    from jobs.train import prepare
+
+    root, base = cross_pair
+    cfg, _, examples = prepare(str(write_config(tmp_path, base, "xequal")))
+    arrays = next(iter(streamed_dataset(cfg, examples).iter_batches(batch_size=8, batch_format="numpy")))
+    batch = decode_batch(arrays, "float32", "cpu")
+    assert batch["augment_states"][0][2].shape[1] == arrays["aug0_input_ids"].shape[1]  # its own token count
+
+    model = build_model(cfg, "cpu")  # with both tokenizers: it aligns the anchor ids itself
+    assert model.aligner is not None
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.normal_(0, 0.2)
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        in_process = model(ids, mask, labels=labels).loss
+        streamed = model(ids, mask, labels=labels, augment_states=batch["augment_states"],
+                         augment_inputs=batch["augment_inputs"]).loss
+        shuffled = [{k: v.flip(0) for k, v in batch["augment_states"][0].items()}]
+        wrong = model(ids, mask, labels=labels, augment_states=shuffled, augment_inputs=batch["augment_inputs"]).loss
+    assert abs(streamed.item() - in_process.item()) <= 1e-5
+    assert abs(wrong.item() - in_process.item()) > 1e-4
+
+
+def test_the_job_trains_bridges_across_tokenizers_that_refuse_another_tokenizer(ray_cluster, cross_pair, tmp_path):
+    from ray.job_submission import JobStatus
+
+    from composition.loading import load_causal_lm, load_tokenizer
+    from composition.model import ComposedModel
+    from tests.fixtures_xtok import sentencepiece_bpe
+
+    root, base = cross_pair
+    config = write_config(tmp_path, base, "xjob")
+    submit(ray_cluster, config, "train-xtok")
+    status, logs = wait_job(ray_cluster, "train-xtok")
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "augmenting model 0 reads its own tokens" in logs
+    anchor, augment = load_causal_lm(str(root / "anchor")), load_causal_lm(str(root / "augment"))
+    tokenizers = [load_tokenizer(str(root / "anchor")), load_tokenizer(str(root / "augment"))]
+    model = ComposedModel.from_pretrained(tmp_path / "xjob" / "bridges", anchor, [augment], tokenizers=tokenizers)
+    assert any(p.abs().sum() > 0 for p in model.trainable_parameters())
+    with pytest.raises(ValueError, match="tokenizer"):
+        ComposedModel.from_pretrained(tmp_path / "xjob" / "bridges", anchor, [augment],
+                                      tokenizers=[tokenizers[0], sentencepiece_bpe()])

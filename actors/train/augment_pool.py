@@ -40,18 +40,26 @@ class AugmentBatchEncoder:
         ]
 
     @torch.no_grad()
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[dict[int, torch.Tensor]]:
-        """Per augmenting model ``{index: [batch, seq, d_aug]}``, positions as ComposedModel computes them."""
-        positions = positions_from_mask(attention_mask)
-        return [enc(input_ids, attention_mask, positions)[0] for enc in self.encoders]
+    def encode(self, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[int, torch.Tensor]]:
+        """Per augmenting model, from its (input_ids, attention_mask) [batch, seq_i]: ``{index: [batch, seq_i,
+        d_aug]}``, positions as ComposedModel computes them."""
+        return [enc(ids, mask, positions_from_mask(mask))[0] for enc, (ids, mask) in zip(self.encoders, inputs)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``input_ids`` and ``attention_mask`` [batch, seq] (+ any columns) -> the same plus ``aug{i}_{index}``."""
-        # small copies: the batches Ray hands over are read-only
-        ids = torch.from_numpy(np.array(batch["input_ids"], dtype=np.int64)).to(self.device)
-        mask = torch.from_numpy(np.array(batch["attention_mask"], dtype=np.int64)).to(self.device)
-        states = self.encode(ids, mask)
-        return {**batch, **states_to_arrays(states)}
+        """``input_ids`` and ``attention_mask`` [batch, seq] (+ any columns) -> the same plus ``aug{i}_{index}``.
+
+        An augmenting model with its own tokenizer reads ``aug{i}_input_ids`` / ``aug{i}_attention_mask``
+        (``actors.train.data``), the others the anchor's tokens.
+        """
+        def tensor(name):  # small copies: the batches Ray hands over are read-only
+            return torch.from_numpy(np.array(batch[name], dtype=np.int64)).to(self.device)
+
+        inputs = []
+        for i in range(len(self.encoders)):
+            own = f"aug{i}_input_ids" in batch
+            inputs.append((tensor(f"aug{i}_input_ids" if own else "input_ids"),
+                           tensor(f"aug{i}_attention_mask" if own else "attention_mask")))
+        return {**batch, **states_to_arrays(self.encode(inputs))}
 
 
 def _remote_args(resources: dict[str, float] | None) -> dict:

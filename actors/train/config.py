@@ -155,7 +155,10 @@ class TrainJobConfig(StrictModel):
     augments: list[str]
     data: DataSettings
     name: str = "calm-train"
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # the anchor's tokenizer (default: the anchor's folder)
+    # one per augmenting model (default: each model's folder); one that differs from the anchor's gets the
+    # cross-tokenizer path (composition/alignment.py), one equal to it the shared-tokenizer path
+    augment_tokenizers: list[str | None] | None = None
     composition: CompositionConfig | None = None  # None: the paper's default mapping for each augmenting model
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
@@ -214,6 +217,11 @@ class TrainJobConfig(StrictModel):
             raise ValueError("'device: cuda' needs GPUs for the training workers: set 'ray.gpus_per_worker' > 0")
         if self.activation_cache.enabled and not self.activation_cache.path:
             raise ValueError("'activation_cache.enabled' is true but 'activation_cache.path' is not set: give a folder")
+        if self.augment_tokenizers is not None and len(self.augment_tokenizers) != len(self.augments):
+            raise ValueError(
+                f"'augment_tokenizers' has {len(self.augment_tokenizers)} entries for {len(self.augments)} augmenting "
+                f"models: give one per entry of 'augments' (null: that model's own folder)"
+            )
         if len(self.composition.mappings) != len(self.augments):
             raise ValueError(
                 f"'composition.mappings' has {len(self.composition.mappings)} entries for {len(self.augments)} "
@@ -225,6 +233,12 @@ class TrainJobConfig(StrictModel):
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.anchor
+
+    @property
+    def augment_tokenizer_paths(self) -> list[str]:
+        """Each augmenting model's tokenizer: ``augment_tokenizers[i]``, else the model's own folder."""
+        given = self.augment_tokenizers or [None] * len(self.augments)
+        return [t or a for t, a in zip(given, self.augments)]
 
     @property
     def run_path(self) -> Path:
@@ -330,6 +344,17 @@ def check_files_and_models(cfg: TrainJobConfig) -> dict:
         elif not _HUB_ID.match(cfg.tokenizer):
             raise TrainConfigError(f"'tokenizer': folder {cfg.tokenizer} does not exist; fix the path or remove "
                                    f"the key to use the anchor's tokenizer")
+
+    if cfg.augment_tokenizers:
+        fixed = []
+        for i, t in enumerate(cfg.augment_tokenizers):
+            if t is not None and Path(os.path.expanduser(t)).exists():
+                t = _abs(t)
+            elif t is not None and not _HUB_ID.match(t):
+                raise TrainConfigError(f"'augment_tokenizers[{i}]': folder {t} does not exist; fix the path or use "
+                                       f"null for the augmenting model's own folder")
+            fixed.append(t)
+        cfg.augment_tokenizers = fixed
 
     files = []
     for i, f in enumerate(cfg.data.train):

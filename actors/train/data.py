@@ -7,6 +7,12 @@ Every example becomes three int32 rows of ``max_length`` tokens, right-padded:
 * ``labels``         [n, max_length], the token ids where the loss counts, -100 elsewhere
   (padding, and for ``format: prompt_completion`` the prompt).
 
+Each augmenting model whose tokenizer differs from the anchor's reads the same text in its own tokens
+(composition/alignment.py): the data then also carries, tokenised once here,
+
+* ``aug{i}_input_ids`` / ``aug{i}_attention_mask`` [n, its longest row], right-padded;
+* ``aug{i}_visible`` [n, max_length]: per anchor position, how many augmenting tokens it may attend to.
+
 A fixed shape keeps every streamed batch the same size (no ragged tensor columns in Ray Data and
 one compiled shape on a GPU); the cost is compute on padding, so set ``max_length`` near your data.
 """
@@ -102,20 +108,69 @@ def tokenize(cfg: TrainJobConfig, records, tokenizer, chunk: int = 1024) -> dict
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def prepare_examples(cfg: TrainJobConfig, anchor_vocab: int) -> dict[str, np.ndarray]:
-    """Read, tokenise and shuffle (seeded) the training data; checks there is at least one global batch."""
-    from actors.train.config import check_tokenizer
+def load_tokenizers(cfg: TrainJobConfig):
+    """(the anchor's tokenizer, per augmenting model its tokenizer or None where it equals the anchor's)."""
+    from composition.alignment import tokenizer_fingerprint
     from composition.loading import load_tokenizer
 
+    def load(key: str, path: str, hint: str):
+        try:
+            return load_tokenizer(path)
+        except Exception as e:  # noqa: BLE001
+            raise TrainConfigError(f"'{key}': cannot load a tokenizer from {path} ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:200]}); {hint}") from None
+
+    anchor = load("tokenizer", cfg.tokenizer_path, "save the tokenizer in the anchor folder or set 'tokenizer'")
+    augments = [load(f"augment_tokenizers[{i}]", p, "save it in the augmenting model's folder or set "
+                     f"'augment_tokenizers[{i}]'") for i, p in enumerate(cfg.augment_tokenizer_paths)]
     try:
-        tokenizer = load_tokenizer(cfg.tokenizer_path)
-    except Exception as e:  # noqa: BLE001
-        raise TrainConfigError(
-            f"'tokenizer': cannot load a tokenizer from {cfg.tokenizer_path} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}); save the tokenizer in the anchor folder or set 'tokenizer'"
-        ) from None
+        same = tokenizer_fingerprint(anchor, "anchor")
+        return anchor, [None if tokenizer_fingerprint(t, f"augmenting model {i}") == same else t
+                        for i, t in enumerate(augments)]
+    except TypeError as e:  # a slow tokenizer: only the shared-tokenizer path can use it
+        if any(type(t) is not type(anchor) or t.get_vocab() != anchor.get_vocab() for t in augments):
+            raise TrainConfigError(f"'augment_tokenizers': {e}") from None
+        return anchor, [None] * len(augments)
+
+
+def align_columns(arrays: dict[str, np.ndarray], anchor_tokenizer, augment_tokenizers) -> dict[str, np.ndarray]:
+    """The ``aug{i}_*`` columns (module docstring) of every augmenting model with its own tokenizer."""
+    from composition.alignment import Aligner, align
+
+    out = {}
+    ids, mask = arrays["input_ids"], arrays["attention_mask"]
+    for i, tokenizer in enumerate(augment_tokenizers):
+        if tokenizer is None:
+            continue
+        aligner = Aligner(anchor_tokenizer, [tokenizer], identity_when_shared=False)
+        rows = [align([int(t) for t in row[m.astype(bool)]], anchor_tokenizer, tokenizer, aligner)
+                for row, m in zip(ids, mask)]
+        width = max(1, max(len(r["augment_ids"]) for r in rows))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        aug_ids = np.full((len(rows), width), pad, dtype=np.int32)
+        aug_mask = np.zeros((len(rows), width), dtype=np.int32)
+        visible = np.zeros(ids.shape, dtype=np.int32)
+        for r, row in enumerate(rows):
+            aug_ids[r, : len(row["augment_ids"])] = row["augment_ids"]
+            aug_mask[r, : len(row["augment_ids"])] = 1
+            counts = row["visible"]
+            visible[r, : len(counts)] = counts
+            visible[r, len(counts):] = counts[-1] if counts else 0  # padding repeats the last count
+        out.update({f"aug{i}_input_ids": aug_ids, f"aug{i}_attention_mask": aug_mask, f"aug{i}_visible": visible})
+        print(f"data: augmenting model {i} reads its own tokens (another tokenizer): {width} per row at most, "
+              f"{int(aug_mask.sum()) / max(1, int(mask.sum())):.2f} per anchor token", flush=True)
+    return out
+
+
+def prepare_examples(cfg: TrainJobConfig, anchor_vocab: int) -> dict[str, np.ndarray]:
+    """Read, tokenise (once per model) and shuffle (seeded) the training data; checks there is at least one
+    global batch."""
+    from actors.train.config import check_tokenizer
+
+    tokenizer, augment_tokenizers = load_tokenizers(cfg)
     check_tokenizer(cfg, tokenizer, anchor_vocab)
     arrays = tokenize(cfg, read_records(cfg), tokenizer)
+    arrays.update(align_columns(arrays, tokenizer, augment_tokenizers))
     n = len(arrays["input_ids"])
     if n < cfg.training.batch_size:
         raise TrainConfigError(
@@ -188,6 +243,7 @@ def cache_manifest(cfg: TrainJobConfig, links, dtype: str, n_rows: int) -> dict:
         "data": [_files_signature(f) for f in cfg.data.train],
         "data_settings": {k: v for k, v in vars(cfg.data).items() if k != "train"},
         "tokenizer": _files_signature(cfg.tokenizer_path),
+        "augment_tokenizers": [_files_signature(t) for t in cfg.augment_tokenizer_paths],
         "seed": cfg.training.seed,
         "rows": n_rows,
     }

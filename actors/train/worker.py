@@ -35,31 +35,46 @@ def say(message: str) -> None:
 
 
 def decode_batch(arrays: dict[str, np.ndarray], states_dtype: str, device) -> dict:
-    """A streamed numpy batch -> ``BridgeTrainer.step``'s batch (token tensors + ``augment_states``)."""
+    """A streamed numpy batch -> ``BridgeTrainer.step``'s batch (token tensors + ``augment_states``, and
+    ``augment_inputs`` when an augmenting model reads its own tokens)."""
+    from composition.alignment import AugmentInputs
+
     def ids(name):
         return torch.from_numpy(np.asarray(arrays[name], dtype=np.int64)).to(device)  # a copy: batches are read-only
 
-    return {
+    batch = {
         "input_ids": ids("input_ids"),
         "attention_mask": ids("attention_mask"),
         "labels": ids("labels"),
         "augment_states": arrays_to_states(arrays, states_dtype, device),
     }
+    n = len(batch["augment_states"])
+    if any(f"aug{i}_visible" in arrays for i in range(n)):
+        mask = batch["attention_mask"]
+        shared = AugmentInputs(batch["input_ids"], mask, mask.cumsum(-1))  # anchor token t sees tokens <= t
+        batch["augment_inputs"] = [
+            AugmentInputs(ids(f"aug{i}_input_ids"), ids(f"aug{i}_attention_mask"), ids(f"aug{i}_visible"))
+            if f"aug{i}_visible" in arrays else shared for i in range(n)]
+    return batch
 
 
 def build_model(cfg: TrainJobConfig, device):
     """The ComposedModel a worker trains: anchor on ``device``; the augmenting models stay on CPU
     (they never run here; they are loaded only so checkpoints carry their fingerprints). The bridges
     start random, or from ``init_bridges``."""
+    from actors.train.data import load_tokenizers
     from composition.loading import load_causal_lm
     from composition.model import ComposedModel
 
     dtype = cfg.model_dtype
     anchor = load_causal_lm(cfg.anchor, dtype, device)
     augments = [load_causal_lm(a, dtype, "cpu") for a in cfg.augments]
-    if cfg.init_bridges:  # warm start (refused if the bridges were trained with other models)
-        return ComposedModel.from_pretrained(cfg.init_bridges, anchor, augments)
-    return ComposedModel(anchor, augments, cfg.composition)
+    anchor_tokenizer, own = load_tokenizers(cfg)
+    # with another tokenizer anywhere, the composition records every tokenizer's fingerprint in its checkpoints
+    tokenizers = None if all(t is None for t in own) else [anchor_tokenizer, *[t or anchor_tokenizer for t in own]]
+    if cfg.init_bridges:  # warm start (refused if the bridges were trained with other models or tokenizers)
+        return ComposedModel.from_pretrained(cfg.init_bridges, anchor, augments, tokenizers=tokenizers)
+    return ComposedModel(anchor, augments, cfg.composition, tokenizers=tokenizers)
 
 
 def _quiet_report_logging() -> None:
