@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,12 +186,9 @@ def test_validation_rejects_broken_cluster_configs():
         prepared(too_few)
 
 
-def test_image_and_installed_project_are_pinned():
+def test_ray_starts_with_token_auth_and_the_pinned_ray_version():
+    # the image (the project baked into rayproject/ray:<version>-py311-gpu) is checked in tests/test_manifests.py
     config = load(CLUSTER)
-    assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    installs = [c for c in config["setup_commands"] if "pip install" in c]
-    assert any(f"calm_ray-{version}-" in c for c in installs), f"setup_commands must install calm-ray {version}"
     for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         if "ray start" in c:
             assert "RAY_AUTH_MODE=token" in c, "token authentication stays on"
@@ -250,21 +246,11 @@ def test_gpu_worker_types_declare_the_custom_resources_that_pin_training_actors(
 
 # ------------------------------------------------------------------------ KubeRay manifests
 # What the RayService's serveConfigV2 sets differently from configs/serve.yaml, and why: nothing else may differ.
-K8S_SERVE_OVERRIDES = {
-    # KubeRay's serve Service sends traffic to each pod's IP; a proxy on 127.0.0.1 refuses it
-    ("http_options", "host"): "0.0.0.0",
-}
-
-
-def test_rayservice_serve_config_is_configs_serve_yaml_but_for_the_kubernetes_keys():
+def test_rayservice_exposes_serve_on_the_head_port_kuberay_probes_and_autoscales():
+    # what it serves (configs/serve_gpu.yaml, verbatim) is checked in tests/test_manifests.py
     doc = load(RAYSERVICE)
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
-    manifest, expected = yaml.safe_load(doc["spec"]["serveConfigV2"]), load(SERVE)
-    for (section, key), value in K8S_SERVE_OVERRIDES.items():
-        assert manifest[section][key] == value, f"serveConfigV2 {section}.{key} must be {value!r} on Kubernetes"
-        assert expected[section][key] != value, f"configs/serve.yaml sets {section}.{key} already: drop the override"
-        expected[section][key] = value
-    assert manifest == expected, "serveConfigV2 differs from configs/serve.yaml beyond K8S_SERVE_OVERRIDES"
+    manifest = yaml.safe_load(doc["spec"]["serveConfigV2"])
     assert load(SERVE)["http_options"]["host"] == "127.0.0.1", "outside Kubernetes, Serve binds 127.0.0.1"
     spec = doc["spec"]["rayClusterConfig"]
     # KubeRay builds the serve Service and the workers' proxy readiness probe from the head's port named serve

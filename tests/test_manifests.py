@@ -24,8 +24,8 @@ import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from actors.serve_config import check_serve_config
-from actors.train_config import read_config
+from actors.serve.config import check_serve_config
+from actors.train.config import read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster.yaml"
