@@ -47,35 +47,47 @@ def text_of(tokenizer, tokens: int) -> list[int]:
 
 
 def timed(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
+    """Median wall seconds of ``fn()`` (after one warm-up call)."""
+    return interleaved({"only": lambda: _clock(fn)}, reps)["only"]
+
+
+def _clock(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(runs: dict, reps: int) -> dict:
+    """Median of each ``runs[name]()`` (each returns seconds), taking turns so load on the machine
+    hits every path alike."""
+    for run in runs.values():
+        run()  # warm-up
+    times = {name: [] for name in runs}
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, run in runs.items():
+            times[name].append(run())
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-@torch.no_grad()
-def forward_time(model, ids: torch.Tensor, reps: int) -> float:
-    return timed(lambda: model(ids[None], logits_to_keep=1), reps)
+def forward_run(model, ids: torch.Tensor):
+    """One forward over ``ids`` [seq] (last logits only); returns seconds."""
+    return torch.no_grad()(lambda: _clock(lambda: model(ids[None], logits_to_keep=1)))
 
 
-@torch.no_grad()
-def decode_time(model, ids: list[int], context: int, steps: int, reps: int) -> float:
+def decode_run(model, ids: list[int], context: int, steps: int):
     """Seconds per cached step after a prefill of ``context`` tokens, feeding the text's next tokens."""
     prompt = torch.tensor([ids[:context]])
     follow = torch.tensor([ids[context : context + steps]])
 
+    @torch.no_grad()
     def run():
         out = model(prompt, use_cache=True, logits_to_keep=1)
         t = time.perf_counter()
         for k in range(steps):
             out = model(follow[:, k : k + 1], cache=out.cache, use_cache=True, logits_to_keep=1)
-        return time.perf_counter() - t
+        return (time.perf_counter() - t) / steps
 
-    run()
-    return statistics.median(run() for _ in range(reps)) / steps
+    return run
 
 
 def same_pair(quick: bool) -> dict:
@@ -102,13 +114,15 @@ def same_pair(quick: bool) -> dict:
     reps, steps = (2, 8) if quick else (5, 32)
     ids = text_of(tok, 1024 + steps + 1)
     seq = torch.tensor(ids[:1024])
-    rows = {}
-    for name, model in paths.items():
-        rows[name] = {
-            "forward_1024_s": forward_time(model, seq, reps),
-            "decode_64_s_per_token": decode_time(model, ids, 64, steps, reps),
-            "decode_1024_s_per_token": decode_time(model, ids, 1024, steps, reps),
-        }
+    measures = {
+        "forward_1024_s": {name: forward_run(m, seq) for name, m in paths.items()},
+        "decode_64_s_per_token": {name: decode_run(m, ids, 64, steps) for name, m in paths.items()},
+        "decode_1024_s_per_token": {name: decode_run(m, ids, 1024, steps) for name, m in paths.items()},
+    }
+    rows = {name: {} for name in paths}
+    for measure, runs in measures.items():
+        for name, seconds in interleaved(runs, reps).items():
+            rows[name][measure] = seconds
     a = align_text(tok.decode(ids[:1024]), tok, tok)
     return {
         "tokenizer": tok_name,
@@ -127,8 +141,6 @@ def real_pair(quick: bool) -> dict | None:
     if not ((smollm / "conversion.json").is_file() and (gemma / "conversion.json").is_file()):
         return None
     from composition import load_causal_lm, load_tokenizer
-    from composition.model import positions_from_mask
-
     anchor, augment = load_causal_lm(str(smollm), "float32"), load_causal_lm(str(gemma), "float32")
     anchor_tok, augment_tok = load_tokenizer(str(smollm)), load_tokenizer(str(gemma))
     cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(6, 10), (12, 20), (18, 30)])], rotary=True)
@@ -138,41 +150,43 @@ def real_pair(quick: bool) -> dict | None:
     ids = text_of(anchor_tok, max(contexts) + steps + 1)
     aug_ids = augment_tok(anchor_tok.decode(ids))["input_ids"]
 
-    @torch.no_grad()
-    def alone(lm, token_ids, context):
+    def alone(lm, token_ids, context, head=True):
+        """Decode steps of one model alone; ``head=False`` runs its base model only, as the composition does
+        for an augmenting model (Gemma's LM head, 262144 x 640, is most of its step)."""
         prompt = torch.tensor([token_ids[:context]])
-        mask = torch.ones_like(prompt)
+        kwargs = {"logits_to_keep": 1} if head else {}
+        lm = lm if head else lm.model
 
+        @torch.no_grad()
         def run():
-            out = lm(input_ids=prompt, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
-                     logits_to_keep=1)
+            out = lm(input_ids=prompt, use_cache=True, **kwargs)
             cache, t = out.cache, time.perf_counter()
             for k in range(steps):
                 step = torch.tensor([[token_ids[context + k]]])
-                out = lm(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1)
+                out = lm(input_ids=step, cache=cache, use_cache=True, **kwargs)
                 cache = out.cache
-            return time.perf_counter() - t
+            return (time.perf_counter() - t) / steps
 
-        run()
-        return statistics.median(run() for _ in range(reps)) / steps
+        return run
 
     seq_len = 1024 if not quick else 256
-    rows = {
-        "forward_s": {
-            "composed": forward_time(model, torch.tensor(ids[:seq_len]), reps),
-            "anchor": timed(lambda: anchor(input_ids=torch.tensor([ids[:seq_len]]), logits_to_keep=1), reps),
-            "augment": timed(lambda: augment(input_ids=torch.tensor([aug_ids[:seq_len]]), logits_to_keep=1), reps),
-        }
-    }
+    plain = torch.no_grad()(lambda lm, x: _clock(lambda: lm(input_ids=x, logits_to_keep=1)))
+    rows = {"forward_s": interleaved({
+        "composed": forward_run(model, torch.tensor(ids[:seq_len])),
+        "anchor": lambda: plain(anchor, torch.tensor([ids[:seq_len]])),
+        "augment": lambda: _clock(lambda: torch.no_grad()(augment.model)(input_ids=torch.tensor([aug_ids[:seq_len]]))),
+    }, reps)}
     for context in contexts:
         aug_context = len(augment_tok(anchor_tok.decode(ids[:context]))["input_ids"])
-        rows[f"decode_{context}_s_per_token"] = {
-            "composed": decode_time(model, ids, context, steps, reps),
+        rows[f"decode_{context}_s_per_token"] = interleaved({
+            "composed": decode_run(model, ids, context, steps),
             "anchor": alone(anchor, ids, context),
-            "augment": alone(augment, aug_ids, aug_context),
-        }
+            "augment": alone(augment, aug_ids, aug_context, head=False),
+        }, reps)
     model.remove_hooks()
-    return {"anchor": "SmolLM2-135M-Instruct (fp32)", "augment": "Gemma-3-270m (fp32)", "forward_tokens": seq_len,
+    return {"anchor": "SmolLM2-135M-Instruct (fp32)",
+            "augment": "Gemma-3-270m (fp32), timed alone without its LM head (the composition never runs it)",
+            "forward_tokens": seq_len, "decode_steps": steps,
             "rows": rows}
 
 

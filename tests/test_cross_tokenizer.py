@@ -106,6 +106,18 @@ def test_initial_composed_logits_equal_the_anchors(anchor_kind, augment_kind):
     torch.testing.assert_close(logits(model, ids, mask), expected, rtol=0, atol=1e-6)
 
 
+def test_an_augmenting_side_with_no_token_yet_adds_nothing_and_decoding_fills_it():
+    model = composed("char", "byte_bpe")  # byte-level BPE adds no BOS: nothing is visible before the first space
+    ids, mask = batch("char", ["Hola"])
+    assert model.aligner.step(ids, mask, None, None)[1][0].input_ids.shape == (1, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, ids, mask), model.anchor(input_ids=ids).logits, rtol=0, atol=0)
+    cycling(model.anchor)
+    generated = model.generate(ids, mask, max_new_tokens=40)
+    assert torch.equal(generated, model.generate(ids, mask, max_new_tokens=40, use_cache=False))
+    assert align(generated[0].tolist(), char_level(), byte_bpe())["visible"][-1] > 0  # a word closed meanwhile
+
+
 # ---------------------------------------------------------------- no future leak
 def leaky_inputs(anchor_kind, augment_kind, texts, mask):
     """The naive rule: tokenise the whole text once per model, mask by offset-mapping character ends."""
