@@ -111,13 +111,13 @@ class CompositionConfig:
         window: local cross-attention: anchor token t sees only augmenting tokens in
             (t - window, t]; None sees all of them up to t (the paper). ``window=1`` makes each
             bridge a per-token map from the augmenting model's state to the anchor's, a strong prior
-            when both models read the same tokens (the key-value experiment uses it).
+            when both models read the same tokens.
         norm: RMSNorm on the bridge's query input and on the augmenting states.
         proj_hidden: if set, the projection f_proj is a two-layer MLP with this hidden width
             (Linear, GELU, Linear) instead of the paper's single linear map. A linear map can
             only move the augmenting state into the anchor's space; an MLP can also decode it
-            (e.g. "this key's value is 7" into the anchor's embedding of "7"), which the
-            key-value experiment needs.
+            (e.g. "this key's value is 7" into the anchor's embedding of "7"), which a lookup
+            of discrete facts needs.
         gate: scale each head's cross-attention output per token by a sigmoid gate, so the bridge
             can add nothing where the augmenting model has nothing to say (cross-attention's softmax
             cannot say "nothing here", and with ``window=1``, one key, it cannot choose at all).

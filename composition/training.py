@@ -6,7 +6,7 @@
     trainer.save(folder)                        # bridges + optimizer state, safetensors only
 
 Any model with ``trainable_parameters()`` and ``forward(input_ids, attention_mask, labels=...,
-augment_states=...)`` can be trained (the key-value experiment pre-trains its small models with
+augment_states=...)`` can be trained (an experiment can pre-train small models with
 it too); for a ComposedModel only the bridge parameters reach the optimiser. Under torch.distributed
 (Ray Train's workers) the bridge gradients are averaged across workers after each backward pass, and
 the initial bridge weights are broadcast from rank 0, so the frozen models are never wrapped or

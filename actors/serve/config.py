@@ -92,8 +92,8 @@ class ServingArgs(StrictModel):
     def resolved(self) -> "ServingArgs":
         """A copy whose relative paths are absolute, taken from the project root when they exist there.
 
-        Replicas do not share the caller's working directory, so ``assets/kv_pair/anchor`` in a config
-        means ``<project root>/assets/kv_pair/anchor`` wherever Serve builds the application.
+        Replicas do not share the caller's working directory, so ``models/anchor`` in a config
+        means ``<project root>/models/anchor`` wherever Serve builds the application.
         """
 
         def fix(path: str | None) -> str | None:
