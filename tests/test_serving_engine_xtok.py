@@ -15,10 +15,10 @@ import threading
 import pytest
 import torch
 
+from actors.codec import arrays_to_states
 from actors.serve.augment_client import LocalAugments
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.engine import DecodeEngine, GenerationRequest
-from actors.codec import arrays_to_states
 from composition.alignment import align
 from composition.loading import load_tokenizer
 from composition.model import positions_from_mask
@@ -79,7 +79,7 @@ def test_concurrent_greedy_requests_across_tokenizers_match_in_process_generate(
 
 
 def test_a_lost_augmenting_cache_is_rebuilt_across_tokenizers_and_the_answer_is_unchanged(served):
-    model, tok, augment_tok = served
+    model, tok, _ = served
     engine, rows = make_engine(model)
     prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]]
     n = 40

@@ -35,9 +35,14 @@ import threading
 
 import torch
 
-from actors.serve.batch_cache import (add_empty_rows_hf_cache, crop_left_hf_cache, leading_padding, merge_hf_caches,
-                                      select_rows_hf_cache)
 from actors.codec import dtype_name, state_key, tensor_to_numpy
+from actors.serve.batch_cache import (
+    add_empty_rows_hf_cache,
+    crop_left_hf_cache,
+    leading_padding,
+    merge_hf_caches,
+    select_rows_hf_cache,
+)
 from composition.alignment import pad_left
 from composition.augment import AugmentEncoder
 from composition.model import positions_from_mask

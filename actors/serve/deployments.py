@@ -47,13 +47,13 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.serve.augment_client import AugmentClient, AugmentUnavailable
 from actors.serve.augment_rows import AugmentRows
+from actors.serve.config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
 from actors.serve.engine import DecodeEngine, GenerationRequest
 from actors.serve.openai import errors as openai_errors
 from actors.serve.openai.app import Limits, OpenAIFrontend
 from actors.serve.openai.schemas import ChatBody, ChatCompletion, Completion, CompletionBody, ErrorBody, ModelList
-from actors.serve.config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
-from composition.augment import AugmentEncoder
 from composition.alignment import TokenizerError, tokenizer_fingerprint
+from composition.augment import AugmentEncoder
 from composition.checkpoint import check_tokenizers, fingerprint, read_meta
 from composition.loading import load_causal_lm, load_tokenizer
 
