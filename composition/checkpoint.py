@@ -148,8 +148,12 @@ def read_meta(folder: str | os.PathLike) -> dict:
     return meta
 
 
-def _check_tokenizers(folder, saved: dict | None, tokenizers: list | None) -> None:
-    """Refuse tokenizers other than the ones the bridges were trained with (ValueError naming the field)."""
+def check_tokenizers(folder, saved: dict | None, tokenizers: list | None) -> None:
+    """Refuse tokenizers other than the ones the bridges were trained with (ValueError naming the field).
+
+    ``saved``: the checkpoint's ``tokenizers`` entry (``read_meta(folder).get("tokenizers")``); ``tokenizers``:
+    ``[anchor_tokenizer, *augment_tokenizers]``, or None for models read with one shared tokenizer.
+    """
     if saved is None:
         return  # an older checkpoint, or one trained without tokenizers: nothing to compare
     if tokenizers is None:
@@ -191,7 +195,7 @@ def load_bridges(cls, folder, anchor: nn.Module, augments: list[nn.Module], chec
             problem = _mismatch(role, saved, fingerprint(m))
             if problem:
                 raise ValueError(problem)
-        _check_tokenizers(folder, meta.get("tokenizers"), tokenizers)
+        check_tokenizers(folder, meta.get("tokenizers"), tokenizers)
     model = cls(anchor, augments, CompositionConfig.from_dict(meta["config"]), tokenizers=tokenizers)
     device = next(model.bridges.parameters()).device
     state = load_file(str(Path(folder) / WEIGHTS_FILE), device=str(device))

@@ -129,3 +129,41 @@ def cycling(model, strength: float = 30.0, seed: int = 0):
     model.lm_head = head
     model.config.tie_word_embeddings = False
     return model
+
+
+# ---------------------------------------------------------------- a servable pair with different tokenizers
+def build_xtok_pair(folder, anchor_kind: str = "byte_bpe", augment_kind: str = "sentencepiece", seed: int = 0,
+                    pairs: tuple = ((0, 0), (2, 2), (4, 4)), rotary: bool = True):
+    """Write anchor/, augment/ (each with its own tokenizer) and bridges/ under ``folder``; returns a
+    ``tests.fixtures.Pair`` (``tokenizer_no_template`` is the anchor's folder).
+
+    The anchor walks its vocabulary (``cycling``), so greedy continuations hold spaces, byte tokens and
+    multi-byte characters, and words close while decoding; the bridges are non-zero, saved from a
+    ComposedModel built with ``tokenizers=`` (so they record both tokenizers' fingerprints).
+    """
+    from pathlib import Path
+
+    from composition import ComposedModel, CompositionConfig, LayerMapping
+    from tests.fixtures import Pair
+
+    folder = Path(folder)
+    anchor_tok, augment_tok = TOKENIZERS[anchor_kind](), TOKENIZERS[augment_kind]()
+    anchor = cycling(tiny_llama(len(anchor_tok), hidden=64, layers=4, heads=4, seed=seed))
+    augment = tiny_llama(len(augment_tok), hidden=32, layers=4, heads=2, seed=seed + 1)
+    for name, model, tokenizer in [("anchor", anchor, anchor_tok), ("augment", augment, augment_tok)]:
+        model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+    cfg = CompositionConfig(mappings=[LayerMapping(pairs=[tuple(p) for p in pairs])], rotary=rotary)
+    composed = randomise_bridges(ComposedModel(anchor, [augment], cfg, tokenizers=[anchor_tok, augment_tok]), seed)
+    composed.save_pretrained(folder / "bridges")
+    return Pair(str(folder / "anchor"), str(folder / "augment"), str(folder / "bridges"), str(folder / "anchor"))
+
+
+def load_xtok_in_process(pair):
+    """The composed model with both tokenizers, as a notebook would load it from the folders."""
+    from composition import ComposedModel
+    from composition.loading import load_causal_lm, load_tokenizer
+
+    tokenizers = [load_tokenizer(pair.anchor), load_tokenizer(pair.augment)]
+    return ComposedModel.from_pretrained(pair.bridges, load_causal_lm(pair.anchor), [load_causal_lm(pair.augment)],
+                                         tokenizers=tokenizers)

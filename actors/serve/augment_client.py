@@ -6,9 +6,17 @@ The engine (``actors.serve.engine.DecodeEngine``) calls three coroutines and get
     states = await client.step(ids, tokens, history)          # per augmenting model {index: [rows, 1, d]}
     await client.release(ids)                                 # forget rows (None: all)
 
+With different tokenizers each augmenting model reads its own tokens, which the engine computes
+(``composition.alignment``) and sends per model:
+
+    states = await client.prefill_each([[(id, tokens_m), ...] per model])   # {index: [rows, most, d]}
+    states = await client.extend(ids, [[new tokens of each row] per model], history)
+                                  # per model {index: [rows, most new, d]}, None where no row has a new token
+
 ``step`` hides cache misses: when an augmenting side reports rows it does not hold (a Serve call
 that reached another replica, a replica that restarted), the client re-sends those rows'
-histories (``history(id)``: every token of the row before the newest) and steps again. So an
+histories (``history(id)``: every token of the row before the newest; for ``extend``
+``history(model, id)``: the tokens that model's cache of the row holds) and steps again. So an
 engine's requests survive the loss of an augmenting replica at the cost of one re-prefill.
 """
 
@@ -72,6 +80,44 @@ class AugmentClient:
         if self.num_augments == 1:  # the common case: no gather machinery per step
             return [await self._step_one(0, ids, tokens, history)]
         return list(await asyncio.gather(*(self._step_one(i, ids, tokens, history) for i in range(self.num_augments))))
+
+    async def prefill_each(
+        self, rows: list[list[tuple[str, list[int]]]], keep: list[str] | None = None
+    ) -> list[dict[int, torch.Tensor]]:
+        """States of new rows' tokens, ``rows[m]`` for augmenting model m (each in its own tokens; a row
+        may have none yet); ``keep``: the engine's other live rows."""
+        results = await asyncio.gather(*(self._call(i, "prefill", rows[i], True, keep)
+                                         for i in range(self.num_augments)))
+        return [self._decode(i, r) for i, r in enumerate(results)]
+
+    async def _extend_one(self, augment: int, ids: list[str], tokens: list[list[int]],
+                          history: Callable[[int, str], list[int]]):
+        lengths = [len(history(augment, rid)) for rid in ids]
+        result = await self._call(augment, "extend", ids, tokens, lengths)
+        if "missing" in result:
+            missing = result["missing"]
+            self.rebuilds += len(missing)
+            await self._call(augment, "prefill", [(rid, history(augment, rid)) for rid in missing], False)
+            result = await self._call(augment, "extend", ids, tokens, lengths)
+            if "missing" in result:
+                raise AugmentUnavailable(
+                    f"augmenting model {augment} lost rows {result['missing']} right after they were re-sent: "
+                    f"its calls are not reaching one replica (check the augmenting deployment's routing)"
+                )
+        self.replica_s += result.get("replica_s", 0.0)
+        return self._decode(augment, result)
+
+    async def extend(
+        self, ids: list[str], tokens: list[list[list[int]]], history: Callable[[int, str], list[int]]
+    ) -> list[dict[int, torch.Tensor] | None]:
+        """Per augmenting model m, the states of ``tokens[m][row]`` (each row's new tokens), or None when no
+        row has a new token for m: that model is not called at all (most decode steps close no word)."""
+        busy = [m for m in range(self.num_augments) if any(tokens[m])]
+        results = await asyncio.gather(*(self._extend_one(m, ids, tokens[m], history) for m in busy))
+        out: list[dict[int, torch.Tensor] | None] = [None] * self.num_augments
+        for m, states in zip(busy, results):
+            out[m] = states
+        return out
 
     async def release(self, ids: list[str] | None = None) -> None:
         await asyncio.gather(*(self._call(i, "release", ids) for i in range(self.num_augments)))

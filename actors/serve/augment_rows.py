@@ -10,6 +10,15 @@ augmenting model's KV cache of every row. That cache lives here, next to the aug
                                   -> states of one new token per row   [rows, 1, d_aug]
                                      or {"missing": [ids]} when a row's cache is not here
                                      or holds a different number of tokens than ``length``
+    extend([id, ...], [[token, ...], ...], [length, ...])
+                                  -> states of 0, 1 or more new tokens per row, left-padded
+                                                                       [rows, most new, d_aug]
+
+``extend`` serves an augmenting model whose tokenizer differs from the anchor's: the anchor
+engine aligns the text (``composition.alignment``) and sends each row's newly *closed* augmenting
+tokens, so a row may get none in a step (it returns only padding for that row) or a whole word's.
+Closed tokens are final, so rows only ever grow: nothing is rolled back. ``prefill`` then takes
+rows with no token yet (a prompt that closed no piece), which hold an all-padding mask.
 
 ``step`` takes the engine's current row order: rows not listed are dropped (finished or
 cancelled requests), listed rows are reordered to match. A row this object does not hold (the
@@ -26,8 +35,15 @@ import threading
 
 import torch
 
-from actors.serve.batch_cache import left_pad_rows, leading_padding, merge_hf_caches, crop_left_hf_cache, select_rows_hf_cache
 from actors.codec import dtype_name, state_key, tensor_to_numpy
+from actors.serve.batch_cache import (
+    add_empty_rows_hf_cache,
+    crop_left_hf_cache,
+    leading_padding,
+    merge_hf_caches,
+    select_rows_hf_cache,
+)
+from composition.alignment import pad_left
 from composition.augment import AugmentEncoder
 from composition.model import positions_from_mask
 
@@ -51,7 +67,7 @@ class AugmentRows:
         self._busy = threading.Lock()  # one call at a time on these rows (a retried call may overlap the first)
         self.ids: list[str] = []
         self.attention_mask: torch.Tensor | None = None  # [rows, seen]
-        self.cache = None  # the augmenting model's HF DynamicCache for all rows
+        self.cache = None  # the augmenting model's HF DynamicCache for all rows; None while seen == 0
         self.device = next(encoder.model.parameters()).device
 
     # ------------------------------------------------------------------ bookkeeping
@@ -74,7 +90,8 @@ class AugmentRows:
         where = {rid: i for i, rid in enumerate(self.ids)}
         index = torch.tensor([where[rid] for rid in ids], dtype=torch.long, device=self.device)
         self.attention_mask = self.attention_mask.index_select(0, index)
-        select_rows_hf_cache(self.cache, index)
+        if self.cache is not None:
+            select_rows_hf_cache(self.cache, index)
         self.ids = list(ids)
         columns = leading_padding(self.attention_mask)
         if 0 < columns < self.attention_mask.shape[1]:
@@ -121,21 +138,41 @@ class AugmentRows:
             wanted = set(keep)
             self._keep([rid for rid in self.ids if rid in wanted])
         self._release(ids)
-        input_ids, mask = left_pad_rows([list(t) for _, t in rows], self.pad_id)
+        input_ids, mask = pad_left([list(t) for _, t in rows], self.pad_id)  # left_pad_rows' layout; empty rows too
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        with self.lock:
-            states, cache = self.encoder(input_ids, mask, positions_from_mask(mask), None, True)
-        if self.cache is None:
-            self.ids, self.attention_mask, self.cache = ids, mask, cache
+        if mask.shape[1] == 0:  # no row has a token yet (different tokenizers: nothing closed)
+            states, cache = self._no_states(len(rows)), None
         else:
-            length = max(self.attention_mask.shape[1], mask.shape[1])
-            pad_old = length - self.attention_mask.shape[1]
-            pad_new = length - mask.shape[1]
-            pad = torch.nn.functional.pad
-            self.attention_mask = torch.cat([pad(self.attention_mask, (pad_old, 0)), pad(mask, (pad_new, 0))])
-            merge_hf_caches(self.cache, cache, length)
-            self.ids = self.ids + ids
+            with self.lock:
+                states, cache = self.encoder(input_ids, mask, positions_from_mask(mask), None, True)
+        self._append(ids, mask, cache)
         return self._encode(states) if return_states else None
+
+    def _append(self, ids: list[str], mask: torch.Tensor, cache) -> None:
+        """Put new rows (mask [new_rows, seen], their HF cache or None when seen == 0) after the held ones."""
+        if self.attention_mask is None:
+            self.ids, self.attention_mask, self.cache = ids, mask, cache
+            return
+        length = max(self.attention_mask.shape[1], mask.shape[1])
+        pad = torch.nn.functional.pad
+        old_rows = len(self.ids)
+        self.attention_mask = torch.cat([pad(self.attention_mask, (length - self.attention_mask.shape[1], 0)),
+                                         pad(mask, (length - mask.shape[1], 0))])
+        if cache is None:  # the new rows hold no token
+            if self.cache is not None:
+                add_empty_rows_hf_cache(self.cache, after=len(ids))
+        elif self.cache is None:  # the held rows hold no token
+            add_empty_rows_hf_cache(cache, before=old_rows)
+            self.cache = cache
+        else:
+            merge_hf_caches(self.cache, cache, length)
+        self.ids = self.ids + ids
+
+    def _no_states(self, rows: int) -> dict[int, torch.Tensor]:
+        """States of no token: {index: [rows, 0, d_aug]}."""
+        dtype = next(self.encoder.model.parameters()).dtype
+        empty = torch.zeros(rows, 0, self.encoder.info.hidden_size, dtype=dtype, device=self.device)
+        return {index: empty for index in self.encoder.indices}
 
     def step(self, ids: list[str], tokens: list[int], lengths: list[int] | None = None) -> dict:
         """States of one new token per row, for rows ``ids`` in that order (see the module docstring).
@@ -151,11 +188,7 @@ class AugmentRows:
 
     @torch.no_grad()
     def _step(self, ids, tokens, lengths) -> dict:
-        where = {rid: i for i, rid in enumerate(self.ids)}
-        missing = [rid for rid in ids if rid not in where]
-        if lengths is not None and self.attention_mask is not None:
-            held = self.attention_mask.sum(dim=1).tolist()
-            missing += [rid for rid, n in zip(ids, lengths) if rid in where and held[where[rid]] != n]
+        missing = self._missing(ids, lengths)
         if missing:
             self._release(missing)
             return {"missing": missing}
@@ -168,3 +201,44 @@ class AugmentRows:
             states, self.cache = self.encoder(new, full_mask, positions, self.cache, True)
         self.attention_mask = full_mask
         return self._encode(states)
+
+    def extend(self, ids: list[str], tokens: list[list[int]], lengths: list[int] | None = None) -> dict:
+        """States of each row's new tokens (any number per row, none included), for rows ``ids`` in that order.
+
+        ``tokens[i]``: the tokens appended to row ``ids[i]``; ``lengths[i]``: how many it should hold before.
+        Returns ``{"states": {"aug{i}_{index}": array [rows, most new, d_aug]}, "dtype": name}``, each row's
+        new tokens at the right end (as ``composition.alignment.pad_left`` lays them out), or
+        ``{"missing": [ids]}`` as ``step`` does.
+        """
+        if len(ids) != len(tokens) or (lengths is not None and len(lengths) != len(ids)):
+            raise ValueError(f"{len(ids)} row ids for {len(tokens)} token lists and {len(lengths or [])} lengths")
+        with self._busy:
+            return self._extend(ids, tokens, lengths)
+
+    @torch.no_grad()
+    def _extend(self, ids, tokens, lengths) -> dict:
+        missing = self._missing(ids, lengths)
+        if missing:
+            self._release(missing)
+            return {"missing": missing}
+        self._keep(ids)
+        new, new_mask = pad_left([list(t) for t in tokens], self.pad_id)
+        if new.shape[1] == 0:
+            return self._encode(self._no_states(len(ids)))
+        new, new_mask = new.to(self.device), new_mask.to(self.device)
+        past = self.attention_mask.shape[1]
+        full_mask = torch.cat([self.attention_mask, new_mask], dim=1)
+        positions = positions_from_mask(full_mask)[:, past:]
+        with self.lock:
+            states, self.cache = self.encoder(new, full_mask, positions, self.cache, True)
+        self.attention_mask = full_mask
+        return self._encode(states)
+
+    def _missing(self, ids: list[str], lengths: list[int] | None) -> list[str]:
+        """Rows of ``ids`` not held, or holding another number of tokens than ``lengths`` says."""
+        where = {rid: i for i, rid in enumerate(self.ids)}
+        missing = [rid for rid in ids if rid not in where]
+        if lengths is not None and self.attention_mask is not None:
+            held = self.attention_mask.sum(dim=1).tolist()
+            missing += [rid for rid, n in zip(ids, lengths) if rid in where and held[where[rid]] != n]
+        return missing

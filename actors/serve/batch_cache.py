@@ -98,6 +98,17 @@ def select_rows_hf_cache(cache, index: torch.Tensor) -> None:
             layer.values = layer.values.index_select(0, index)
 
 
+def add_empty_rows_hf_cache(cache, before: int = 0, after: int = 0) -> None:
+    """Add all-padding (zero) rows before and after the batch rows of every layer (in place): rows that
+    hold no token yet, next to rows that do (their attention mask is 0 in every column)."""
+    for layer in _layers(cache):
+        if layer.is_initialized:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                shape = (before, *t.shape[1:]), (after, *t.shape[1:])
+                setattr(layer, name, torch.cat([t.new_zeros(shape[0]), t, t.new_zeros(shape[1])], dim=0))
+
+
 def leading_padding(attention_mask: torch.Tensor) -> int:
     """Number of leading columns that are padding in every row of ``attention_mask`` [batch, seq]."""
     real = attention_mask.bool().any(dim=0)
@@ -109,8 +120,17 @@ def leading_padding(attention_mask: torch.Tensor) -> int:
 def merge_composition_caches(first: CompositionCache, second: CompositionCache) -> CompositionCache:
     """A cache holding ``first``'s rows then ``second``'s, left-padded to the longer one.
 
+    Each sequence axis is padded on its own: the anchor's (attention mask, anchor cache) and, with
+    different tokenizers, each augmenting model's (``augment_masks[m]`` and the keys/values of the
+    bridges fed by model m, which run along that model's tokens). A bridge's keys/values run along
+    the same axis as their model's mask, so padding each pair of tensors to the longer of the two
+    pads every axis consistently. ``texts`` (per row) are concatenated.
     ``first`` is reused (its tensors replaced); ``second`` should not be used afterwards.
     """
+    if (first.augment_masks is None) != (second.augment_masks is None):
+        raise ValueError("one cache was made by the shared-tokenizer path and the other by the cross-tokenizer path")
+    if (first.texts is None) != (second.texts is None):
+        raise ValueError("one cache holds per-row text state and the other does not")
     length = max(first.seq_len, second.seq_len)
     first.attention_mask = torch.cat(
         [_pad_left(first.attention_mask, length, 1), _pad_left(second.attention_mask, length, 1)], dim=0
@@ -122,16 +142,21 @@ def merge_composition_caches(first: CompositionCache, second: CompositionCache) 
             raise ValueError("one cache holds augmenting caches and the other does not")
         if a is not None:
             merge_hf_caches(a, b, length)
-    first.bridge_keys = [
-        torch.cat([_pad_left(a, length, 2), _pad_left(b, length, 2)], dim=0)
-        for a, b in zip(first.bridge_keys, second.bridge_keys, strict=True)
-    ]
-    first.bridge_values = [
-        torch.cat([_pad_left(a, length, 2), _pad_left(b, length, 2)], dim=0)
-        for a, b in zip(first.bridge_values, second.bridge_values, strict=True)
-    ]
+    first.bridge_keys = [_cat_padded(a, b, 2) for a, b in zip(first.bridge_keys, second.bridge_keys, strict=True)]
+    first.bridge_values = [_cat_padded(a, b, 2) for a, b in zip(first.bridge_values, second.bridge_values, strict=True)]
+    if first.augment_masks is not None:
+        first.augment_masks = [_cat_padded(a, b, 1) for a, b in zip(first.augment_masks, second.augment_masks,
+                                                                    strict=True)]
+    if first.texts is not None:
+        first.texts = list(first.texts) + list(second.texts)
     _drop_buffers(first)
     return first
+
+
+def _cat_padded(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """``a``'s rows then ``b``'s, both left-padded along ``dim`` to the longer of the two."""
+    length = max(a.shape[dim], b.shape[dim])
+    return torch.cat([_pad_left(a, length, dim), _pad_left(b, length, dim)], dim=0)
 
 
 def _drop_buffers(cache: CompositionCache) -> None:
@@ -140,8 +165,12 @@ def _drop_buffers(cache: CompositionCache) -> None:
         cache.buffers = []
 
 
-def select_rows(cache: CompositionCache, index: torch.Tensor) -> None:
-    """Keep (and order) rows ``index`` of a CompositionCache, then drop columns that became all padding."""
+def select_rows(cache: CompositionCache, index: torch.Tensor, bridge_augments: list[int] | None = None) -> None:
+    """Keep (and order) rows ``index`` of a CompositionCache, then drop columns that became all padding.
+
+    ``bridge_augments``: per bridge, the augmenting model it reads (``[link.augment for link in
+    model.links]``); with different tokenizers it lets ``trim_left`` trim each model's axis too.
+    """
     index = index.to(cache.attention_mask.device)
     cache.attention_mask = cache.attention_mask.index_select(0, index)
     for c in [cache.anchor, *cache.augments]:
@@ -149,19 +178,40 @@ def select_rows(cache: CompositionCache, index: torch.Tensor) -> None:
             select_rows_hf_cache(c, index)
     cache.bridge_keys = [k.index_select(0, index) for k in cache.bridge_keys]
     cache.bridge_values = [v.index_select(0, index) for v in cache.bridge_values]
+    if cache.augment_masks is not None:
+        cache.augment_masks = [m.index_select(0, index.to(m.device)) for m in cache.augment_masks]
+    if cache.texts is not None:
+        cache.texts = [cache.texts[i] for i in index.tolist()]
     _drop_buffers(cache)
-    trim_left(cache)
+    trim_left(cache, bridge_augments)
 
 
-def trim_left(cache: CompositionCache) -> None:
-    """Drop leading columns that are padding in every row (after long rows left the batch)."""
+def trim_left(cache: CompositionCache, bridge_augments: list[int] | None = None) -> None:
+    """Drop leading columns that are padding in every row (after long rows left the batch).
+
+    With different tokenizers (``augment_masks``) the bridge keys/values run along each augmenting
+    model's own tokens: they are trimmed by that model's mask when ``bridge_augments`` says which
+    model each bridge reads, and left as they are otherwise (correct, only not compacted).
+    """
     columns = leading_padding(cache.attention_mask)
-    if columns == 0 or columns >= cache.seq_len:
-        return
-    cache.attention_mask = cache.attention_mask[:, columns:]
-    for c in [cache.anchor, *cache.augments]:
-        if c is not None:
-            crop_left_hf_cache(c, columns)
-    cache.bridge_keys = [k[:, :, columns:] for k in cache.bridge_keys]
-    cache.bridge_values = [v[:, :, columns:] for v in cache.bridge_values]
-    _drop_buffers(cache)
+    aligned = cache.augment_masks is not None
+    if 0 < columns < cache.seq_len:
+        cache.attention_mask = cache.attention_mask[:, columns:]
+        for c in [cache.anchor, *cache.augments]:
+            if c is not None:
+                crop_left_hf_cache(c, columns)
+        if not aligned:
+            cache.bridge_keys = [k[:, :, columns:] for k in cache.bridge_keys]
+            cache.bridge_values = [v[:, :, columns:] for v in cache.bridge_values]
+        _drop_buffers(cache)
+    if aligned and bridge_augments is not None:
+        for m, mask in enumerate(cache.augment_masks):
+            cut = leading_padding(mask)  # all of it when no row holds a token of model m: width 0 is fine
+            if cut == 0:
+                continue
+            cache.augment_masks[m] = mask[:, cut:]
+            for b, augment in enumerate(bridge_augments):
+                if augment == m:
+                    cache.bridge_keys[b] = cache.bridge_keys[b][:, :, cut:]
+                    cache.bridge_values[b] = cache.bridge_values[b][:, :, cut:]
+            _drop_buffers(cache)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from actors.config import DType, StrictModel, parse
 from composition.config import ConfigError, did_you_mean
@@ -43,7 +43,10 @@ class ServingArgs(StrictModel):
     anchor: str  # Hugging Face folder (or hub id where the hub is reachable)
     augments: list[str]  # one folder per augmenting model, in the bridges' order
     bridges: str  # folder written by ComposedModel.save_pretrained
-    tokenizer: str | None = None  # default: the anchor's folder (the models share one tokenizer)
+    tokenizer: str | None = None  # the anchor's tokenizer (default: the anchor's folder)
+    # one per augmenting model (null: that model's folder, or the anchor's tokenizer when the folder holds
+    # none); one that differs from the anchor's is served across tokenizers (docs/serving.md)
+    augment_tokenizers: list[str | None] | None = None
     dtype: DType = "float32"
     device: str = "cpu"  # "cuda" in replicas that have num_gpus
     max_batch_size: int = Field(16, ge=1)  # rows one anchor replica decodes together
@@ -63,6 +66,29 @@ class ServingArgs(StrictModel):
     def _split(cls, v):
         # `serve run jobs.serve:app_builder augments=a,b` passes one string
         return [p for p in v.split(",") if p] if isinstance(v, str) else v
+
+    @field_validator("augment_tokenizers", mode="before")
+    @classmethod
+    def _split_tokenizers(cls, v):
+        # `serve run ... augment_tokenizers=a,,b`: an empty entry (or "null") is that model's own folder
+        if isinstance(v, str):
+            return [None if p in ("", "null", "None") else p for p in v.split(",")]
+        return v
+
+    @model_validator(mode="after")
+    def _one_tokenizer_per_augment(self):
+        if self.augment_tokenizers is not None and len(self.augment_tokenizers) != len(self.augments):
+            raise ValueError(
+                f"'augment_tokenizers' has {len(self.augment_tokenizers)} entries for {len(self.augments)} augmenting "
+                f"models: give one per entry of 'augments' (null: that model's own folder)"
+            )
+        return self
+
+    @property
+    def augment_tokenizer_paths(self) -> list[str]:
+        """Each augmenting model's tokenizer: ``augment_tokenizers[i]``, else the model's own folder."""
+        given = self.augment_tokenizers or [None] * len(self.augments)
+        return [t or a for t, a in zip(given, self.augments)]
 
     @field_validator("augments")
     @classmethod
@@ -105,14 +131,16 @@ class ServingArgs(StrictModel):
             return path  # a hub id, or missing (check_paths says so)
 
         return self.model_copy(update={"anchor": fix(self.anchor), "bridges": fix(self.bridges),
-                                       "tokenizer": fix(self.tokenizer), "augments": [fix(p) for p in self.augments]})
+                                       "tokenizer": fix(self.tokenizer), "augments": [fix(p) for p in self.augments],
+                                       "augment_tokenizers": None if self.augment_tokenizers is None else
+                                       [fix(p) for p in self.augment_tokenizers]})
 
     def check_paths(self) -> None:
         """Raise ServeConfigError when a model folder is missing (before any replica tries to load it)."""
         missing = []
         for role, path in [("anchor", self.anchor), ("bridges", self.bridges), ("tokenizer", self.tokenizer)] + [
             (f"augments[{i}]", p) for i, p in enumerate(self.augments)
-        ]:
+        ] + [(f"augment_tokenizers[{i}]", p) for i, p in enumerate(self.augment_tokenizers or [])]:
             if path is not None and not Path(path).exists():
                 missing.append(f"{role} folder {path!r} does not exist")
         if missing:

@@ -19,6 +19,11 @@ that already loaded it (here: that holds the engine's rows), so an engine sticks
 replica, and different engines spread over the replicas. Should a call land elsewhere (that
 replica died, scaled down, or evicted the engine), the rows are reported missing and re-sent
 (re-prefilled from the token history): requests go on instead of failing.
+
+Across tokenizers (an augmenting model whose tokenizer differs from the anchor's), the anchor replica
+loads every tokenizer once and aligns the text itself (``DecodeEngine``); it calls ``extend`` with
+each row's newly closed augmenting token ids instead of ``step``. The augmenting replicas need no
+tokenizer: they only ever append the token ids they are sent.
 """
 
 import asyncio
@@ -26,6 +31,7 @@ import logging
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI
@@ -41,13 +47,14 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.serve.augment_client import AugmentClient, AugmentUnavailable
 from actors.serve.augment_rows import AugmentRows
+from actors.serve.config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
 from actors.serve.engine import DecodeEngine, GenerationRequest
 from actors.serve.openai import errors as openai_errors
 from actors.serve.openai.app import Limits, OpenAIFrontend
 from actors.serve.openai.schemas import ChatBody, ChatCompletion, Completion, CompletionBody, ErrorBody, ModelList
-from actors.serve.config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
+from composition.alignment import TokenizerError, tokenizer_fingerprint
 from composition.augment import AugmentEncoder
-from composition.checkpoint import fingerprint, read_meta
+from composition.checkpoint import check_tokenizers, fingerprint, read_meta
 from composition.loading import load_causal_lm, load_tokenizer
 
 log = logging.getLogger("ray.serve")
@@ -80,6 +87,43 @@ def model_shell(path: str):
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def serving_tokenizers(settings: ServingArgs, meta: dict) -> list | None:
+    """``[anchor_tokenizer, *augment_tokenizers]`` when some augmenting model tokenises differently from the
+    anchor (the cross-tokenizer path), None when all read the anchor's tokens (the shared-tokenizer path).
+
+    Each augmenting model's tokenizer is ``augment_tokenizers[i]``, else its own folder, else (a folder
+    holding no tokenizer) the anchor's. Refuses tokenizers other than the ones the bridges recorded
+    (ValueError naming the field), as ``ComposedModel.from_pretrained`` does.
+    """
+    anchor_tokenizer = load_tokenizer(settings.tokenizer or settings.anchor)
+    tokenizers = [anchor_tokenizer]
+    given = settings.augment_tokenizers or [None] * len(settings.augments)
+    for path, folder in zip(given, settings.augments):
+        if path is None and Path(folder).is_dir() and not any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
+            tokenizers.append(anchor_tokenizer)  # a folder without a tokenizer: the models share the anchor's
+        else:
+            tokenizers.append(load_tokenizer(path or folder))
+    saved = meta.get("tokenizers")
+    if all(t is anchor_tokenizer for t in tokenizers[1:]):
+        check_tokenizers(settings.bridges, saved, None)
+        return None
+    try:
+        anchor_fp = tokenizer_fingerprint(anchor_tokenizer, "anchor")
+        shared = all(tokenizer_fingerprint(t, f"augmenting model {i}") == anchor_fp
+                     for i, t in enumerate(tokenizers[1:]))
+    except TokenizerError:
+        if saved is not None and any(fp != saved["anchor"] for fp in saved["augments"]):
+            raise  # bridges trained across tokenizers need fast tokenizers; the message says how
+        log.warning("a tokenizer has no Rust backend: serving as one shared tokenizer (as before cross-tokenizer "
+                    "serving); load fast tokenizers to serve models with different tokenizers", exc_info=True)
+        return None
+    check_tokenizers(settings.bridges, saved, tokenizers)
+    return None if shared else tokenizers
 
 
 def anchor_model_thread(setting: bool | str, model) -> bool:
@@ -153,6 +197,14 @@ class AugmentDeployment:
         result["replica_s"] = time.perf_counter() - start  # lets the engine tell transport from compute
         return result
 
+    async def extend(self, ids: list, tokens: list, lengths: list | None = None):
+        """Different tokenizers: append each row's new closed tokens (0, 1 or more) and return their states."""
+        start = time.perf_counter()
+        target = await self._rows()
+        result = await self._run(target.extend, ids, tokens, lengths)
+        result["replica_s"] = time.perf_counter() - start
+        return result
+
     async def release(self, ids: list | None = None):
         target = await self._rows()
         await self._run(target.release, ids)
@@ -216,7 +268,10 @@ class AnchorDeployment:
         meta = read_meta(settings.bridges)
         check_model_matches("the anchor", meta["anchor"], anchor)
         shells = [model_shell(p) for p in settings.augments]
-        model = ComposedModel.from_pretrained(settings.bridges, anchor, shells, check_models=False)
+        tokenizers = serving_tokenizers(settings, meta)  # None: one shared tokenizer, the engine's plain path
+        # check_models=False: the shells have no weights (each augmenting replica checks its model)
+        model = ComposedModel.from_pretrained(settings.bridges, anchor, shells, check_models=False,
+                                              tokenizers=tokenizers)
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a replica (tests)
@@ -224,6 +279,9 @@ class AnchorDeployment:
         self.engine_id = f"engine-{replica}-{uuid.uuid4().hex[:8]}"
         client = ServeAugments(list(augments), self.engine_id, settings.device, settings.augment_retry_s)
         model_thread = anchor_model_thread(settings.model_thread, model)
+        if tokenizers is not None:
+            log.info("anchor engine %s: augmenting models with their own tokenizers: the engine aligns the text "
+                     "and sends each augmenting replica its closed tokens", self.engine_id)
         log.info("anchor engine %s: model calls %s", self.engine_id,
                  "in a worker thread (augmenting calls overlap the anchor's layers below its first bridge)"
                  if model_thread else "on the replica's event loop")

@@ -12,6 +12,15 @@ One engine runs in each anchor replica. Requests join and leave its batch betwee
             anchor + bridges: forward one token per row, with the batch cache -> next tokens
         drop finished or cancelled rows from the cache
 
+With different tokenizers (a ComposedModel built with ``tokenizers=``, so ``model.aligner`` is set) the
+engine aligns the text here, on the anchor side, which holds every tokenizer: each step it feeds the
+rows' new anchor tokens to ``model.aligner`` (the per-row text state lives in the batch cache's
+``texts``), sends each augmenting model only the augmenting tokens that became *closed* (0, 1 or a
+whole word per row; ``AugmentClient.extend``; no call at all when no row closed one), and runs the
+anchor + bridges with those ``augment_inputs`` and the states that come back. Each row keeps the
+augmenting tokens it fed so far (``_Row.augment_tokens``): the history a lost augmenting cache is
+re-prefilled from. Closed tokens are final, so no augmenting cache is ever rolled back.
+
 So each new token costs one step of each model and no prefix is recomputed; with more requests
 in flight, each step carries more rows, and tokens/s grows with load. With ``model_thread`` the
 anchor's model calls run in a worker thread, so the replica's event loop keeps streaming tokens and
@@ -38,6 +47,7 @@ import torch
 
 from actors.serve.augment_client import AugmentClient
 from actors.serve.batch_cache import left_pad_rows, merge_composition_caches, select_rows
+from composition.alignment import AugmentInputs
 from composition.cache import CompositionCache
 from composition.generate import sample_next
 
@@ -78,6 +88,8 @@ class _Row:
     queue: asyncio.Queue
     generator: torch.Generator | None
     generated: int = 0
+    # different tokenizers: per augmenting model, the tokens its cache of this row holds (closed ones only)
+    augment_tokens: list[list[int]] | None = None
     done: bool = False
     cancelled: bool = False
 
@@ -114,6 +126,8 @@ class DecodeEngine:
         self.pad_id = pad_id
         self.model_thread = model_thread
         self.device = next(model.anchor.parameters()).device
+        self.aligner = getattr(model, "aligner", None)  # set: each augmenting model reads its own tokens
+        self._bridge_augments = [link.augment for link in model.links]
         self._waiting: deque[_Row] = deque()
         self._running: list[_Row] = []
         self._by_id: dict[str, _Row] = {}
@@ -279,7 +293,7 @@ class DecodeEngine:
             self._cache = None
             self._release_pending = True
         else:
-            select_rows(self._cache, torch.tensor(keep, dtype=torch.long, device=self.device))
+            select_rows(self._cache, torch.tensor(keep, dtype=torch.long, device=self.device), self._bridge_augments)
 
     def _emit(self, rows: list[_Row], next_ids: list[int | Exception]) -> None:
         """Hand each row its next token; a row whose token could not be made (an exception) fails alone.
@@ -332,8 +346,19 @@ class DecodeEngine:
         self.counters["prefills"] += 1
         prompts = [(r.request.request_id, r.tokens) for r in rows]
         ids, mask = left_pad_rows([r.tokens for r in rows], self.pad_id)
-        states = self.augments.prefill(prompts, keep=[r.request.request_id for r in self._running])
-        logits, cache, _, _ = await self._forward_with(states, ids, mask, None)
+        keep = [r.request.request_id for r in self._running]
+        if self.aligner is None:
+            states = self.augments.prefill(prompts, keep=keep)
+            logits, cache, _, _ = await self._forward_with(states, ids, mask, None)
+        else:
+            texts, inputs = self.aligner.step(ids, mask, None, None)
+            new = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per row: the prompt's closed tokens
+            for r, row in enumerate(rows):
+                row.augment_tokens = [list(new[m][r]) for m in range(len(new))]
+            states = self.augments.prefill_each(
+                [[(row.request.request_id, new[m][r]) for r, row in enumerate(rows)] for m in range(len(new))], keep)
+            logits, cache, _, _ = await self._forward_with(states, ids, mask, None, inputs)
+            cache.texts = texts
         next_ids = self._sample(rows, logits)
         if self._cache is None:
             self._cache = cache
@@ -351,8 +376,21 @@ class DecodeEngine:
         self.counters["max_rows_in_step"] = max(self.counters["max_rows_in_step"], len(rows))
         t0 = time.perf_counter()
         new = torch.tensor(tokens, dtype=torch.long)[:, None]
-        states = self.augments.step(ids, tokens, self._history)
-        logits, self._cache, waited, call_s = await self._forward_with(states, new, torch.ones_like(new), self._cache)
+        if self.aligner is None:
+            states = self.augments.step(ids, tokens, self._history)
+            logits, self._cache, waited, call_s = await self._forward_with(states, new, torch.ones_like(new),
+                                                                           self._cache)
+        else:
+            seen = [m.sum(-1).cpu() for m in self._cache.augment_masks]
+            texts, inputs = self.aligner.step(new, torch.ones_like(new), self._cache.texts, seen)
+            closed = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per row: 0, 1 or more tokens
+            states = self._aligned_states(ids, closed)
+            logits, self._cache, waited, call_s = await self._forward_with(states, new, torch.ones_like(new),
+                                                                           self._cache, inputs)
+            self._cache.texts = texts
+            for r, row in enumerate(rows):  # only now: the call above re-sends these histories on a miss
+                for m, tokens_m in enumerate(closed):
+                    row.augment_tokens[m] += tokens_m[r]
         t1 = time.perf_counter()
         self.timers["augment_call_s"] += call_s
         self.timers["augment_s"] += waited
@@ -363,7 +401,7 @@ class DecodeEngine:
         self._compact()
         self.timers["step_s"] += time.perf_counter() - t0
 
-    async def _forward_with(self, states_call, ids, mask, cache):
+    async def _forward_with(self, states_call, ids, mask, cache, augment_inputs=None):
         """The anchor forward with the augmenting states that ``states_call`` (a coroutine) returns.
 
         Returns (last logits, cache, seconds the forward waited for the states, seconds the call took).
@@ -376,7 +414,7 @@ class DecodeEngine:
             t0 = time.perf_counter()
             states = await states_call
             waited = time.perf_counter() - t0
-            return (*self._forward(ids, mask, states, cache), waited, waited)
+            return (*self._forward(ids, mask, states, cache, augment_inputs), waited, waited)
         started = time.perf_counter()
         pending = asyncio.run_coroutine_threadsafe(states_call, asyncio.get_running_loop())
         answered = []
@@ -392,7 +430,8 @@ class DecodeEngine:
                 waited = time.perf_counter() - t0
 
         try:
-            logits, new_cache = await asyncio.to_thread(self._forward, ids, mask, deferred_states, cache)
+            logits, new_cache = await asyncio.to_thread(self._forward, ids, mask, deferred_states, cache,
+                                                        augment_inputs)
         finally:
             pending.cancel()  # only if the forward failed before it needed the states (or we are cancelled)
         return logits, new_cache, waited, answered[0] - started
@@ -402,15 +441,44 @@ class DecodeEngine:
         row = self._by_id.get(request_id)
         return row.tokens[:-1] if row is not None else []
 
+    def _augment_history(self, augment: int, request_id: str) -> list[int]:
+        """The augmenting tokens model ``augment``'s cache of a live row holds (different tokenizers)."""
+        row = self._by_id.get(request_id)
+        return row.augment_tokens[augment] if row is not None and row.augment_tokens is not None else []
+
+    async def _aligned_states(self, ids: list[str], closed: list[list[list[int]]]) -> list[dict[int, torch.Tensor]]:
+        """The augmenting states of this step's closed tokens; no-token states for a model no row fed."""
+        got = await self.augments.extend(ids, closed, self._augment_history)
+        return [states if states is not None else self._no_states(m, len(ids)) for m, states in enumerate(got)]
+
+    def _no_states(self, augment: int, rows: int) -> dict[int, torch.Tensor]:
+        encoder = self.model.encoders[augment]
+        empty = torch.zeros(rows, 0, encoder.info.hidden_size, device=self.device)
+        return {index: empty for index in encoder.indices}
+
     @torch.no_grad()
-    def _forward(self, ids, mask, states, cache):
-        """Anchor + bridges on new tokens ids/mask [rows, new]; returns (last logits [rows, vocab], cache)."""
+    def _forward(self, ids, mask, states, cache, augment_inputs=None):
+        """Anchor + bridges on new tokens ids/mask [rows, new]; returns (last logits [rows, vocab], cache).
+
+        ``augment_inputs`` (different tokenizers): per augmenting model the new tokens' alignment
+        (``composition.alignment.AugmentInputs``) that ``states`` are the states of.
+        """
+        if augment_inputs is not None:
+            augment_inputs = [AugmentInputs(i.input_ids.to(self.device), i.attention_mask.to(self.device),
+                                            i.visible.to(self.device)) for i in augment_inputs]
         out = self.model(
             ids.to(self.device),
             mask.to(self.device),
             augment_states=states,
+            augment_inputs=augment_inputs,
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
         return out.logits[:, -1].float(), out.cache
+
+
+def _real_tokens(inputs: AugmentInputs) -> list[list[int]]:
+    """Per row, the real (non-padding) tokens of a left-padded ``AugmentInputs`` block."""
+    real = inputs.attention_mask.bool()
+    return [row[keep].tolist() for row, keep in zip(inputs.input_ids, real)]
