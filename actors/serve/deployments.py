@@ -255,7 +255,9 @@ GUARD = openai_errors.install(api)
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 500, 503, 504)}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128, max_queued_requests=128)
+# many ongoing requests per replica (they mostly wait on the Anchor): overload is then answered here, as
+# OpenAI's JSON 503 when the Anchor's queue is full, not by Serve's proxy in plain text
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=1024, max_queued_requests=128)
 @serve.ingress(api)
 class Ingress:
     """OpenAI-shaped HTTP front: /v1/completions, /v1/chat/completions, /v1/models, /health."""
