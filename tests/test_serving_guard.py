@@ -359,3 +359,14 @@ def test_the_cli_check_names_a_missing_key_file(tmp_path, capsys):
 def test_serving_args_bound_bodies_to_one_mib_by_default():
     args = ServingArgs(anchor="a", augments=["b"], bridges="c")
     assert args.max_body_bytes == MIB and args.api_key_file is None
+
+
+def test_the_ray_token_file_is_made_private(tmp_path):
+    from actors.serve.launch import make_token_private
+
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir(mode=0o755)
+    token.write_text("secret")
+    token.chmod(0o644)
+    make_token_private(token)
+    assert (token.stat().st_mode & 0o777, token.parent.stat().st_mode & 0o777) == (0o600, 0o700)
