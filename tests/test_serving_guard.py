@@ -370,3 +370,20 @@ def test_the_ray_token_file_is_made_private(tmp_path):
     token.chmod(0o644)
     make_token_private(token)
     assert (token.stat().st_mode & 0o777, token.parent.stat().st_mode & 0o777) == (0o600, 0o700)
+
+
+def test_the_ingress_guard_applies_the_keys_its_replica_sets_to_the_app_serve_pickled():
+    # Serve's @serve.ingress runs cloudpickle.loads(cloudpickle.dumps(app)): a copy made at import, before
+    # Ingress.__init__ reads the keys. The copy must still see them (looked up by name in the process).
+    from fastapi.testclient import TestClient
+    from ray import cloudpickle
+
+    from actors.serve.deployments import INGRESS_GUARD, api
+    from actors.serve.openai.guard import settings_for
+
+    frozen = cloudpickle.loads(cloudpickle.dumps(api))
+    with keys_required(settings_for(INGRESS_GUARD), KEY):
+        http = TestClient(frozen, raise_server_exceptions=False)
+        assert http.get("/v2/nothing").status_code == 401
+        r = http.get("/v2/nothing", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"

@@ -91,25 +91,25 @@ class DeadlineExceeded(Exception):
     """The request ran past the server's request timeout."""
 
 
-def install(app, guard=None):
+def install(app, name: str | None = None):
     """Answer every error of a FastAPI app in OpenAI's error JSON: invalid bodies (400), oversized ones (413),
     missing or wrong API keys (401), unknown paths (404), wrong methods (405), and any unexpected exception
     (500 with a request id; the traceback goes to the log at debug level, never to the client).
 
-    ``guard``: the ``guard.GuardSettings`` (body limits, API keys) the app's ``RequestGuard`` middleware reads
-    on every request; a default one (1 MiB bodies, no keys) when None. Returned, so a server can fill in
-    its keys and limits once it knows them (the Serve Ingress does so at replica start).
+    Returns the ``guard.GuardSettings`` (body limits, API keys; 1 MiB and none at first) that the app's
+    ``RequestGuard`` looks up by ``name`` on every request, so a server can fill them in once it knows them:
+    the Serve Ingress does so at replica start, through ``guard.settings_for(name)``.
     """
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from actors.serve.openai.guard import GuardSettings, RequestGuard
+    from actors.serve.openai.guard import RequestGuard, settings_for
 
-    guard = guard if guard is not None else GuardSettings()
+    name = name or f"app-{id(app):x}"
     # outside every route and handler: the guard checks keys and bodies first, and turns any exception into
     # a 500 without re-raising it (Starlette's own catch-all would re-raise, and Serve would then answer
     # its own plain-text 500)
-    app.add_middleware(RequestGuard, settings=guard)
+    app.add_middleware(RequestGuard, name=name)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
@@ -123,4 +123,4 @@ def install(app, guard=None):
         return ApiError(exc.status_code, words.get(exc.status_code, str(exc.detail)),
                         type_="invalid_request_error" if exc.status_code < 500 else None).response()
 
-    return guard
+    return settings_for(name)

@@ -70,6 +70,17 @@ def load_api_keys(api_key_file: str | None = None, environ=os.environ) -> list[b
     return [k.encode() for k in dict.fromkeys(keys)]
 
 
+# GuardSettings by name, per process. A Serve ingress runs a *pickled copy* of the FastAPI app (and of the
+# deployment class), so an object handed to the middleware at import would not be the one the replica
+# fills in at start; a name is looked up in this process's registry on every request instead.
+_SETTINGS: dict[str, GuardSettings] = {}
+
+
+def settings_for(name: str) -> GuardSettings:
+    """The settings the ``RequestGuard`` named ``name`` applies in this process (created on first use)."""
+    return _SETTINGS.setdefault(name, GuardSettings())
+
+
 class BodyRejected(Exception):
     def __init__(self, error: ApiError):
         self.error = error
@@ -168,9 +179,13 @@ def _is_json(headers: dict[bytes, bytes]) -> bool:
 class RequestGuard:
     """ASGI middleware: API keys, body size and JSON checks, and the catch-all 500 (see the module docstring)."""
 
-    def __init__(self, app, settings: GuardSettings):
+    def __init__(self, app, name: str):
         self.app = app
-        self.settings = settings
+        self.name = name
+
+    @property
+    def settings(self) -> GuardSettings:
+        return settings_for(self.name)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
