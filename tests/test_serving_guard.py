@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 import yaml
 from fastapi import FastAPI
+from starlette.responses import StreamingResponse
 
 from actors.serve.augment_client import LocalAugments
 from actors.serve.augment_rows import AugmentRows
@@ -94,6 +95,14 @@ def served(tmp_path_factory):
     @app.post("/broken/v1/completions")
     async def broken_completions(body: CompletionBody):
         return await broken.completions(body)
+
+    @app.get("/bug/stream")
+    async def bug_stream():
+        async def events():
+            yield 'data: {"choices": []}\n\n'
+            raise _Boom("mid-stream at /srv/calm")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/bug")
     async def bug():
@@ -247,6 +256,15 @@ def test_an_unexpected_exception_is_a_500_with_a_request_id_and_no_internals(url
     assert len(lines) == 1 and "\n" not in lines[0].getMessage()  # one line; the traceback only at debug level
     assert not any("Exception in ASGI application" in rec.getMessage() for rec in caplog.records)
     assert_serves(url)
+
+
+def test_an_exception_inside_a_started_stream_ends_it_with_an_error_event_and_done(url):
+    with httpx.stream("GET", f"{url}/bug/stream", timeout=30) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[0] == 'data: {"choices": []}' and lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][6:])["error"]
+    assert error["code"] == "internal_error" and "/srv/calm" not in lines[-2]
 
 
 def test_a_replica_failure_is_a_500_without_the_remote_traceback(url, caplog):
