@@ -45,6 +45,7 @@ def autoscale_config(pair, port: int) -> dict:
     app["args"].update(model_name=MODEL, anchor=pair.anchor, augments=[pair.augment], bridges=pair.bridges,
                        tokenizer=pair.tokenizer_no_template, max_batch_size=4, torch_threads=1, max_context=512,
                        request_timeout_s=60)
+    app["args"].pop("api_key_file")  # keyless here: API keys are tested in tests/test_serving_guard.py
     deployments = {d["name"]: d for d in app["deployments"]}
     for name in ("Ingress", "Augment0"):  # fixed size here: only the Anchor scales in this test
         deployments[name].pop("autoscaling_config")

@@ -54,6 +54,10 @@ class ServingArgs(StrictModel):
     default_max_tokens: int = Field(256, ge=1)  # when a request gives none
     max_tokens_limit: int | None = None  # largest max_tokens a request may ask for (default: the context)
     request_timeout_s: float = 120.0  # a request running longer is stopped and answered 504
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # a larger request body is answered 413 before it is parsed
+    # API keys, one per line (with any in $CALM_RAY_API_KEY, comma-separated); read by every Ingress replica
+    # at start, so the file must exist on every node that runs one. None and no env: no keys, an open server
+    api_key_file: str | None = None
     max_retries: int = 2  # resumes of a request whose anchor replica died
     augment_retry_s: float = 30.0  # how long an engine keeps trying to reach an augmenting replica
     torch_threads: int | None = None  # torch.set_num_threads in each replica (None: torch's default)
@@ -133,10 +137,12 @@ class ServingArgs(StrictModel):
         return self.model_copy(update={"anchor": fix(self.anchor), "bridges": fix(self.bridges),
                                        "tokenizer": fix(self.tokenizer), "augments": [fix(p) for p in self.augments],
                                        "augment_tokenizers": None if self.augment_tokenizers is None else
-                                       [fix(p) for p in self.augment_tokenizers]})
+                                       [fix(p) for p in self.augment_tokenizers],
+                                       "api_key_file": fix(self.api_key_file)})
 
     def check_paths(self) -> None:
-        """Raise ServeConfigError when a model folder is missing (before any replica tries to load it)."""
+        """Raise ServeConfigError when a model folder or the API key file is missing (before any replica tries
+        to load it)."""
         missing = []
         for role, path in [("anchor", self.anchor), ("bridges", self.bridges), ("tokenizer", self.tokenizer)] + [
             (f"augments[{i}]", p) for i, p in enumerate(self.augments)
@@ -147,6 +153,11 @@ class ServingArgs(StrictModel):
             raise ServeConfigError(
                 "; ".join(missing) + ": copy or train the model pair there first, or point the config at existing "
                 "Hugging Face folders"
+            )
+        if self.api_key_file is not None and not Path(self.api_key_file).expanduser().is_file():
+            raise ServeConfigError(
+                f"api_key_file {self.api_key_file!r} does not exist: write the API keys there (one per line, "
+                f"chmod 600) on every node that runs an Ingress replica, or remove api_key_file to serve without keys"
             )
 
     def deployment_names(self) -> list[str]:

@@ -51,6 +51,7 @@ from actors.serve.config import ANCHOR, INGRESS, ServingArgs, augment_deployment
 from actors.serve.engine import DecodeEngine, GenerationRequest
 from actors.serve.openai import errors as openai_errors
 from actors.serve.openai.app import Limits, OpenAIFrontend
+from actors.serve.openai.guard import load_api_keys, settings_for
 from actors.serve.openai.schemas import ChatBody, ChatCompletion, Completion, CompletionBody, ErrorBody, ModelList
 from composition.alignment import TokenizerError, tokenizer_fingerprint
 from composition.augment import AugmentEncoder
@@ -306,16 +307,27 @@ class AnchorDeployment:
 
 # ---------------------------------------------------------------------- HTTP ingress
 api = FastAPI(title="calm-ray", description="A composed model (anchor + augmenting models + bridges), OpenAI-shaped")
-openai_errors.install(api)  # every error, 404/405/500 included, in OpenAI's error JSON
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 500, 503, 504)}
+# every error, 401/404/405/413/500 included, in OpenAI's error JSON; the guard's keys and body limit are
+# looked up by name in each process (one Ingress replica per process): Ingress.__init__ fills them in
+INGRESS_GUARD = "calm-ray-ingress"
+openai_errors.install(api, name=INGRESS_GUARD)
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 500, 503, 504)}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128, max_queued_requests=128)
+# many ongoing requests per replica (they mostly wait on the Anchor): overload is then answered here, as
+# OpenAI's JSON 503 when the Anchor's queue is full, not by Serve's proxy in plain text
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=1024, max_queued_requests=128)
 @serve.ingress(api)
 class Ingress:
     """OpenAI-shaped HTTP front: /v1/completions, /v1/chat/completions, /v1/models, /health."""
 
     def __init__(self, settings: ServingArgs, anchor: DeploymentHandle):
+        guard = settings_for(INGRESS_GUARD)  # what the (pickled) app's RequestGuard reads in this process
+        guard.max_body_bytes = settings.max_body_bytes
+        guard.api_keys = load_api_keys(settings.api_key_file)  # a missing file fails the replica, naming it
+        log.info("ingress: %s, request bodies up to %d bytes",
+                 f"{len(guard.api_keys)} API key(s) required" if guard.api_keys else "no API keys (open)",
+                 guard.max_body_bytes)
         tokenizer = load_tokenizer(settings.tokenizer or settings.anchor)
         limits = Limits(context=settings.max_context, default_max_tokens=settings.default_max_tokens,
                         max_tokens=settings.max_tokens_limit, request_timeout_s=settings.request_timeout_s,

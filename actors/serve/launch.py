@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
+from pathlib import Path
 
 from actors.serve.config import ServingArgs
+
+RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+
+
+def start_local_ray() -> None:
+    """A Ray for this process alone: advertised on 127.0.0.1, its dashboard on 127.0.0.1, the token file private.
+
+    Ray 2.60 binds its gRPC servers (GCS, raylet, object manager, workers) on every interface whatever
+    ``_node_ip_address`` says; token authentication (on by default) is what guards those ports, so the
+    token file it writes with the process umask (0644 usually) is made 0600 (its folder 0700) here.
+    """
+    import ray
+
+    ray.init(namespace="serve", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+    make_token_private()
+
+
+def make_token_private(path: Path = RAY_TOKEN_FILE) -> None:
+    if path.exists():
+        os.chmod(path.parent, 0o700)
+        os.chmod(path, 0o600)
 
 
 def run_config(config: dict, address: str | None = None, blocking: bool = True) -> list[str]:
@@ -21,7 +44,10 @@ def run_config(config: dict, address: str | None = None, blocking: bool = True) 
         # would do nothing and leave the applications running. Take SIGINT back.
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if not ray.is_initialized():
-        ray.init(address=address, namespace="serve")
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            start_local_ray()
+        else:
+            ray.init(address=address, namespace="serve")
     http = {k: v for k, v in (config.get("http_options") or {}).items() if v is not None}
     http.setdefault("host", "127.0.0.1")  # bind locally unless the config says otherwise
     serve.start(http_options=http, proxy_location=config.get("proxy_location", "EveryNode"))

@@ -25,7 +25,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 503 else None
+        headers = {503: {"Retry-After": "1"}, 401: {"WWW-Authenticate": "Bearer"}}.get(self.status)
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -91,17 +91,25 @@ class DeadlineExceeded(Exception):
     """The request ran past the server's request timeout."""
 
 
-def install(app) -> None:
-    """Answer every error of a FastAPI app in OpenAI's error JSON: invalid bodies (400), unknown paths (404),
-    wrong methods (405), and any unexpected exception (500 with a request id; the traceback goes to the log
-    at debug level, never to the client)."""
-    import logging
-    import uuid
+def install(app, name: str | None = None):
+    """Answer every error of a FastAPI app in OpenAI's error JSON: invalid bodies (400), oversized ones (413),
+    missing or wrong API keys (401), unknown paths (404), wrong methods (405), and any unexpected exception
+    (500 with a request id; the traceback goes to the log at debug level, never to the client).
 
+    Returns the ``guard.GuardSettings`` (body limits, API keys; 1 MiB and none at first) that the app's
+    ``RequestGuard`` looks up by ``name`` on every request, so a server can fill them in once it knows them:
+    the Serve Ingress does so at replica start, through ``guard.settings_for(name)``.
+    """
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    log = logging.getLogger("calm_ray.api")
+    from actors.serve.openai.guard import RequestGuard, settings_for
+
+    name = name or f"app-{id(app):x}"
+    # outside every route and handler: the guard checks keys and bodies first, and turns any exception into
+    # a 500 without re-raising it (Starlette's own catch-all would re-raise, and Serve would then answer
+    # its own plain-text 500)
+    app.add_middleware(RequestGuard, name=name)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
@@ -115,9 +123,4 @@ def install(app) -> None:
         return ApiError(exc.status_code, words.get(exc.status_code, str(exc.detail)),
                         type_="invalid_request_error" if exc.status_code < 500 else None).response()
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request, exc: Exception):
-        rid = uuid.uuid4().hex[:12]
-        log.error("request %s failed: %s", rid, type(exc).__name__)
-        log.debug("request %s traceback", rid, exc_info=exc)
-        return ApiError(500, f"internal error (request id {rid}): the server logged it", code="internal_error").response()
+    return settings_for(name)

@@ -4,10 +4,34 @@ died (prompt + the tokens so far), stop strings, and the mapping of failures to 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 
 from actors.serve.engine import GenerationRequest
 from actors.serve.openai.detokenize import TextAssembler
 from actors.serve.openai.errors import ApiError, DeadlineExceeded
+
+log = logging.getLogger("calm_ray.api")
+
+# what a message from another process may carry that a client must not see: Ray's task header
+# "ray::Deployment.method() (pid=12, ip=10.0.0.3, actor_id=...)", addresses, file paths, long hex ids
+_INTERNALS = re.compile(r"ray::\S+|\((?:pid|ip)=[^)]*\)|\b(?:pid|ip|actor_id|task_id|node_id)=\S+"
+                        r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|(?:[A-Za-z]:)?(?:[/\\][\w.\-]+){2,}[/\\]?"
+                        r"|\b[0-9a-f]{16,}\b")
+
+
+def public_reason(e: BaseException, limit: int = 200) -> str:
+    """``"Type: first line of the message"`` of an exception, fit for a client: a RayTaskError gives its cause,
+    only the first line is kept (no traceback), pids, addresses, paths and ids are cut out."""
+    cause = getattr(e, "cause", None)  # RayTaskError wraps the exception the replica raised
+    if isinstance(cause, BaseException):
+        e = cause
+    lines = str(e).strip().splitlines()
+    text = re.sub(r"\s{2,}", " ", _INTERNALS.sub("", lines[0] if lines else "")).strip(" :,")
+    if len(text) > limit:
+        text = text[:limit].rstrip() + "..."
+    name = type(e).__name__
+    return f"{name}: {text}" if text else name
 
 
 async def token_pieces(frontend, p, rid: str):
@@ -80,9 +104,12 @@ async def token_pieces(frontend, p, rid: str):
         except ApiError:
             raise
         except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        except Exception as e:  # noqa: BLE001 - answered as a 500 with the reason
-            raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from None
+            raise ApiError(400, public_reason(e).partition(": ")[2] or "the request was refused") from None
+        except Exception as e:  # noqa: BLE001 - answered as a 500 with the reason, one log line
+            reason = public_reason(e)
+            log.warning("request %s failed: %s", rid, reason)
+            log.debug("request %s traceback", rid, exc_info=e)
+            raise ApiError(500, f"generation failed ({reason}); request id {rid}") from None
         finally:
             if stream is not None and not settled:  # stop string, timeout or a client that left
                 await _close(stream)
