@@ -252,7 +252,7 @@ def _lora(cfg: ExperimentConfig, out: Path, tok, bridge_params: int) -> dict:
     rank, params = _lora_rank(out / "anchor", bridge_params)
     print(f"[lora] rank {rank}: {params:,} trainable parameters (bridges: {bridge_params:,})", flush=True)
     model = _lora_model(load_causal_lm(str(out / "anchor")), rank)
-    # the bridges' data schedule: the first phase's data first, if any 
+    # the bridges' data schedule: the first phase's data first, if any
     phases = [("compose_train.jsonl", cfg.compose_steps, "ablation_lora.ckpt")]
     if cfg.compose_first_steps:
         phases = [("compose_first.jsonl", cfg.compose_first_steps, "ablation_lora_first.ckpt"),
@@ -263,7 +263,7 @@ def _lora(cfg: ExperimentConfig, out: Path, tok, bridge_params: int) -> dict:
                                  weight_decay=cfg.compose_weight_decay)
         rows = read_jsonl(out / "data" / data_file)
         offset = len(history)
-        history += [{**h, "steps_run": h["steps_run"] + offset}
+        history += [{**h, "steps_run": h["step"] + offset}
                     for h in train(PlainLM(model), encode_rows(tok, rows), settings, cfg.compose_batch_size,
                                    tok.pad_token_id, cfg.seed, checkpoint=out / ckpt, label="lora")]
     with atomic_folder(out / "ablation_lora") as tmp:
