@@ -238,6 +238,13 @@ def test_a_well_formed_surrogate_pair_and_non_ascii_text_are_served(url):
         assert post(url, "/v1/completions", body).status_code == 200
 
 
+def test_a_json_body_sent_without_a_content_type_is_served_as_json(url):
+    # as it always was: clients (and the autoscale test's load) post JSON without the header
+    r = httpx.post(f"{url}/v1/completions", content=json.dumps({"prompt": "hi", "max_tokens": 2}), timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
 def test_a_body_with_another_content_type_is_still_bounded(url):
     r = post(url, "/v1/completions", b"x" * (2 * MIB), headers={"Content-Type": "text/plain"})
     assert_openai_error(r, 413, "larger than this server accepts")

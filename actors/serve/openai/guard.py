@@ -190,6 +190,9 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope.get("method") == "POST" and not any(k.lower() == b"content-type" for k, _ in scope["headers"]):
+            # a body without Content-Type is JSON here (as it always was; FastAPI would not parse it)
+            scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
         started = ended = False
         streaming = False
 
