@@ -10,19 +10,18 @@ tests/test_serving_xtok.py repeats the key check over real HTTP.
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 import torch
 
 from actors.codec import arrays_to_states
-from actors.serve.augment_client import LocalAugments
 from actors.serve.augment_rows import AugmentRows
-from actors.serve.engine import DecodeEngine, GenerationRequest
+from actors.serve.engine import GenerationRequest
 from composition.alignment import align
 from composition.loading import load_tokenizer
 from composition.model import positions_from_mask
 from tests.fixtures import reference_completion
+from tests.test_serving_engine import collect, make_engine  # one engine set-up for both pairs
 from tests.fixtures_xtok import build_xtok_pair, load_xtok_in_process
 
 # accents, emoji, CJK, whitespace runs (tabs, newlines, several spaces), a one-character prompt, and
@@ -39,19 +38,6 @@ def served(request, tmp_path_factory):
     anchor_kind, augment_kind = request.param
     pair = build_xtok_pair(tmp_path_factory.mktemp(f"xtok_{anchor_kind}_{augment_kind}"), anchor_kind, augment_kind)
     return load_xtok_in_process(pair), load_tokenizer(pair.anchor), load_tokenizer(pair.augment)
-
-
-def make_engine(model, max_batch_size=8):
-    rows = AugmentRows(model.encoders[0], augment=0, pad_id=0, lock=threading.Lock())
-    return DecodeEngine(model, LocalAugments([rows]), max_batch_size=max_batch_size, max_context=512), rows
-
-
-async def collect(engine, request):
-    tokens, finish = [], None
-    async for chunk in engine.generate(request):
-        tokens += chunk["token_ids"]
-        finish = chunk["finish_reason"]
-    return tokens, finish
 
 
 def test_concurrent_greedy_requests_across_tokenizers_match_in_process_generate(served):

@@ -58,14 +58,17 @@ class AugmentClient:
         results = await asyncio.gather(*(self._call(i, "prefill", rows, True, keep) for i in range(self.num_augments)))
         return [self._decode(i, r) for i, r in enumerate(results)]
 
-    async def _step_one(self, augment: int, ids: list[str], tokens: list[int], history: Callable[[str], list[int]]):
+    async def _call_rebuilding(self, augment: int, method: str, ids: list[str], payload,
+                               history: Callable[[str], list[int]]):
+        """``method`` (step or extend) on ``ids``; rows the replica reports missing are re-prefilled from
+        their ``history`` (a replica that restarted, or a call that reached another one), then retried once."""
         lengths = [len(history(rid)) for rid in ids]
-        result = await self._call(augment, "step", ids, tokens, lengths)
+        result = await self._call(augment, method, ids, payload, lengths)
         if "missing" in result:
             missing = result["missing"]
             self.rebuilds += len(missing)
             await self._call(augment, "prefill", [(rid, history(rid)) for rid in missing], False)
-            result = await self._call(augment, "step", ids, tokens, lengths)
+            result = await self._call(augment, method, ids, payload, lengths)
             if "missing" in result:
                 raise AugmentUnavailable(
                     f"augmenting model {augment} lost rows {result['missing']} right after they were re-sent: "
@@ -73,6 +76,9 @@ class AugmentClient:
                 )
         self.replica_s += result.get("replica_s", 0.0)
         return self._decode(augment, result)
+
+    async def _step_one(self, augment: int, ids: list[str], tokens: list[int], history: Callable[[str], list[int]]):
+        return await self._call_rebuilding(augment, "step", ids, tokens, history)
 
     async def step(
         self, ids: list[str], tokens: list[int], history: Callable[[str], list[int]]
@@ -92,20 +98,7 @@ class AugmentClient:
 
     async def _extend_one(self, augment: int, ids: list[str], tokens: list[list[int]],
                           history: Callable[[int, str], list[int]]):
-        lengths = [len(history(augment, rid)) for rid in ids]
-        result = await self._call(augment, "extend", ids, tokens, lengths)
-        if "missing" in result:
-            missing = result["missing"]
-            self.rebuilds += len(missing)
-            await self._call(augment, "prefill", [(rid, history(augment, rid)) for rid in missing], False)
-            result = await self._call(augment, "extend", ids, tokens, lengths)
-            if "missing" in result:
-                raise AugmentUnavailable(
-                    f"augmenting model {augment} lost rows {result['missing']} right after they were re-sent: "
-                    f"its calls are not reaching one replica (check the augmenting deployment's routing)"
-                )
-        self.replica_s += result.get("replica_s", 0.0)
-        return self._decode(augment, result)
+        return await self._call_rebuilding(augment, "extend", ids, tokens, lambda rid: history(augment, rid))
 
     async def extend(
         self, ids: list[str], tokens: list[list[list[int]]], history: Callable[[int, str], list[int]]
