@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from composition.checkpoint import atomic_file
 from jobs import convert_smollm2
 from jobs.convert_smollm2 import DTYPES, MANIFEST, is_complete
 
@@ -66,9 +67,8 @@ def convert(
                               license="Gemma Terms of Use (https://ai.google.dev/gemma/terms): never commit these weights")
     manifest["model"] = "Gemma-3-270m (Q4_K_M weights, dequantised)"
     manifest["converted_by"] = "python -m jobs.convert_gemma3"
-    tmp_manifest = out / f".{MANIFEST}.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp_manifest, out / MANIFEST)
+    with atomic_file(out / MANIFEST) as tmp_manifest:
+        tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 
