@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,6 +42,20 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def augment_tokenizer_source(given: str | None, folder: str) -> str | None:
+    """Where an augmenting model's tokenizer comes from: ``given``, else the model's folder; None when the
+    folder holds no tokenizer files (the model then reads the anchor's tokens, as before tokenizers per model)."""
+    if given is not None:
+        return given
+    local = Path(folder)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return folder
 
 
 def load_composition(

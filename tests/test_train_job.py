@@ -505,3 +505,22 @@ def test_the_job_trains_bridges_across_tokenizers_that_refuse_another_tokenizer(
     with pytest.raises(ValueError, match="tokenizer"):
         ComposedModel.from_pretrained(tmp_path / "xjob" / "bridges", anchor, [augment],
                                       tokenizers=[tokenizers[0], sentencepiece_bpe()])
+
+
+def test_an_augmenting_folder_without_a_tokenizer_reads_the_anchors_tokens(pair, tmp_path):
+    """As before tokenizers per model (and as serving does): no tokenizer files -> the shared-tokenizer path."""
+    import shutil
+
+    from actors.train.data import load_tokenizers
+    from jobs.train import prepare
+
+    root, base = pair
+    bare = tmp_path / "augment_without_tokenizer"
+    shutil.copytree(root / "augment", bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
+    config = write_config(tmp_path, base, "bare", augments=[str(bare)])
+    cfg, _, examples = prepare(str(config))
+    assert sorted(examples) == ["attention_mask", "input_ids", "labels"]
+    assert load_tokenizers(cfg)[1] == [None]

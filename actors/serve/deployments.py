@@ -31,7 +31,6 @@ import logging
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import torch
 from fastapi import FastAPI
@@ -56,7 +55,7 @@ from actors.serve.openai.schemas import ChatBody, ChatCompletion, Completion, Co
 from composition.alignment import TokenizerError, tokenizer_fingerprint
 from composition.augment import AugmentEncoder
 from composition.checkpoint import check_tokenizers, fingerprint, read_meta
-from composition.loading import load_causal_lm, load_tokenizer
+from composition.loading import augment_tokenizer_source, load_causal_lm, load_tokenizer
 
 log = logging.getLogger("ray.serve")
 
@@ -90,7 +89,6 @@ def model_shell(path: str):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def serving_tokenizers(settings: ServingArgs, meta: dict) -> list | None:
@@ -105,10 +103,8 @@ def serving_tokenizers(settings: ServingArgs, meta: dict) -> list | None:
     tokenizers = [anchor_tokenizer]
     given = settings.augment_tokenizers or [None] * len(settings.augments)
     for path, folder in zip(given, settings.augments):
-        if path is None and Path(folder).is_dir() and not any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
-            tokenizers.append(anchor_tokenizer)  # a folder without a tokenizer: the models share the anchor's
-        else:
-            tokenizers.append(load_tokenizer(path or folder))
+        source = augment_tokenizer_source(path, folder)
+        tokenizers.append(anchor_tokenizer if source is None else load_tokenizer(source))
     saved = meta.get("tokenizers")
     if all(t is anchor_tokenizer for t in tokenizers[1:]):
         check_tokenizers(settings.bridges, saved, None)

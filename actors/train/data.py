@@ -109,9 +109,12 @@ def tokenize(cfg: TrainJobConfig, records, tokenizer, chunk: int = 1024) -> dict
 
 
 def load_tokenizers(cfg: TrainJobConfig):
-    """(the anchor's tokenizer, per augmenting model its tokenizer or None where it equals the anchor's)."""
+    """(the anchor's tokenizer, per augmenting model its tokenizer or None where it equals the anchor's).
+
+    Each augmenting model's tokenizer comes from ``composition.loading.augment_tokenizer_source`` (the rule
+    serving uses too): a folder without tokenizer files reads the anchor's tokens."""
     from composition.alignment import tokenizer_fingerprint
-    from composition.loading import load_tokenizer
+    from composition.loading import augment_tokenizer_source, load_tokenizer
 
     def load(key: str, path: str, hint: str):
         try:
@@ -121,8 +124,11 @@ def load_tokenizers(cfg: TrainJobConfig):
                                    f"{str(e).splitlines()[0][:200]}); {hint}") from None
 
     anchor = load("tokenizer", cfg.tokenizer_path, "save the tokenizer in the anchor folder or set 'tokenizer'")
-    augments = [load(f"augment_tokenizers[{i}]", p, "save it in the augmenting model's folder or set "
-                     f"'augment_tokenizers[{i}]'") for i, p in enumerate(cfg.augment_tokenizer_paths)]
+    given = cfg.augment_tokenizers or [None] * len(cfg.augments)
+    sources = [augment_tokenizer_source(t, a) for t, a in zip(given, cfg.augments)]  # None: reads the anchor's
+    augments = [anchor if source is None else
+                load(f"augment_tokenizers[{i}]", source, f"save it in the augmenting model's folder or set "
+                     f"'augment_tokenizers[{i}]'") for i, source in enumerate(sources)]
     try:
         same = tokenizer_fingerprint(anchor, "anchor")
         return anchor, [None if tokenizer_fingerprint(t, f"augmenting model {i}") == same else t
