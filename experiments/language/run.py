@@ -10,8 +10,8 @@ interrupted one continues from its last checkpoint; what each measured is kept i
 3. mix        the training rows: Spanish -> English verse translation (loss on the English) and plain text in
               German, Spanish, Italian, Russian and English (KJV), in fixed shares; the evaluation sets
 4. compose    the bridges (both models frozen) through the Ray Train job (jobs/train.py: the project's one loop)
-5. ablations  (a) the same bridges onto the random Gemma-3, same job and data; (b) LoRA on the anchor (peft)
-              with at least as many trainable parameters, same rows, batch size and steps
+5. ablations  (a) LoRA on the anchor (peft) with at least as many trainable parameters, same rows, batch size
+              and steps; (b) the same bridges onto the random Gemma-3, same job and data
 6. evaluate   per system: chrF (sacrebleu) of greedy translations of held-out verses, and bits per character
               on held-out text in each language (cached per system while its weights are unchanged)
 7. report     results JSON, a Markdown table, a PNG; the bridges exported in bf16 (``export_bridges``)
@@ -623,12 +623,6 @@ def main(argv: list[str] | None = None) -> int:
         bridge_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
     # 5. ablations
-    if cfg.random_augment_ablation and log.begin(
-            "ablation: CALM onto a random Gemma-3", (out / "bridges_random" / "bridges.safetensors").is_file(),
-            "ablation_random", train_inputs, f"{out / 'bridges_random'} and {out / 'ray_runs'}"):
-        t0 = time.monotonic()
-        history = compose(cfg, out, folders["random_augment"], out / "bridges_random", "language_compose_random")
-        log.record("ablation_random", {"wall_s": round(time.monotonic() - t0, 1), "history": history}, train_inputs)
     lora_inputs = {**mix_inputs, **{k: getattr(cfg, k) for k in ("max_length", "lora_lr", "train_dtype")},
                    "bridge_params": bridge_params}
     if cfg.lora_ablation and log.begin("ablation: LoRA on the anchor", (out / "lora" / "adapter_config.json").is_file(),
@@ -636,6 +630,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         info = lora(cfg, out, rows, bridge_params)
         log.record("ablation_lora", {"wall_s": round(time.monotonic() - t0, 1), **info}, lora_inputs)
+    if cfg.random_augment_ablation and log.begin(
+            "ablation: CALM onto a random Gemma-3", (out / "bridges_random" / "bridges.safetensors").is_file(),
+            "ablation_random", train_inputs, f"{out / 'bridges_random'} and {out / 'ray_runs'}"):
+        t0 = time.monotonic()
+        history = compose(cfg, out, folders["random_augment"], out / "bridges_random", "language_compose_random")
+        log.record("ablation_random", {"wall_s": round(time.monotonic() - t0, 1), "history": history}, train_inputs)
     if log.stop("ablations"):
         return 0
 
