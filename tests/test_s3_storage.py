@@ -251,3 +251,28 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+NODE_LOCAL = "/tmp/calm-ray-test-node-local"  # the second node sees an empty tmpfs here
+
+
+@pytest.mark.parametrize("gpu_node_stand_in", [NODE_LOCAL], indirect=True)
+def test_a_multinode_job_on_a_folder_another_node_cannot_see_fails_before_any_work(
+        ray_cluster, gpu_node_stand_in, pair, tmp_path):
+    from ray.job_submission import JobStatus
+
+    from tests.test_cluster import _job_actors
+    from tests.test_train_job import submit
+
+    root, base = pair
+    runs = Path(NODE_LOCAL) / f"runs-{secrets.token_hex(3)}"
+    config = write_config(tmp_path, base, "nodelocal", storage_path=str(runs))
+    submission = f"train-nodelocal-{secrets.token_hex(3)}"
+    submit(ray_cluster, config, submission)
+    status, logs = wait_job(ray_cluster, submission, timeout=180)
+    assert status == JobStatus.FAILED, logs[-3000:]
+    assert "config error: 'storage_path'" in logs and "is a folder on this node only" in logs, logs[-3000:]
+    assert "--set storage_path=s3://" in logs, "the message names the fix"
+    workers, augmenters, seen = _job_actors(ray_cluster.dashboard, submission)
+    assert not workers and not augmenters, f"work started:\n{seen}"
+    assert not list(runs.glob("*/checkpoint_*")) and not steps_in(logs)
