@@ -82,7 +82,7 @@ def filesystem(uri: str):
     import pyarrow.fs as pafs
 
     if not is_uri(uri):
-        local = uri[len("file://"):] if uri.startswith("file://") else uri
+        local = str(uri).removeprefix("file://")
         return pafs.LocalFileSystem(), str(Path(os.path.expanduser(local)).absolute())
     split = urlsplit(uri)
     if "@" in split.netloc:
@@ -125,8 +125,8 @@ def _s3(bucket: str, query: tuple):
                 region = pafs.resolve_s3_region(bucket)
             except OSError:
                 region = None  # missing bucket or no access: check_storage says which
-        kwargs = dict(connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
-                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS))
+        kwargs = {"connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": REQUEST_TIMEOUT_S,
+                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS)}
         if endpoint:
             kwargs["endpoint_override"] = endpoint
         if scheme:

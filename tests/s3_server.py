@@ -45,8 +45,8 @@ def start(bucket: str = "calm"):
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    anyone = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
-                  aws_secret_access_key="setup")
+    anyone = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup",
+              "aws_secret_access_key": "setup"}
     iam = boto3.client("iam", **anyone)
     iam.create_user(UserName="calm")
     iam.put_user_policy(UserName="calm", PolicyName="all", PolicyDocument=json.dumps(

@@ -25,10 +25,14 @@ import yaml
 
 pytest.importorskip("moto")
 
-from actors import storage  # noqa: E402
-from tests import s3_server  # noqa: E402
-from tests.test_cluster import SIM_ANCHOR, SIM_AUGMENT, gpu_node_stand_in  # noqa: E402,F401 (a fixture)
-from tests.test_train_job import RESUME_LINE, pair, steps_in, wait_job, write_config  # noqa: E402,F401
+from actors import storage
+from tests import s3_server, test_cluster, test_train_job
+from tests.test_cluster import SIM_ANCHOR, SIM_AUGMENT
+from tests.test_train_job import RESUME_LINE, steps_in, wait_job, write_config
+
+# fixtures shared with those modules: the tiny model pair and data, and the second raylet
+pair = test_train_job.pair
+gpu_node_stand_in = test_cluster.gpu_node_stand_in
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
@@ -149,7 +153,7 @@ def test_training_on_s3_resumes_a_killed_worker_exports_and_serves_from_s3(
     from tests.test_serving import free_port, wait_until
 
     root, base = pair
-    steps, every = 16, 4
+    steps, every = 12, 4
     name = f"s3run-{secrets.token_hex(3)}"
     storage_uri, output_uri = s3.uri("runs"), s3.uri(f"bridges/{name}")
     config = write_config(tmp_path, base, name, **{
@@ -264,7 +268,7 @@ def test_a_multinode_job_on_a_folder_another_node_cannot_see_fails_before_any_wo
     from tests.test_cluster import _job_actors
     from tests.test_train_job import submit
 
-    root, base = pair
+    _, base = pair
     runs = Path(NODE_LOCAL) / f"runs-{secrets.token_hex(3)}"
     config = write_config(tmp_path, base, "nodelocal", storage_path=str(runs))
     submission = f"train-nodelocal-{secrets.token_hex(3)}"
