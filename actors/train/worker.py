@@ -165,8 +165,11 @@ def train_worker(loop_config: dict) -> dict:
                           "tokens_per_s": sum(m["tokens"] for m in window) / sum(m["seconds"] for m in window)}
                 window = []
                 if rank == 0:
+                    per_step = sum(m["seconds"] for m in history) / len(history)
+                    eta = int(per_step * (t.steps - step))
                     say(f"step {step}/{t.steps} loss {loss:.4f} (mean {report['loss_mean']:.4f}) lr {out['lr']:.2e} "
-                        f"tokens/s {report['tokens_per_s']:,.0f} epoch {epoch}")
+                        f"tokens/s {report['tokens_per_s']:,.0f} epoch {epoch}, {per_step:.1f} s/step, "
+                        f"ETA {eta // 60}m{eta % 60:02d}s")
                 with tempfile.TemporaryDirectory() as tmp:
                     ckpt = None
                     if save:

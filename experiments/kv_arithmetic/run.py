@@ -25,17 +25,17 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from actors.config import StrictModel, load_yaml, parse
 from composition.checkpoint import atomic_file, atomic_folder
 from composition.config import ConfigError
 from composition.training import TrainSettings
 from experiments.kv_arithmetic.data import KVSettings, KVWorld, build_tokenizer, read_jsonl, write_jsonl
+from experiments.common import StageLog
 from experiments.kv_arithmetic.lib import PlainLM, compose_warmup, encode_rows, exact_match, fmt_time, llama, train
 
 STAGES = ("data", "augment", "anchor", "compose", "ablations", "evaluate")
@@ -117,50 +117,6 @@ class ExperimentConfig(StrictModel):
             return parse(cls, load_yaml(path))
         except ConfigError as e:
             raise SystemExit(f"error: {path}: {e}") from None
-
-
-class StageLog:
-    """Progress across stages (with an ETA from the stages' measured times) and their persisted records."""
-
-    def __init__(self, out: Path, stop_after: str | None):
-        self.path = out / "stages.json"
-        self.records: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.stop_after = stop_after
-        self.started = time.monotonic()
-
-    def begin(self, name: str, done: bool, key: str | None = None, inputs: dict | None = None,
-              folder: Path | str | None = None) -> bool:
-        """Announce stage ``name``; True when it has to run.
-
-        A finished stage whose recorded ``inputs`` (the settings it ran with, under ``key`` in
-        stages.json) differ from this config's is not reused silently: the run stops and says what
-        changed and what to delete (``folder``) to run the stage again.
-        """
-        elapsed = fmt_time(time.monotonic() - self.started)
-        if done and key and inputs is not None:
-            recorded, now = self.records.get(key, {}).get("inputs"), _plain(inputs)
-            if recorded is not None and recorded != now:
-                changed = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
-                raise SystemExit(
-                    f"error: stage {name} in {self.path.parent} ran with other settings ({', '.join(changed)} "
-                    f"changed). Delete {folder} to run it again with this config, or set a new 'output'.")
-        print(f"\n=== stage {name}: {'already done, skipped' if done else 'running'} (elapsed {elapsed})", flush=True)
-        return not done
-
-    def record(self, name: str, info: dict, inputs: dict | None = None) -> None:
-        if inputs is not None:
-            info = {**info, "inputs": _plain(inputs)}
-        self.records[name] = info
-        with atomic_file(self.path) as tmp:
-            tmp.write_text(json.dumps(self.records, indent=1) + "\n")
-
-    def stop(self, name: str) -> bool:
-        return self.stop_after == name
-
-
-def _plain(value):
-    """Dataclasses and tuples as JSON gives them back (for comparing a stage's recorded settings)."""
-    return json.loads(json.dumps(value, default=lambda o: o.model_dump() if isinstance(o, BaseModel) else asdict(o)))
 
 
 def _history(metrics: list[dict]) -> list[dict]:

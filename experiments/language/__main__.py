@@ -1,0 +1,5 @@
+import sys
+
+from experiments.language.run import main
+
+sys.exit(main())

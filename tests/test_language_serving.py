@@ -1,0 +1,96 @@
+"""configs/serve_language.yaml, the project's default pair (SmolLM2-135M-Instruct reading Gemma-3-270m through the
+language experiment's committed bridges), served by Ray Serve on 127.0.0.1: greedy answers over HTTP, through the
+official openai client, equal in-process ``ComposedModel.generate`` on the same folders.
+
+The models come from tests/fixtures_real.py (converted from their PyPI packages into models/, skipped without them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from actors.serve.config import ServingArgs  # noqa: E402
+from actors.serve.deployments import build_app  # noqa: E402
+from composition import ComposedModel, load_causal_lm, load_tokenizer  # noqa: E402
+from tests import fixtures_real  # noqa: E402
+from tests.fixtures import reference_completion  # noqa: E402
+from tests.test_serving import free_port, wait_until  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "serve_language.yaml"
+APP = "calm-language"
+SPANISH = ["Y dijo Jesús: Yo soy la luz del mundo.", "El perro duerme en la casa de mi madre.",
+           "Mañana iremos al mercado para comprar pan y fruta."]
+
+
+def config_app() -> dict:
+    (app,) = yaml.safe_load(CONFIG.read_text())["applications"]
+    return app
+
+
+def prompt(spanish: str) -> str:
+    from experiments.language.run import SHOTS, translation_prompt
+
+    return translation_prompt(spanish, list(SHOTS))
+
+
+def test_the_config_names_the_default_pair_and_its_committed_bridges():
+    app = config_app()
+    args = ServingArgs.from_dict(app["args"]).resolved()
+    assert Path(args.anchor) == ROOT / "models" / "smollm2-135m" and Path(args.augments[0]) == ROOT / "models" / "gemma3-270m"
+    assert (Path(args.bridges) / "bridges.safetensors").is_file(), "the committed bridges are missing"
+    assert app["args"]["augments"] and "augment_tokenizers" not in app["args"]  # Gemma reads its own tokens
+    assert yaml.safe_load(CONFIG.read_text())["http_options"]["host"] == "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def folders():
+    return fixtures_real.smollm2_folder(), fixtures_real.gemma3_folder()
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, folders):
+    app = config_app()
+    settings = ServingArgs.from_dict(app["args"]).resolved()
+    settings.check_paths()
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.address, namespace="serve")
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
+    for d in options.values():  # the test cluster's CPUs are shared by every test module
+        d["ray_actor_options"] = {"num_cpus": 0.1}
+    serve.run(build_app(settings, options), name=APP, route_prefix="/language")
+    url = f"http://127.0.0.1:{serve.context._get_global_client().http_config.port}/language"
+    import httpx
+
+    wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, 180, "the health endpoint")
+    yield url, app["args"]["model_name"]
+    serve.delete(APP)
+
+
+def test_greedy_translations_over_http_equal_in_process_generate(server, folders):
+    from openai import OpenAI
+
+    url, model_name = server
+    anchor, augment = folders
+    bridges = ServingArgs.from_dict(config_app()["args"]).resolved().bridges
+    tok = load_tokenizer(str(anchor))
+    model = ComposedModel.from_pretrained(bridges, load_causal_lm(str(anchor), dtype="float32"),
+                                          [load_causal_lm(str(augment), dtype="float32")],
+                                          tokenizers=[tok, load_tokenizer(str(augment))])
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=180)
+    try:
+        for spanish in SPANISH:
+            text = prompt(spanish)
+            expected = reference_completion(model, tok, tok(text)["input_ids"], 20)
+            got = client.completions.create(model=model_name, prompt=text, max_tokens=20, temperature=0)
+            assert got.choices[0].text == tok.decode(expected, skip_special_tokens=True), spanish
+            assert got.usage.completion_tokens == len(expected)
+    finally:
+        model.remove_hooks()
