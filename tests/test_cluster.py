@@ -368,11 +368,26 @@ class SimNode:
     stop: Callable[[], None]  # stops its processes (only them) and waits until the GCS marks it DEAD
 
 
+def can_hide_folders() -> bool:
+    """Whether this machine lets us start a process in its own mount namespace (root, or user namespaces)."""
+    try:
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 @pytest.fixture
-def gpu_node_stand_in(ray_cluster):
+def gpu_node_stand_in(ray_cluster, request):
     """A second raylet joined to the session cluster with `ray start --address`: 2 CPUs and the two custom
     resources. Every port is chosen free; its processes carry NODE_MARKER, so only they are stopped: by
-    the test through ``SimNode.stop`` (a node going away mid-test), else after it."""
+    the test through ``SimNode.stop`` (a node going away mid-test), else after it.
+
+    Parametrised indirectly with a folder, the node runs in its own mount namespace with an empty tmpfs
+    over that folder: it cannot see what the head writes there, as a node-local disk on another machine."""
+    hidden = getattr(request, "param", None)
+    if hidden and not can_hide_folders():
+        pytest.skip("`unshare -m` is not permitted here: cannot give the second node its own view of a folder")
     marker = f"{NODE_MARKER}={secrets.token_hex(8)}"
     temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: unix socket paths have a length limit
     env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_ADDRESS"}
@@ -382,8 +397,13 @@ def gpu_node_stand_in(ray_cluster):
              f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
     node_id = None
     try:
+        # with a hidden folder: `ray start` (and the raylet it leaves running) in a private mount namespace
+        prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                  'mkdir -p "$0" && mount -t tmpfs calm-node-local "$0" && exec "$@"', hidden] if hidden else []
+        if hidden:
+            Path(hidden).mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(
-            [RAY_BIN, "start", f"--address={ray_cluster.address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+            [*prefix, RAY_BIN, "start", f"--address={ray_cluster.address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
              "--num-gpus=0", f"--resources={json.dumps({SIM_ANCHOR: 1, SIM_AUGMENT: 1})}",
              "--object-store-memory=300000000", f"--temp-dir={temp_dir}", "--disable-usage-stats", *ports],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)

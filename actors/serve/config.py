@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from actors.config import DType, StrictModel, parse
+from actors.storage import StorageError, check_folder, fetch_folder, filesystem, is_uri
 from composition.config import ConfigError, did_you_mean
 
 APP_IMPORT_PATH = "jobs.serve:app_builder"
@@ -35,7 +36,10 @@ class ServeConfigError(ConfigError):
 class ServingArgs(StrictModel):
     """What one served composed model loads, and its request limits (the application's ``args``).
 
-    Paths must exist on every node that runs a replica. Validated once (``from_dict``, at the edge);
+    Paths must exist on every node that runs a replica, or be URIs of shared storage (``s3://bucket/prefix``,
+    ``gs://...``, ``?endpoint_override=`` for S3-compatible stores; ``actors.storage``): each replica then
+    copies what it loads into its node's cache (``localized``) and fetches it again when the remote
+    changed. Validated once (``from_dict``, at the edge);
     ``build_app`` binds the object itself to every deployment.
     """
 
@@ -127,7 +131,7 @@ class ServingArgs(StrictModel):
         """
 
         def fix(path: str | None) -> str | None:
-            if path is None or Path(path).is_absolute():
+            if path is None or is_uri(path) or Path(path).is_absolute():
                 return path
             for base in (Path.cwd(), PROJECT_ROOT):
                 if (base / path).exists():
@@ -140,15 +144,28 @@ class ServingArgs(StrictModel):
                                        [fix(p) for p in self.augment_tokenizers],
                                        "api_key_file": fix(self.api_key_file)})
 
+    def _folders(self) -> list[tuple[str, str | None]]:
+        return [("anchor", self.anchor), ("bridges", self.bridges), ("tokenizer", self.tokenizer)] + [
+            (f"augments[{i}]", p) for i, p in enumerate(self.augments)
+        ] + [(f"augment_tokenizers[{i}]", p) for i, p in enumerate(self.augment_tokenizers or [])]
+
     def check_paths(self) -> None:
         """Raise ServeConfigError when a model folder or the API key file is missing (before any replica tries
-        to load it)."""
-        missing = []
-        for role, path in [("anchor", self.anchor), ("bridges", self.bridges), ("tokenizer", self.tokenizer)] + [
-            (f"augments[{i}]", p) for i, p in enumerate(self.augments)
-        ] + [(f"augment_tokenizers[{i}]", p) for i, p in enumerate(self.augment_tokenizers or [])]:
-            if path is not None and not Path(path).exists():
+        to load it). A URI is checked where it lives: reachable, bucket and credentials, and that it holds
+        the files its role needs (StorageError's sentence, naming the key and the fix)."""
+        missing, unusable = [], []
+        needs = {"bridges": ("composition_config.json", "bridges.safetensors"), "anchor": ("config.json",)}
+        for role, path in self._folders():
+            if is_uri(path):
+                try:
+                    filesystem(path)
+                    check_folder(path, role, needs.get(role, ("config.json",) if role.startswith("augments") else ()))
+                except StorageError as e:
+                    unusable.append(str(e))
+            elif path is not None and not Path(path).exists():
                 missing.append(f"{role} folder {path!r} does not exist")
+        if unusable:
+            raise ServeConfigError("; ".join(unusable))
         if missing:
             raise ServeConfigError(
                 "; ".join(missing) + ": copy or train the model pair there first, or point the config at existing "
@@ -159,6 +176,23 @@ class ServingArgs(StrictModel):
                 f"api_key_file {self.api_key_file!r} does not exist: write the API keys there (one per line, "
                 f"chmod 600) on every node that runs an Ingress replica, or remove api_key_file to serve without keys"
             )
+
+    def localized(self, anchor: bool = True, augments: list[int] | None = None, bridges: bool = True) -> "ServingArgs":
+        """A copy whose URIs are folders in this node's cache (``actors.storage.fetch_folder``): each replica calls
+        it for what it loads. ``augments``: the augmenting models to fetch (None: all); tokenizers always."""
+        def local(key: str, path: str | None, wanted: bool = True) -> str | None:
+            if path is None or not wanted or not is_uri(path):
+                return path
+            return str(fetch_folder(path, key))
+
+        wanted = set(range(len(self.augments))) if augments is None else set(augments)
+        return self.model_copy(update={
+            "anchor": local("anchor", self.anchor, anchor or self.tokenizer is None),
+            "bridges": local("bridges", self.bridges, bridges),
+            "tokenizer": local("tokenizer", self.tokenizer),
+            "augments": [local(f"augments[{i}]", p, i in wanted) for i, p in enumerate(self.augments)],
+            "augment_tokenizers": None if self.augment_tokenizers is None else
+            [local(f"augment_tokenizers[{i}]", p) for i, p in enumerate(self.augment_tokenizers)]})
 
     def deployment_names(self) -> list[str]:
         return [INGRESS, ANCHOR] + [augment_deployment_name(i) for i in range(len(self.augments))]

@@ -27,6 +27,7 @@ tokenizer: they only ever append the token ids they are sent.
 """
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -139,9 +140,15 @@ def model_context(paths: list[str]) -> int:
     """The smallest max_position_embeddings (or n_positions) among the models' configs."""
     from transformers import AutoConfig
 
+    from actors.storage import is_uri, read_member
+
     sizes = []
     for p in paths:
-        cfg = AutoConfig.from_pretrained(p)
+        if is_uri(p):  # only config.json is read, not the weights
+            raw = json.loads(read_member(p, "config.json"))
+            cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        else:
+            cfg = AutoConfig.from_pretrained(p)
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         size = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         if size:
@@ -160,6 +167,7 @@ class AugmentDeployment:
 
     def __init__(self, settings: ServingArgs, index: int):
         _threads(settings)
+        settings = settings.localized(anchor=False, augments=[index])  # URIs: into this node's cache
         model = load_causal_lm(settings.augments[index], settings.dtype, settings.device)
         meta = read_meta(settings.bridges)
         check_model_matches(f"augmenting model {index}", meta["augments"][index], model)
@@ -261,6 +269,7 @@ class AnchorDeployment:
         from composition.model import ComposedModel
 
         _threads(settings)
+        settings = settings.localized()  # URIs: into this node's cache (the augmenting folders for their configs)
         anchor = load_causal_lm(settings.anchor, settings.dtype, settings.device)
         meta = read_meta(settings.bridges)
         check_model_matches("the anchor", meta["anchor"], anchor)
@@ -318,6 +327,7 @@ class Ingress:
     """OpenAI-shaped HTTP front: /v1/completions, /v1/chat/completions, /v1/models, /health."""
 
     def __init__(self, settings: ServingArgs, anchor: DeploymentHandle):
+        settings = settings.localized(anchor=False, augments=[], bridges=False)  # the tokenizer only
         guard = settings_for(INGRESS_GUARD)  # what the (pickled) app's RequestGuard reads in this process
         guard.max_body_bytes = settings.max_body_bytes
         guard.api_keys = load_api_keys(settings.api_key_file)  # a missing file fails the replica, naming it

@@ -28,6 +28,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from actors.config import DType, StrictModel, apply_overrides, load_yaml, parse
+from actors.storage import StorageError, check_storage, filesystem, is_uri, join
 from composition.config import CompositionConfig, ConfigError, LayerMapping
 from composition.training import TrainSettings
 
@@ -241,13 +242,18 @@ class TrainJobConfig(StrictModel):
         return [t or a for t, a in zip(given, self.augments)]
 
     @property
-    def run_path(self) -> Path:
-        """Ray Train's run folder: ``storage_path/name`` (checkpoints live here)."""
+    def run_path(self) -> Path | str:
+        """Ray Train's run folder: ``storage_path/name`` (checkpoints live here); a URI (str) on shared storage."""
+        if is_uri(self.storage_path):
+            return join(self.storage_path, self.name)
         return Path(self.storage_path) / self.name
 
     @property
-    def output_path(self) -> Path:
-        return Path(self.output) if self.output else self.run_path / "bridges"
+    def output_path(self) -> Path | str:
+        """Where the final bridges go: a folder (Path), or a URI (str) published with ``actors.storage``."""
+        if self.output:
+            return self.output if is_uri(self.output) else Path(self.output)
+        return join(self.run_path, "bridges") if is_uri(self.storage_path) else self.run_path / "bridges"
 
     @property
     def per_worker_batch(self) -> int:
@@ -280,8 +286,7 @@ def _abs(path: str) -> str:
     return str(Path(os.path.expanduser(path)).absolute())
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
+_is_uri = is_uri
 
 
 def _model_config(key: str, name_or_path: str):
@@ -378,8 +383,7 @@ def check_files_and_models(cfg: TrainJobConfig) -> dict:
             setattr(cfg, key, _abs(value))
     if cfg.activation_cache.path and not _is_uri(cfg.activation_cache.path):
         cfg.activation_cache.path = _abs(cfg.activation_cache.path)
-    if cfg.output and _is_uri(cfg.output):
-        raise TrainConfigError(f"'output' must be a local folder (the exported bridges), got {cfg.output}")
+    check_shared_storage_paths(cfg)
     if cfg.init_bridges:
         _check_init_bridges(cfg)
     return {
@@ -387,6 +391,21 @@ def check_files_and_models(cfg: TrainJobConfig) -> dict:
         "augments": augment_infos,
         "links": links,
     }
+
+
+def check_shared_storage_paths(cfg: TrainJobConfig) -> None:
+    """``storage_path`` and ``output`` as URIs (s3://, gs://, with ``?endpoint_override=``): parsed, and checked
+    by writing and deleting one small object, so a missing bucket, wrong credentials or an unreachable endpoint
+    fail here, in seconds, before any cluster work (``actors.storage.check_storage``). Local folders: writable."""
+    for key in ("storage_path", "output"):
+        value = getattr(cfg, key)
+        if not value:
+            continue
+        try:
+            filesystem(value)
+            check_storage(value, key, write=True)
+        except StorageError as e:
+            raise TrainConfigError(str(e)) from None
 
 
 def _check_init_bridges(cfg: TrainJobConfig) -> None:

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actors.storage import is_uri, publish_folder, redact
 from actors.train.config import TrainJobConfig, check_files_and_models, read_config
 
 
@@ -29,7 +30,7 @@ from actors.train.config import TrainJobConfig, check_files_and_models, read_con
 class TrainResult:
     """What a finished run left behind."""
 
-    output: Path  # the exported bridges (save_pretrained format)
+    output: Path | str  # the exported bridges (save_pretrained format): a folder, or a URI (actors.storage)
     metrics: dict  # the last reported step's metrics
     run_path: str  # Ray Train's run folder (checkpoints)
     checkpoint: str  # the checkpoint the bridges were exported from
@@ -97,12 +98,60 @@ def _warn_if_cluster_too_small(cfg: TrainJobConfig) -> None:
                   f"against the node types' resources", flush=True)
 
 
-def _export(checkpoint, output: Path) -> None:
+def check_storage_is_shared(cfg: TrainJobConfig, timeout_s: float = 60) -> None:
+    """On a cluster of several nodes, a local ``storage_path`` must be the same folder on every node (NFS, EFS,
+    a ReadWriteMany volume): Ray Train's workers and a restarted run may land on any node. Checked before any
+    work by writing a marker file here and asking every alive node whether it sees it; TrainConfigError
+    naming the nodes that do not and the fix. URIs (s3://, gs://) are shared by nature."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from actors.train.config import TrainConfigError
+
+    if is_uri(cfg.storage_path):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    folder = Path(cfg.storage_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".calm-ray-shared-check-{uuid.uuid4().hex}"
+    marker.write_text("written by the job's driver; every node must see it\n")
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def sees(path: str) -> bool:
+        return os.path.exists(path)
+
+    try:
+        probes = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: sees.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
+            for n in nodes}
+        ready, _ = ray.wait(list(probes.values()), num_returns=len(probes), timeout=timeout_s)
+        blind = [name for name, ref in probes.items() if ref not in ready or not ray.get(ref)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise TrainConfigError(
+            f"'storage_path' ({cfg.storage_path}) is a folder on this node only: {len(blind)} of the cluster's "
+            f"{len(nodes)} nodes ({', '.join(blind)}) do not see it, and Ray Train's workers there could not write "
+            f"or read checkpoints. Use shared storage: --set storage_path=s3://<bucket>/<prefix> (add "
+            f"?endpoint_override=http://host:port for an S3-compatible store), gs://<bucket>/<prefix>, or a folder "
+            f"that NFS/EFS mounts at the same path on every node (docs/cluster.md, section 6)")
+
+
+def _export(checkpoint, output: Path | str) -> None:
+    """The checkpoint's bridges to ``output``: a folder replaced in one rename, or on shared storage (a URI)
+    uploaded under a new version and committed by its manifest (``actors.storage.publish_folder``)."""
     from actors.train.worker import TRAINER_DIR
     from composition.checkpoint import atomic_folder
 
     with checkpoint.as_directory() as folder:
         bridges = Path(folder) / TRAINER_DIR / "bridges"
+        if is_uri(str(output)):
+            publish_folder(bridges, str(output))
+            return
         with atomic_folder(output) as tmp:
             for f in bridges.iterdir():
                 shutil.copy2(f, tmp / f.name)
@@ -134,6 +183,7 @@ def run(config, address: str | None = None, overrides: list[str] = ()) -> TrainR
     data_context = ray.data.DataContext.get_current()
     progress_bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
     try:
+        check_storage_is_shared(cfg)
         _warn_if_cluster_too_small(cfg)
         per_batch = cfg.per_worker_batch
         indices = [sorted({a for i2, a, _ in facts["links"] if i2 == i}) for i in range(len(cfg.augments))]
@@ -168,7 +218,7 @@ def run(config, address: str | None = None, overrides: list[str] = ()) -> TrainR
         out = TrainResult(output=cfg.output_path, metrics=dict(result.metrics or {}), run_path=str(result.path),
                           checkpoint=str(result.checkpoint.path), history=value.get("history", []),
                           wall_s=time.perf_counter() - start)
-        print(f"bridges exported to {out.output} (step {out.metrics.get('step')}, loss {out.metrics.get('loss')})",
+        print(f"bridges exported to {redact(str(out.output))} (step {out.metrics.get('step')}, loss {out.metrics.get('loss')})",
               flush=True)
         return out
     finally:

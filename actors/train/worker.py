@@ -195,7 +195,11 @@ def fit(cfg: TrainJobConfig, train_dataset, n_examples: int):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from actors.storage import filesystem, is_uri
+
     r = cfg.ray
+    # shared storage by URI: our filesystem (timeouts, retries, endpoint_override), credentials from each node
+    fs, storage_path = filesystem(cfg.storage_path) if is_uri(cfg.storage_path) else (None, cfg.storage_path)
     # custom resources (e.g. anchor_node) pin the workers to the node types that declare them
     resources = {"CPU": r.cpus_per_worker, **r.resources_per_worker}
     if r.gpus_per_worker:
@@ -207,7 +211,8 @@ def fit(cfg: TrainJobConfig, train_dataset, n_examples: int):
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=cfg.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
