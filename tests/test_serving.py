@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -25,6 +31,8 @@ from actors.serve.config import ServingArgs  # noqa: E402
 from actors.serve.deployments import build_app  # noqa: E402
 from composition.loading import load_tokenizer  # noqa: E402
 from tests.fixtures import build_pair, load_in_process, reference_completion  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 APP = "calm-test"
 MODEL = "calm-test-model"
@@ -243,7 +251,14 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "up to 4"),
     ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "up to 4 non-empty strings"),
     ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "'seed' must be a 64-bit integer"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
+    ("/v1/completions", {"prompt": "hi", "n": 9}, 400, "n=9 is more than this server decodes together (8)"),
+    ("/v1/completions", {"prompt": "hi", "top_k": 5}, 400, "'top_k' is not a parameter this server supports"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"-1": 5}}, 400, "logit_bias keys must be token ids"),
+    ("/v1/completions", {"prompt": "hi", "frequency_penalty": 9}, 400, "'frequency_penalty'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format 'json_object' is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+     "tools (function calling) are not supported"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt per request"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "'gpt-4' does not exist"),
     ("/v1/chat/completions", {"messages": []}, 400, "'messages'"),
@@ -271,6 +286,8 @@ def test_unknown_paths_and_methods_get_openai_error_json(server, method, path, s
     assert r.status_code == status
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and path in error["message"]
+    if status == 405:  # RFC 9110: a 405 lists the methods the path takes
+        assert r.headers["allow"], r.headers
 
 
 def test_the_openapi_spec_declares_typed_request_and_response_bodies(server):
@@ -292,6 +309,97 @@ def test_the_openai_client_raises_its_own_error_types_for_bad_input(client):
         client.completions.create(model="nope", prompt="hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=-1)
+
+
+# ---------------------------------------------------------------------- the parameters, through Serve
+def test_n_logprobs_and_echo_through_serve_equal_the_in_process_model(client, reference):
+    model, tok = reference
+    ids = tok(PROMPTS[4])["input_ids"]
+    want = reference_completion(model, tok, ids, 6)
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=6, temperature=0, n=3, logprobs=2,
+                                    echo=True)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    with torch.no_grad():  # the whole sequence at once: the prompt's and the answer's logprobs
+        full = ids + want
+        logits = model(torch.tensor([full]), torch.ones(1, len(full), dtype=torch.long)).logits[0].float()
+        expected = [float(x) for x in torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(full[1:])[:, None])]
+    for choice in out.choices:
+        assert choice.text == PROMPTS[4] + tok.decode(want, skip_special_tokens=True)
+        got = choice.logprobs.token_logprobs
+        assert got[0] is None and len(got) == len(full)
+        assert max(abs(a - b) for a, b in zip(got[1:], expected)) < 1e-4
+    assert out.usage.completion_tokens == 3 * len(want)
+
+
+def test_logit_bias_and_penalties_through_serve_change_the_streamed_answer_and_a_seed_repeats_it(client, reference):
+    model, tok = reference
+    greedy = reference_completion(model, tok, tok(PROMPTS[0])["input_ids"], 8)
+    kwargs = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True,
+                  logit_bias={str(greedy[0]): -100})
+    text = "".join(c.choices[0].text for c in client.completions.create(**kwargs) if c.choices)
+    assert text and not text.startswith(tok.decode(greedy[:1]))
+    sampled = dict(model=MODEL, prompt=PROMPTS[3], max_tokens=16, temperature=0.8, seed=99, presence_penalty=1.0,
+                   frequency_penalty=0.5, n=2)
+    first = [c.text for c in client.completions.create(**sampled).choices]
+    assert [c.text for c in client.completions.create(**sampled).choices] == first
+
+
+# ---------------------------------------------------------------------- real clients: lm-eval, schemathesis
+def test_lm_eval_loglikelihoods_equal_the_in_process_models_and_its_generations_are_greedy(server, pair, reference,
+                                                                                           monkeypatch):
+    """lm-evaluation-harness's ``local-completions`` model over HTTP: a loglikelihood task (echo + logprobs) and a
+    generate_until task, each a task YAML over a local JSON file (tests/data/lm_eval/)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    model, tok = reference
+    monkeypatch.chdir(ROOT)  # the task YAMLs name their data files from the repository root
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    args = (f"base_url={server}/v1/completions,model={MODEL},tokenizer={pair.anchor},tokenizer_backend=huggingface,"
+            f"tokenized_requests=True,num_concurrent=1,max_retries=1,max_length={CONTEXT}")
+    results = lm_eval.simple_evaluate(model="local-completions", model_args=args,
+                                      tasks=["calm_kv_choice", "calm_kv_generate"], log_samples=True,
+                                      task_manager=TaskManager(include_path=str(ROOT / "tests/data/lm_eval")))
+    scored = 0
+    for sample in results["samples"]["calm_kv_choice"]:
+        for (context, continuation), resp in zip(sample["arguments"], sample["filtered_resps"]):
+            ctx, cont = tok(context)["input_ids"], tok(continuation)["input_ids"]
+            full = ctx + cont
+            with torch.no_grad():
+                logits = model(torch.tensor([full]), torch.ones(1, len(full), dtype=torch.long)).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            expected = sum(float(logp[len(ctx) + j - 1, t]) for j, t in enumerate(cont))
+            greedy = all(int(logp[len(ctx) + j - 1].argmax()) == t for j, t in enumerate(cont))
+            assert resp[0] == pytest.approx(expected, abs=1e-4), (context, continuation)
+            assert resp[1] == greedy
+            scored += 1
+    items = json.loads((ROOT / "tests/data/lm_eval/kv_choice.json").read_text())
+    assert scored == sum(len(item["choices"]) for item in items)  # every choice of every item was scored
+    for sample in results["samples"]["calm_kv_generate"]:
+        prompt = sample["arguments"][0][0]
+        text = expected_text(reference, tok(prompt)["input_ids"], 8)[0].split("\n")[0]
+        assert sample["filtered_resps"][0] == text
+
+
+def test_schemathesis_finds_no_server_error_and_every_answer_conforms_to_the_spec(server, tmp_path):
+    """schemathesis against the served /openapi.json with every check, bounded: no 5xx, every answer's status,
+    content type and body as declared. Its one check that can fail here by design, "schema-valid request
+    rejected", is for requests the schema cannot rule out (a prompt longer than the model's context, a max_tokens
+    above the server's limit, token ids outside the vocabulary): those are 400s naming the limit, as OpenAI does."""
+    cli = Path(sys.executable).with_name("schemathesis")
+    if not cli.exists():
+        pytest.skip("schemathesis is not installed (pip install .[test])")
+    proc = subprocess.run([str(cli), "run", f"{server}/openapi.json", "--checks", "all", "--max-examples", "15",
+                           "--generation-deterministic", "--request-timeout", "60", "--no-color", "--workers", "2"],
+                          capture_output=True, text=True, timeout=400, cwd=tmp_path,  # its .schemathesis/ goes there
+                          env={**os.environ, "NO_COLOR": "1"}, check=False)
+    out = proc.stdout + proc.stderr
+    summary = out[out.rfind("SUMMARY"):]
+    failures = re.findall(r"❌ (ST\d+ [^:]+): \d+", summary)
+    assert "Test cases:" in summary and "generated" in summary, out[-3000:]
+    assert set(failures) <= {"ST202 Schema-valid request rejected"}, out[-6000:]
+    assert "Server error" not in out and "[500]" not in out, out[-6000:]
+    assert_serves(server)
 
 
 # ---------------------------------------------------------------------- load, disconnects, failures
@@ -380,6 +488,29 @@ def test_a_full_queue_answers_503_quickly_instead_of_hanging(server):
     assert statuses.count(503) > 0 and statuses.count(200) >= 8
     rejected = next(text for s, text in results if s == 503)
     assert "capacity" in json.loads(rejected)["error"]["message"]
+    assert_serves(server)
+
+
+def test_a_200_request_burst_answers_every_503_in_openai_json_with_retry_after(server):
+    # Anchor: 8 running + 16 queued at most; 200 requests at once overflow it
+    async def one(http):
+        body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+        r = await http.post(f"{server}/v1/completions", json=body)
+        return r.status_code, r.headers, r.text
+
+    async def main():
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=180, limits=limits) as http:
+            return await asyncio.wait_for(asyncio.gather(*(one(http) for _ in range(200))), timeout=300)
+
+    results = asyncio.run(main())
+    statuses = [s for s, _, _ in results]
+    assert set(statuses) <= {200, 503}, [r[2] for r in results if r[0] not in (200, 503)][:2]
+    assert statuses.count(503) > 0 and statuses.count(200) >= 8
+    for status, headers, text in results:
+        if status == 503:
+            assert headers.get("content-type", "").startswith("application/json"), text
+            assert json.loads(text)["error"]["type"] and headers.get("retry-after"), (headers, text)
     assert_serves(server)
 
 

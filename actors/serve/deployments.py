@@ -317,6 +317,8 @@ api = FastAPI(title="calm-ray", description="A composed model (anchor + augmenti
 INGRESS_GUARD = "calm-ray-ingress"
 openai_errors.install(api, name=INGRESS_GUARD)
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 500, 503, 504)}
+# "stream": true answers server-sent events: data: {chunk}\n\n ... data: [DONE]
+_ANSWERS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **_ERRORS}
 
 
 # many ongoing requests per replica (they mostly wait on the Anchor): overload is then answered here, as
@@ -353,11 +355,11 @@ class Ingress:
     async def models(self) -> dict:
         return self.frontend.models()
 
-    @api.post("/v1/completions", response_model=Completion, responses=_ERRORS)
+    @api.post("/v1/completions", response_model=Completion, responses=_ANSWERS)
     async def completions(self, body: CompletionBody):
         return await self.frontend.completions(body)
 
-    @api.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+    @api.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ANSWERS)
     async def chat_completions(self, body: ChatBody):
         return await self.frontend.chat_completions(body)
 

@@ -27,9 +27,13 @@ anchor's model calls run in a worker thread, so the replica's event loop keeps s
 taking requests, and each augmenting call overlaps the anchor's layers below its first bridge (the
 forward starts at once and waits for the states only at that bridge).
 
-``generate(request)`` is an async generator of ``{"token_ids": [...], "finish_reason": ...}``
-chunks (``finish_reason`` is None until the last chunk, then "stop" for an end-of-sequence token,
-or "length"); closing it early (a client that went away) frees the request's row at the next step.
+``generate(request)`` is an async generator of ``{"index", "token_ids": [...], "finish_reason", "logprobs",
+"prompt_logprobs"}`` chunks, one choice's tokens each (``finish_reason`` is None until that choice's last
+chunk, then "stop" for an end-of-sequence token, or "length"); closing it early (a client that went away)
+frees the request's rows at the next step. A request with ``n`` > 1 runs as n rows admitted together, in
+one prefill; ``index`` says which of them a chunk is. What a row's next token is drawn from: the model's
+logits, plus ``logit_bias``, minus the presence and frequency penalties of the tokens it generated, then
+greedy or sampled; its logprobs are those of the model's own distribution (log-softmax of the raw logits).
 Works without Ray: give it ``actors.serve.augment_client.LocalAugments``.
 """
 
@@ -66,6 +70,13 @@ class GenerationRequest:
         seed: seeds this request's sampler, so a seeded request gives the same text in any batch.
         eos_ids: tokens that end the request (the token is emitted, then finish_reason "stop").
         request_id: unique among the engine's live requests; made up when empty.
+        n: independent completions of the prompt (rows admitted together, in one prefill); row i > 0 of a
+            seeded request is seeded with ``seed + i``.
+        logprobs: None for no logprobs; k >= 0: each generated token's logprob and the k most likely tokens'.
+        prompt_logprobs: also the prompt tokens' logprobs (the first one has none: None), with the same k.
+        logit_bias: token id -> value added to its logit before choosing (greedy or sampled).
+        presence_penalty: subtracted from the logit of every token generated at least once so far.
+        frequency_penalty: times the number of times a token was generated so far, subtracted from its logit.
     """
 
     prompt_ids: list[int]
@@ -75,6 +86,17 @@ class GenerationRequest:
     seed: int | None = None
     eos_ids: list[int] = field(default_factory=list)
     request_id: str = ""
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the next token is chosen from anything but the model's own logits."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 class RequestFailed(RuntimeError):
@@ -85,8 +107,10 @@ class RequestFailed(RuntimeError):
 class _Row:
     request: GenerationRequest
     tokens: list[int]  # prompt + generated so far
-    queue: asyncio.Queue
+    queue: asyncio.Queue  # shared by the rows of one request
     generator: torch.Generator | None
+    id: str = ""  # the row's id in the batch and on the augmenting side: the request id, "#i" for n > 1
+    index: int = 0  # which of the request's n choices
     generated: int = 0
     # different tokenizers: per augmenting model, the tokens its cache of this row holds (closed ones only)
     augment_tokens: list[list[int]] | None = None
@@ -154,38 +178,59 @@ class DecodeEngine:
         }
 
     async def generate(self, request: GenerationRequest):
-        """Async generator of ``{"token_ids": [...], "finish_reason": None | "stop" | "length"}``."""
+        """Async generator of ``{"index", "token_ids", "finish_reason", "logprobs", "prompt_logprobs"}`` chunks.
+
+        ``logprobs`` (when the request asks for them): one ``{"id", "logprob", "top": [[id, logprob], ...]}`` per
+        token of ``token_ids``; ``prompt_logprobs``, in each choice's first chunk: the same per prompt token, the
+        first one None.
+        """
         self._check(request)
         if not request.request_id:
             request.request_id = f"r{next(_ids)}"
-        if request.request_id in self._by_id:
-            raise ValueError(f"request id {request.request_id!r} is already running")
-        generator = None
-        if request.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(request.seed if request.seed is not None else torch.seed())
-        row = _Row(request, list(request.prompt_ids), asyncio.Queue(), generator)
-        self._by_id[request.request_id] = row
-        self._waiting.append(row)
+        queue: asyncio.Queue = asyncio.Queue()
+        rows = []
+        for i in range(request.n):
+            row_id = request.request_id if request.n == 1 else f"{request.request_id}#{i}"
+            if row_id in self._by_id:
+                raise ValueError(f"request id {request.request_id!r} is already running")
+            generator = None
+            if request.temperature > 0:
+                generator = torch.Generator(device=self.device)
+                seed = torch.seed() if request.seed is None else (request.seed + i) % 2**64
+                generator.manual_seed(seed)
+            rows.append(_Row(request, list(request.prompt_ids), queue, generator, id=row_id, index=i))
+        for row in rows:
+            self._by_id[row.id] = row
+            self._waiting.append(row)
         self.counters["requests"] += 1
         self._ensure_loop()
+        open_rows = request.n
         try:
-            while True:
-                items = [await row.queue.get()]
-                while not row.queue.empty():  # coalesce tokens produced while the consumer was busy
-                    items.append(row.queue.get_nowait())
-                token_ids, finish = [], None
+            while open_rows:
+                items = [await queue.get()]
+                while not queue.empty():  # coalesce tokens produced while the consumer was busy
+                    items.append(queue.get_nowait())
+                chunks: dict[int, dict] = {}
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
-                    token_ids += item["token_ids"]
-                    finish = item["finish_reason"] or finish
-                yield {"token_ids": token_ids, "finish_reason": finish}
-                if finish is not None:
-                    return
+                    chunk = chunks.setdefault(item["index"], {"index": item["index"], "token_ids": [],
+                                                              "finish_reason": None, "logprobs": None,
+                                                              "prompt_logprobs": None})
+                    chunk["token_ids"] += item["token_ids"]
+                    chunk["finish_reason"] = item["finish_reason"] or chunk["finish_reason"]
+                    if item.get("logprobs") is not None:
+                        chunk["logprobs"] = (chunk["logprobs"] or []) + item["logprobs"]
+                    if item.get("prompt_logprobs") is not None:
+                        chunk["prompt_logprobs"] = item["prompt_logprobs"]
+                for chunk in chunks.values():
+                    yield chunk
+                    if chunk["finish_reason"] is not None:
+                        open_rows -= 1
         finally:
-            if not row.done:  # the consumer went away (client disconnect, timeout): free the row
-                row.cancelled = True
+            if any(not row.done for row in rows):  # the consumer went away (disconnect, timeout): free the rows
+                for row in rows:
+                    row.cancelled = True
                 self._wake.set()
 
     # ------------------------------------------------------------------ checks
@@ -198,6 +243,15 @@ class DecodeEngine:
             raise ValueError(f"temperature must be >= 0, got {r.temperature}")
         if not 0 < r.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {r.top_p}")
+        if not 1 <= r.n <= self.max_batch_size:
+            raise ValueError(f"n={r.n} is more than this server decodes together ({self.max_batch_size}): "
+                             f"lower n" if r.n > 1 else f"n must be >= 1, got {r.n}")
+        if r.logprobs is not None and r.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {r.logprobs}")
+        vocab = self.model.anchor.config.vocab_size
+        bad = [t for t in r.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias names token ids {bad[:5]} outside the vocabulary (0..{vocab - 1})")
         if self.max_context is not None and len(r.prompt_ids) + r.max_tokens > self.max_context:
             raise ValueError(
                 f"prompt ({len(r.prompt_ids)} tokens) + max_tokens ({r.max_tokens}) exceeds the context of "
@@ -234,10 +288,12 @@ class DecodeEngine:
             self._drop_cancelled()
             free = self.max_batch_size - len(self._running)
             admit = []
-            while self._waiting and len(admit) < free:
-                row = self._waiting.popleft()
-                if not row.cancelled:
-                    admit.append(row)
+            while self._waiting and len(admit) + self._waiting[0].request.n <= free:
+                # a request's n rows are admitted together (generate queues them together), so they share a prefill
+                for _ in range(self._waiting[0].request.n):
+                    row = self._waiting.popleft()
+                    if not row.cancelled:
+                        admit.append(row)
             if admit:
                 try:
                     await self._prefill(admit)
@@ -260,7 +316,7 @@ class DecodeEngine:
             if not row.done:
                 row.done = True
                 row.queue.put_nowait(err)
-                self._by_id.pop(row.request.request_id, None)
+                self._by_id.pop(row.id, None)
                 self.counters["failed"] += 1
         self._running = [r for r in self._running if not r.done]
         if not self._running:
@@ -280,7 +336,7 @@ class DecodeEngine:
 
     def _finish(self, row: _Row, cancelled: bool = False) -> None:
         row.done = True
-        self._by_id.pop(row.request.request_id, None)
+        self._by_id.pop(row.id, None)
         self.counters["cancelled" if cancelled else "finished"] += 1
 
     def _compact(self) -> None:
@@ -295,21 +351,24 @@ class DecodeEngine:
         else:
             select_rows(self._cache, torch.tensor(keep, dtype=torch.long, device=self.device), self._bridge_augments)
 
-    def _emit(self, rows: list[_Row], next_ids: list[int | Exception]) -> None:
-        """Hand each row its next token; a row whose token could not be made (an exception) fails alone.
+    def _emit(self, rows: list[_Row], next_ids: list[tuple[int, dict | None] | Exception],
+              prompt_logprobs: list[list | None] | None = None) -> None:
+        """Hand each row its next token (and its logprobs); a row whose token could not be made (an exception)
+        fails alone, and with it the request it belongs to.
 
         Failed rows are marked done here and leave the batch cache at the caller's ``_compact``.
         """
-        for row, token in zip(rows, next_ids):
+        for i, (row, picked) in enumerate(zip(rows, next_ids)):
             if row.done:
                 continue
-            if isinstance(token, Exception):
-                log.warning("request %s failed: %s", row.request.request_id, token)
+            if isinstance(picked, Exception):
+                log.warning("request %s failed: %s", row.id, picked)
                 row.done = True
-                row.queue.put_nowait(RequestFailed(f"generation failed: {token}"))
-                self._by_id.pop(row.request.request_id, None)
+                row.queue.put_nowait(RequestFailed(f"generation failed: {picked}"))
+                self._by_id.pop(row.id, None)
                 self.counters["failed"] += 1
                 continue
+            token, logprob = picked
             row.tokens.append(token)
             row.generated += 1
             self.counters["tokens"] += 1
@@ -318,59 +377,106 @@ class DecodeEngine:
                 finish = "stop"
             elif row.generated >= row.request.max_tokens:
                 finish = "length"
-            row.queue.put_nowait({"token_ids": [token], "finish_reason": finish})
+            row.queue.put_nowait({"index": row.index, "token_ids": [token], "finish_reason": finish,
+                                  "logprobs": None if logprob is None else [logprob],
+                                  "prompt_logprobs": prompt_logprobs[i] if prompt_logprobs else None})
             if finish is not None or row.cancelled:
                 self._finish(row, cancelled=row.cancelled and finish is None)
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int | Exception]:
-        """Next token per row from last-position logits [rows, vocab]; each row uses its own settings.
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, dict | None] | Exception]:
+        """(next token, its logprobs or None) per row from last-position logits [rows, vocab]; each row uses its
+        own settings (logit bias, penalties, temperature, top_p, seed, logprobs).
 
         A row whose logits are not finite, or whose sampler fails, gets the exception instead of a token:
         one request's failure never reaches the other rows of the batch.
         """
-        next_ids: list[int | Exception] = logits.argmax(dim=-1).tolist()
+        greedy: list[int] = logits.argmax(dim=-1).tolist()
         finite = torch.isfinite(logits).all(dim=-1).tolist()
+        wants = [i for i, row in enumerate(rows) if row.request.logprobs is not None]
+        logp = torch.log_softmax(logits[wants].float(), dim=-1) if wants else None
+        picked: list[tuple[int, dict | None] | Exception] = []
         for i, row in enumerate(rows):
             r = row.request
             try:
                 if not finite[i]:
                     raise ValueError("the model produced non-finite logits (NaN or inf) for this request")
+                row_logits = self._processed(row, logits[i]) if r.processes_logits else logits[i]
                 if r.temperature > 0:
-                    next_ids[i] = int(sample_next(logits[i : i + 1], True, r.temperature, 0, r.top_p, row.generator)[0])
+                    token = int(sample_next(row_logits[None], True, r.temperature, 0, r.top_p, row.generator)[0])
+                else:
+                    token = greedy[i] if row_logits is logits[i] else int(row_logits.argmax())
+                entry = None
+                if r.logprobs is not None:
+                    entry = _logprob_entry(logp[wants.index(i)], token, r.logprobs)
+                picked.append((token, entry))
             except Exception as e:  # noqa: BLE001 - this row's failure is reported to this row only
-                next_ids[i] = e
-        return next_ids
+                picked.append(e)
+        return picked
+
+    def _processed(self, row: _Row, logits: torch.Tensor) -> torch.Tensor:
+        """A row's logits [vocab] (float32) after its logit bias and its presence and frequency penalties
+        (OpenAI's definition: counts are of the tokens this row generated, not of the prompt)."""
+        r = row.request
+        out = logits.float().clone()
+        if r.logit_bias:
+            ids = torch.tensor(list(r.logit_bias), dtype=torch.long, device=out.device)
+            out[ids] += torch.tensor(list(r.logit_bias.values()), dtype=out.dtype, device=out.device)
+        if row.generated and (r.presence_penalty or r.frequency_penalty):
+            generated = torch.tensor(row.tokens[-row.generated:], dtype=torch.long, device=out.device)
+            counts = torch.bincount(generated, minlength=out.shape[-1])[: out.shape[-1]].to(out.dtype)
+            out -= counts * r.frequency_penalty + (counts > 0).to(out.dtype) * r.presence_penalty
+        return out
+
+    def _prompt_logprobs(self, rows: list[_Row], logits: torch.Tensor) -> list[list | None]:
+        """Per row: None, or its prompt tokens' logprob entries (the first token's None) from the prefill's
+        logits over every position [rows, longest, vocab] (left padded)."""
+        out: list[list | None] = []
+        width = logits.shape[1]
+        for r, row in enumerate(rows):
+            if not row.request.prompt_logprobs:
+                out.append(None)
+                continue
+            prompt = row.tokens
+            start = width - len(prompt)  # left padding: the prompt's first token sits here
+            logp = torch.log_softmax(logits[r, start : width - 1].float(), dim=-1)  # predicts prompt[1:]
+            k = row.request.logprobs or 0
+            out.append([None] + [_logprob_entry(logp[j], prompt[j + 1], k) for j in range(len(prompt) - 1)])
+        return out
 
     # ------------------------------------------------------------------ model calls
     async def _prefill(self, rows: list[_Row]) -> None:
         self.counters["prefills"] += 1
-        prompts = [(r.request.request_id, r.tokens) for r in rows]
+        prompts = [(r.id, r.tokens) for r in rows]
         ids, mask = left_pad_rows([r.tokens for r in rows], self.pad_id)
-        keep = [r.request.request_id for r in self._running]
+        keep = [r.id for r in self._running]
+        echo = any(r.request.prompt_logprobs for r in rows)  # then the logits of every prompt position
         if self.aligner is None:
             states = self.augments.prefill(prompts, keep=keep)
-            logits, cache, _, _ = await self._forward_with(states, ids, mask, None)
+            logits, cache, _, _ = await self._forward_with(states, ids, mask, None, all_logits=echo)
         else:
             texts, inputs = self.aligner.step(ids, mask, None, None)
             new = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per row: the prompt's closed tokens
             for r, row in enumerate(rows):
                 row.augment_tokens = [list(new[m][r]) for m in range(len(new))]
             states = self.augments.prefill_each(
-                [[(row.request.request_id, new[m][r]) for r, row in enumerate(rows)] for m in range(len(new))], keep)
-            logits, cache, _, _ = await self._forward_with(states, ids, mask, None, inputs)
+                [[(row.id, new[m][r]) for r, row in enumerate(rows)] for m in range(len(new))], keep)
+            logits, cache, _, _ = await self._forward_with(states, ids, mask, None, inputs, all_logits=echo)
             cache.texts = texts
+        prompt_logprobs = None
+        if echo:
+            prompt_logprobs, logits = self._prompt_logprobs(rows, logits), logits[:, -1]
         next_ids = self._sample(rows, logits)
         if self._cache is None:
             self._cache = cache
         else:
             self._cache = merge_composition_caches(self._cache, cache)
         self._running += rows
-        self._emit(rows, next_ids)
+        self._emit(rows, next_ids, prompt_logprobs)
         self._compact()
 
     async def _step(self) -> None:
         rows = list(self._running)
-        ids = [r.request.request_id for r in rows]
+        ids = [r.id for r in rows]
         tokens = [r.tokens[-1] for r in rows]
         self.counters["steps"] += 1
         self.counters["max_rows_in_step"] = max(self.counters["max_rows_in_step"], len(rows))
@@ -401,7 +507,7 @@ class DecodeEngine:
         self._compact()
         self.timers["step_s"] += time.perf_counter() - t0
 
-    async def _forward_with(self, states_call, ids, mask, cache, augment_inputs=None):
+    async def _forward_with(self, states_call, ids, mask, cache, augment_inputs=None, all_logits=False):
         """The anchor forward with the augmenting states that ``states_call`` (a coroutine) returns.
 
         Returns (last logits, cache, seconds the forward waited for the states, seconds the call took).
@@ -414,7 +520,7 @@ class DecodeEngine:
             t0 = time.perf_counter()
             states = await states_call
             waited = time.perf_counter() - t0
-            return (*self._forward(ids, mask, states, cache, augment_inputs), waited, waited)
+            return (*self._forward(ids, mask, states, cache, augment_inputs, all_logits), waited, waited)
         started = time.perf_counter()
         pending = asyncio.run_coroutine_threadsafe(states_call, asyncio.get_running_loop())
         answered = []
@@ -431,7 +537,7 @@ class DecodeEngine:
 
         try:
             logits, new_cache = await asyncio.to_thread(self._forward, ids, mask, deferred_states, cache,
-                                                        augment_inputs)
+                                                        augment_inputs, all_logits)
         finally:
             pending.cancel()  # only if the forward failed before it needed the states (or we are cancelled)
         return logits, new_cache, waited, answered[0] - started
@@ -457,8 +563,9 @@ class DecodeEngine:
         return {index: empty for index in encoder.indices}
 
     @torch.no_grad()
-    def _forward(self, ids, mask, states, cache, augment_inputs=None):
-        """Anchor + bridges on new tokens ids/mask [rows, new]; returns (last logits [rows, vocab], cache).
+    def _forward(self, ids, mask, states, cache, augment_inputs=None, all_logits=False):
+        """Anchor + bridges on new tokens ids/mask [rows, new]; returns (last logits [rows, vocab], cache), or
+        with ``all_logits`` every position's logits [rows, new, vocab] (float32).
 
         ``augment_inputs`` (different tokenizers): per augmenting model the new tokens' alignment
         (``composition.alignment.AugmentInputs``) that ``states`` are the states of.
@@ -473,9 +580,17 @@ class DecodeEngine:
             augment_inputs=augment_inputs,
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if all_logits else 1,
         )
-        return out.logits[:, -1].float(), out.cache
+        return (out.logits.float() if all_logits else out.logits[:, -1].float()), out.cache
+
+
+def _logprob_entry(logp: torch.Tensor, token: int, k: int) -> dict:
+    """``{"id", "logprob", "top": [[id, logprob], ...]}``: a token's logprob and the k most likely tokens' from
+    log-probabilities [vocab]."""
+    top = torch.topk(logp, k) if k else None
+    return {"id": token, "logprob": float(logp[token]),
+            "top": [] if top is None else [[int(t), float(v)] for v, t in zip(top.values, top.indices)]}
 
 
 def _real_tokens(inputs: AugmentInputs) -> list[list[int]]:

@@ -21,7 +21,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from actors.serve.engine import GenerationRequest
 from actors.serve.openai.detokenize import TextAssembler  # noqa: F401  (part of this module's API)
 from actors.serve.openai.errors import ApiError
-from actors.serve.openai.resume import token_pieces
+from actors.serve.openai.resume import Piece, token_pieces
 from actors.serve.openai.schemas import (
     AssistantMessage,
     ChatBody,
@@ -38,12 +38,16 @@ from actors.serve.openai.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatDelta,
+    ChatLogprobs,
     ChatMessage,
     Completion,
     CompletionBody,
     CompletionChoice,
+    CompletionLogprobs,
     ModelCard,
     ModelList,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -70,6 +74,32 @@ class _Prepared:
     ignore_eos: bool
     stream: bool
     include_usage: bool
+    n: int = 1
+    logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely tokens'
+    echo: bool = False  # completions: the answer's text (and logprobs) start with the prompt's
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    prompt_text: str = ""  # completions with echo or logprobs: the prompt's text (echoed; text offsets start after)
+
+
+@dataclass
+class _Choice:
+    """One choice of a whole (not streamed) answer, assembled from its pieces."""
+
+    text: str = ""
+    finish: str | None = None
+    tokens: int = 0
+    logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list | None = None
+
+    def add(self, piece: Piece) -> None:
+        self.text += piece.text
+        self.finish = piece.finish or self.finish
+        self.tokens = piece.completion_tokens
+        self.logprobs += piece.logprobs or []
+        if piece.prompt_logprobs is not None:
+            self.prompt_logprobs = piece.prompt_logprobs
 
 
 class OpenAIFrontend:
@@ -129,14 +159,14 @@ class OpenAIFrontend:
         if prepared.stream:
             return StreamingResponse(self._sse(prepared, rid, first, pieces), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        text, finish, completion_tokens = first
+        choices = [_Choice() for _ in range(prepared.n)]
+        choices[first.index].add(first)
         try:
-            async for delta, f, n in pieces:
-                text += delta
-                finish, completion_tokens = f or finish, n
+            async for piece in pieces:
+                choices[piece.index].add(piece)
         except ApiError as e:
             return e.response()
-        return JSONResponse(self._full_response(prepared, rid, text, finish, completion_tokens))
+        return JSONResponse(self._full_response(prepared, rid, choices))
 
     # ------------------------------------------------------------------ what the field constraints cannot say
     def _prepare(self, req: CompletionBody | ChatBody, kind: str) -> _Prepared:
@@ -145,24 +175,17 @@ class OpenAIFrontend:
             raise ApiError(404, f"the model '{req.model}' does not exist: this server serves '{self.model_name}' "
                                 f"(GET /v1/models)", param="model", type_="invalid_request_error",
                            code="model_not_found")
-        if req.n not in (None, 1):
-            raise ApiError(400, f"n={req.n} is not supported: this server returns one choice per request", "n")
+        _refuse_unsupported(req, kind)
         if kind == "completion":
-            if req.echo:
-                raise ApiError(400, "echo is not supported", "echo")
-            if req.logprobs:
-                raise ApiError(400, "logprobs are not supported", "logprobs")
-            if req.suffix:
-                raise ApiError(400, "suffix is not supported", "suffix")
-            if req.best_of not in (None, 1):
-                raise ApiError(400, "best_of is not supported", "best_of")
             prompt_ids = self._completion_prompt(req.prompt)
             max_tokens = req.max_tokens
+            logprobs = req.logprobs
         else:
-            if req.logprobs:
-                raise ApiError(400, "logprobs are not supported", "logprobs")
             prompt_ids = self._chat_prompt(req.messages)
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            if req.top_logprobs is not None and not req.logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
         context = self.limits.context
         if len(prompt_ids) >= context:
             raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens long but the model's context is {context} "
@@ -183,10 +206,34 @@ class OpenAIFrontend:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if req.stream_options is not None and not req.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+        echo = kind == "completion" and bool(req.echo)
+        prompt_text = ""
+        if echo or (kind == "completion" and logprobs is not None):  # echoed, or where the text offsets start
+            prompt_text = req.prompt if isinstance(req.prompt, str) else (
+                req.prompt[0] if isinstance(req.prompt[0], str) else self.tokenizer.decode(prompt_ids))
         return _Prepared(kind, prompt_ids, max_tokens, temperature, top_p, req.seed, stop, req.ignore_eos,
-                         req.stream, bool(req.stream_options and req.stream_options.include_usage))
+                         req.stream, bool(req.stream_options and req.stream_options.include_usage),
+                         n=req.n or 1, logprobs=logprobs, echo=echo, logit_bias=self._logit_bias(req.logit_bias),
+                         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                         prompt_text=prompt_text)
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        vocab = len(self.tokenizer)
+        out = {}
+        for key, value in (bias or {}).items():
+            if not key.isdecimal() or not 0 <= int(key) < vocab:
+                raise ApiError(400, f"logit_bias keys must be token ids (0..{vocab - 1}) written as strings, "
+                                    f"got {key[:40]!r}", "logit_bias")
+            out[int(key)] = value
+        return out
 
     def _completion_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):  # a batch of token-id prompts
+            if len(prompt) != 1:
+                raise ApiError(400, f"prompt holds {len(prompt)} prompts: send one prompt per request", "prompt")
+            prompt = prompt[0]
+            if not prompt:
+                raise ApiError(400, "the prompt is empty: send at least one token id", "prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             vocab = len(self.tokenizer)
             bad = [t for t in prompt if not 0 <= t < vocab]
@@ -223,23 +270,72 @@ class OpenAIFrontend:
         return Usage(prompt_tokens=len(p.prompt_ids), completion_tokens=completion_tokens,
                      total_tokens=len(p.prompt_ids) + completion_tokens)
 
-    def _full_response(self, p: _Prepared, rid: str, text: str, finish: str, completion_tokens: int) -> dict:
-        head = dict(id=rid, created=int(time.time()), model=self.model_name, usage=self._usage(p, completion_tokens))
+    def _full_response(self, p: _Prepared, rid: str, choices: list[_Choice]) -> dict:
+        usage = self._usage(p, sum(c.tokens for c in choices))
+        head = dict(id=rid, created=int(time.time()), model=self.model_name, usage=usage)
         if p.kind == "completion":
-            return Completion(**head, choices=[CompletionChoice(text=text, finish_reason=finish)]).model_dump()
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)
-        return ChatCompletion(**head, choices=[choice]).model_dump()
+            return Completion(**head, choices=[
+                CompletionChoice(index=i, text=(p.prompt_text if p.echo else "") + c.text, finish_reason=c.finish,
+                                 logprobs=self._completion_logprobs(p, c.prompt_logprobs, c.logprobs)[0])
+                for i, c in enumerate(choices)]).model_dump()
+        return ChatCompletion(**head, choices=[
+            ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish,
+                       logprobs=self._chat_logprobs(p, c.logprobs)) for i, c in enumerate(choices)]).model_dump()
+
+    # ------------------------------------------------------------------ logprobs in OpenAI's two formats
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _completion_logprobs(self, p: _Prepared, prompt_entries: list | None, entries: list[dict] | None,
+                             offset: int | None = None) -> tuple[CompletionLogprobs | None, int]:
+        """The completions API's logprobs of the prompt's tokens (echo) and of generated ones, and the text offset
+        after them; ``offset`` is where the first token's text starts (default: 0 with echo, else after the prompt)."""
+        if p.logprobs is None:
+            return None, offset or 0
+        pos = offset if offset is not None else (0 if p.echo else len(p.prompt_text))
+        out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        tokens = list(zip(p.prompt_ids, prompt_entries)) if prompt_entries is not None else []
+        tokens += [(e["id"], e) for e in entries or []]
+        for token, e in tokens:
+            text = self._token_text(token)
+            out.tokens.append(text)
+            out.token_logprobs.append(None if e is None else e["logprob"])
+            top = None
+            if e is not None:
+                top = {}
+                for t, lp in e["top"]:
+                    top.setdefault(self._token_text(t), lp)  # two ids with one text: the likelier one's
+            out.top_logprobs.append(top)
+            out.text_offset.append(pos)
+            pos += len(text)
+        return out, pos
+
+    def _chat_logprobs(self, p: _Prepared, entries: list[dict] | None) -> ChatLogprobs | None:
+        if p.logprobs is None:
+            return None
+
+        def top(token: int, logprob: float) -> TopLogprob:
+            text = self._token_text(token)
+            return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8", "surrogatepass")))
+
+        content = []
+        for e in entries or []:
+            head = top(e["id"], e["logprob"])
+            content.append(TokenLogprob(**head.model_dump(), top_logprobs=[top(t, lp) for t, lp in e["top"]]))
+        return ChatLogprobs(content=content)
 
     def _chunk(self, p: _Prepared, rid: str, created: int, delta: str | None, finish: str | None,
-               first: bool = False, usage: Usage | None = None) -> dict:
+               first: bool = False, usage: Usage | None = None, index: int = 0, logprobs=None) -> dict:
         """One streamed event; with ``usage`` the closing usage event (no choices)."""
         head = dict(id=rid, created=created, model=self.model_name, usage=usage)
         if p.kind == "completion":
-            choices = [] if usage else [CompletionChoice(text=delta or "", finish_reason=finish)]
+            choices = [] if usage else [CompletionChoice(index=index, text=delta or "", finish_reason=finish,
+                                                         logprobs=logprobs)]
             chunk = Completion(**head, choices=choices).model_dump(exclude_none=False)
         else:
             d = ChatDelta(role="assistant" if first else None, content=(delta or "") if (delta or first) else None)
-            choices = [] if usage else [ChatChunkChoice(delta=d, finish_reason=finish)]
+            choices = [] if usage else [ChatChunkChoice(index=index, delta=d, finish_reason=finish,
+                                                        logprobs=logprobs)]
             chunk = ChatCompletionChunk(**head, choices=choices).model_dump()
             for choice in chunk["choices"]:  # OpenAI sends only the fields a delta has
                 choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
@@ -247,30 +343,63 @@ class OpenAIFrontend:
             chunk.pop("usage")
         return chunk
 
-    async def _sse(self, p: _Prepared, rid: str, first, pieces) -> AsyncIterator[str]:
+    async def _sse(self, p: _Prepared, rid: str, first: Piece, pieces) -> AsyncIterator[str]:
         created = int(time.time())
-        completion_tokens = 0
+        tokens = [0] * p.n  # per choice: completion tokens so far
+        offsets: list[int | None] = [None] * p.n  # per choice: text offset of its next token (completions)
 
         def event(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
+        def events(piece: Piece, opening: bool):
+            i = piece.index
+            tokens[i] = piece.completion_tokens
+            if p.kind == "chat":
+                if opening:  # OpenAI opens a chat stream with the assistant role
+                    yield event(self._chunk(p, rid, created, "", None, first=True, index=i))
+                logprobs = self._chat_logprobs(p, piece.logprobs) if piece.logprobs else None
+            else:
+                logprobs, offsets[i] = self._completion_logprobs(p, piece.prompt_logprobs, piece.logprobs, offsets[i])
+                if not piece.logprobs and not piece.prompt_logprobs:
+                    logprobs = None
+            text = (p.prompt_text if opening and p.echo else "") + piece.text
+            if text or logprobs is not None:
+                yield event(self._chunk(p, rid, created, text, None, index=i, logprobs=logprobs))
+            if piece.finish is not None:
+                yield event(self._chunk(p, rid, created, None, piece.finish, index=i))
+
         try:
-            delta, finish, completion_tokens = first
-            if p.kind == "chat":  # OpenAI opens a chat stream with the assistant role
-                yield event(self._chunk(p, rid, created, "", None, first=True))
-            if delta:
-                yield event(self._chunk(p, rid, created, delta, None))
-            if finish is None:
-                async for delta, finish, completion_tokens in pieces:
-                    if delta:
-                        yield event(self._chunk(p, rid, created, delta, None))
-                    if finish is not None:
-                        break
-            yield event(self._chunk(p, rid, created, None, finish))
+            for e in events(first, True):
+                yield e
+            opened = {first.index}
+            async for piece in pieces:
+                for e in events(piece, piece.index not in opened):
+                    yield e
+                opened.add(piece.index)
             if p.include_usage:
-                yield event(self._chunk(p, rid, created, None, None, usage=self._usage(p, completion_tokens)))
+                yield event(self._chunk(p, rid, created, None, None, usage=self._usage(p, sum(tokens))))
         except ApiError as e:
             yield event(e.body())
         finally:
             await pieces.aclose()  # a client that went away cancels the generation here
         yield "data: [DONE]\n\n"
+
+
+def _refuse_unsupported(req: CompletionBody | ChatBody, kind: str) -> None:
+    """A 400 naming each parameter that would change the answer and that this server cannot honour."""
+    if kind == "completion":
+        if req.suffix:
+            raise ApiError(400, "suffix (insertion) is not supported: send the text before the gap as the prompt",
+                           "suffix")
+        if req.best_of not in (None, 1):
+            raise ApiError(400, "best_of is not supported: ask for n choices and pick one yourself", "best_of")
+    else:
+        if req.tools:
+            raise ApiError(400, "tools (function calling) are not supported by this server: describe the tools "
+                                "in the messages and parse the answer yourself", "tools")
+        if req.tool_choice not in (None, "none"):
+            raise ApiError(400, "tool_choice is not supported (this server has no tool calling): leave it out or "
+                                "send \"none\"", "tool_choice")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise ApiError(400, f"response_format {req.response_format.type!r} is not supported (no constrained "
+                            f"decoding here): leave it out or send {{\"type\": \"text\"}}", "response_format")

@@ -16,16 +16,18 @@ class ApiError(Exception):
     """An error answered as OpenAI's JSON error body with an HTTP status."""
 
     def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {503: {"Retry-After": "1"}, 401: {"WWW-Authenticate": "Bearer"}}.get(self.status)
+        headers = {**{503: {"Retry-After": "1"}, 401: {"WWW-Authenticate": "Bearer"}}.get(self.status, {}),
+                   **self.headers}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -67,6 +69,9 @@ def validation_message(e: ValidationError | list[dict]) -> tuple[str, str | None
                                                        and not str(x).startswith("constrained-"))]
     path = ".".join(str(x) for x in loc) or None
     name = next((str(x) for x in reversed(loc) if isinstance(x, str)), None)
+    if err["type"] == "extra_forbidden":
+        return (f"'{path}' is not a parameter this server supports, and it may change the answer, so it is "
+                f"refused rather than ignored: remove it (docs/serving.md lists the parameters)", path)
     if err["type"] == "missing":
         return (f"'{path}' is required", path) if path else ("send a JSON object as the request body", None)
     got = err.get("input")
@@ -121,6 +126,7 @@ def install(app, name: str | None = None):
         words = {404: f"no route {request.url.path}: the API is under /v1 (GET /v1/models)",
                  405: f"{request.method} is not allowed on {request.url.path}"}
         return ApiError(exc.status_code, words.get(exc.status_code, str(exc.detail)),
-                        type_="invalid_request_error" if exc.status_code < 500 else None).response()
+                        type_="invalid_request_error" if exc.status_code < 500 else None,
+                        headers=exc.headers).response()  # a 405's Allow header (RFC 9110)
 
     return settings_for(name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from dataclasses import dataclass
 
 from actors.serve.engine import GenerationRequest
 from actors.serve.openai.detokenize import TextAssembler
@@ -34,31 +35,51 @@ def public_reason(e: BaseException, limit: int = 200) -> str:
     return f"{name}: {text}" if text else name
 
 
+@dataclass
+class Piece:
+    """What one step of a request's token stream brings for one choice."""
+
+    index: int  # which of the request's n choices
+    text: str  # text delta (held back while it may grow into a stop string)
+    finish: str | None  # "stop" / "length" on the choice's last piece
+    completion_tokens: int  # the choice's tokens so far
+    logprobs: list[dict] | None = None  # the engine's entries for the tokens this piece brings
+    prompt_logprobs: list | None = None  # on the choice's first piece, with echo + logprobs
+
+
 async def token_pieces(frontend, p, rid: str):
-    """Async iterator of (text delta, finish_reason or None, completion tokens so far) for request ``p``.
+    """Async iterator of ``Piece`` for request ``p`` (one or more per engine chunk, every choice interleaved).
 
     Runs the token stream with the request timeout, resumes it on another replica after a
-    replica death, applies stop strings; raises ApiError for failures.
+    replica death (n == 1 only: n > 1 answers 503), applies stop strings; raises ApiError for failures.
     """
-    text = TextAssembler(frontend.tokenizer, p.stop)
-    generated: list[int] = []
+    texts = [TextAssembler(frontend.tokenizer, p.stop) for _ in range(p.n)]
+    generated: list[list[int]] = [[] for _ in range(p.n)]
+    open_choices = set(range(p.n))  # choices still being answered
     deadline = asyncio.get_running_loop().time() + frontend.limits.request_timeout_s
     attempts = 0
     while True:
         request = GenerationRequest(
             request_id=f"{rid}-{attempts}",
-            prompt_ids=p.prompt_ids + generated,
-            max_tokens=p.max_tokens - len(generated),
+            prompt_ids=p.prompt_ids + generated[0],  # a resume (n == 1): prompt + the tokens so far
+            max_tokens=p.max_tokens - len(generated[0]),
             temperature=p.temperature,
             top_p=p.top_p,
             seed=p.seed,
             eos_ids=[] if p.ignore_eos else frontend.eos_ids,
+            n=p.n,
+            logprobs=p.logprobs,
+            prompt_logprobs=p.echo and p.logprobs is not None and not generated[0],
+            logit_bias=p.logit_bias,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
         )
         stream = None
         settled = False  # the stream ended or failed by itself: nothing to cancel
+        running = set(open_choices)  # choices the engine still decodes (a stop string leaves it decoding)
         try:
             stream = frontend.open_stream(request)
-            while True:
+            while open_choices:
                 scope = asyncio.timeout_at(deadline)
                 try:
                     async with scope:  # around the await only: never around a yield
@@ -75,18 +96,26 @@ async def token_pieces(frontend, p, rid: str):
                 except BaseException as e:
                     settled = not isinstance(e, asyncio.CancelledError)
                     raise
-                generated += chunk["token_ids"]
+                i = chunk.get("index", 0)
+                if chunk["finish_reason"] is not None:
+                    running.discard(i)
+                settled = not running
+                if i not in open_choices:  # a choice cut at a stop string: the engine decodes on, unseen
+                    continue
+                generated[i] += chunk["token_ids"]
                 finish = chunk["finish_reason"]
-                settled = finish is not None
+                text = texts[i]
                 delta = text.add(chunk["token_ids"])
+                piece = Piece(i, delta, None, len(generated[i]), chunk.get("logprobs"), chunk.get("prompt_logprobs"))
                 if text.stopped:
-                    yield delta, "stop", len(generated)
-                    return
-                if finish is not None:
-                    yield delta + text.finish(), finish, len(generated)
-                    return
-                if delta:
-                    yield delta, None, len(generated)
+                    piece.finish = "stop"
+                elif finish is not None:
+                    piece.text, piece.finish = delta + text.finish(), finish
+                if piece.finish is not None:
+                    open_choices.discard(i)
+                if piece.text or piece.finish or piece.logprobs or piece.prompt_logprobs:
+                    yield piece
+            return
         except DeadlineExceeded:
             frontend.counters["timeouts"] += 1
             raise ApiError(504, f"the request took longer than the server's request timeout of "
@@ -97,7 +126,7 @@ async def token_pieces(frontend, p, rid: str):
         except frontend.retryable as e:
             attempts += 1
             frontend.counters["retries"] += 1
-            if attempts > frontend.limits.max_retries:
+            if attempts > frontend.limits.max_retries or p.n > 1:
                 raise ApiError(503, f"the replica serving this request failed {attempts} times "
                                     f"({type(e).__name__}): retry later") from None
             continue

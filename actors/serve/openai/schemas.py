@@ -12,20 +12,35 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its completions API allows 5; vLLM 20)
+MAX_N = 128  # the schema's bound; a server decodes at most its max_batch_size rows of one request
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 StopString = Annotated[str, Field(min_length=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
 class _Body(BaseModel):
-    # strict: "5" is not an int and true is not a number; unknown fields (user, logit_bias=None, ...) are ignored
+    # strict: "5" is not an int and true is not a number
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class _RequestBody(_Body):
+    # a request's top level: a field this server does not know is refused (400 naming it), never ignored, since
+    # it might change the answer (top_k, min_p, guided_json, ...); the harmless ones are declared below
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
+
+
+class _Sampling(_RequestBody):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # 0: greedy; any value above 0 samples (no NaN, no inf)
@@ -34,14 +49,23 @@ class _Sampling(_Body):
     seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    logit_bias: dict[str, Bias] | None = None  # token id (a decimal string, as JSON keys are) -> added to its logit
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    response_format: ResponseFormat | None = None
+    # accepted, and they change nothing: who asks (OpenAI's abuse tracking), storing the answer, tags
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
 
 
 class CompletionBody(_Sampling):
-    prompt: str | list[str] | list[int]
+    # lm-evaluation-harness sends a batch of one tokenised prompt: [[ids]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = None
 
@@ -67,6 +91,10 @@ class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None  # only means something with tools
 
 
 # ---------------------------------------------------------------------- responses (OpenAI's JSON)
@@ -79,11 +107,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token: its text, its logprob (None for a prompt's first token), the most likely tokens' (text ->
+    logprob), its offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -102,11 +140,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -129,7 +181,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
