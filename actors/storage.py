@@ -200,11 +200,8 @@ def check_storage(uri: str, key: str, write: bool = True) -> None:
 
 # ------------------------------------------------------------------------------------------ publishing
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def publish_folder(local: str | os.PathLike, uri: str) -> str:

@@ -162,3 +162,18 @@ def train(model, pairs, settings: TrainSettings, batch_size: int, pad_id: int, s
             trainer.save(checkpoint, extra={"label": label})
     bar.close()
     return history
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_model(model, rank: int):
+    """``model`` with LoRA adapters of ``rank`` on every attention and MLP projection (alpha = rank)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
+
+
+def weights_fingerprint(folder: Path) -> list:
+    """What identifies trained weights on disk: their files' names, sizes and mtimes."""
+    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in Path(folder).rglob("*.safetensors"))

@@ -35,7 +35,7 @@ from composition.checkpoint import atomic_file, atomic_folder
 from composition.config import ConfigError
 from composition.training import TrainSettings
 from experiments.kv_arithmetic.data import KVSettings, KVWorld, build_tokenizer, read_jsonl, write_jsonl
-from experiments.common import StageLog
+from experiments.common import StageLog, lora_model, weights_fingerprint
 from experiments.kv_arithmetic.lib import PlainLM, compose_warmup, encode_rows, exact_match, fmt_time, llama, train
 
 STAGES = ("data", "augment", "anchor", "compose", "ablations", "evaluate")
@@ -43,7 +43,6 @@ TASKS = ("sub", "num", "kvar")
 TASK_NAMES = {"sub": "KV-substitution", "num": "numeric arithmetic", "kvar": "KV-arithmetic (held-out keys)"}
 PAPER = {"m_A": {"sub": 98.1, "num": 4.2, "kvar": 0.7}, "m_B": {"sub": 0.0, "num": 73.7, "kvar": 0.0},
          "CALM": {"sub": 92.9, "num": 72.0, "kvar": 84.3}}  # Bansal et al. 2024, Table 1
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class ModelSpec(StrictModel):
@@ -186,17 +185,13 @@ def _compose(cfg: ExperimentConfig, out: Path, augment: Path, bridges: Path, nam
     return history + [{**h, "phase": 2, "steps_run": h["steps_run"] + offset} for h in rest]
 
 
-def _lora_model(anchor, rank: int):
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(anchor, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
 
 
 def _lora_rank(anchor_folder: Path, budget: int) -> tuple[int, int]:
     """The LoRA rank whose trainable parameter count is closest to ``budget``; (rank, parameters)."""
     from composition import load_causal_lm
 
-    per_rank = sum(p.numel() for p in _lora_model(load_causal_lm(str(anchor_folder)), 1).parameters() if p.requires_grad)
+    per_rank = sum(p.numel() for p in lora_model(load_causal_lm(str(anchor_folder)), 1).parameters() if p.requires_grad)
     rank = max(1, round(budget / per_rank))
     return rank, rank * per_rank
 
@@ -207,7 +202,7 @@ def _lora(cfg: ExperimentConfig, out: Path, tok, bridge_params: int) -> dict:
 
     rank, params = _lora_rank(out / "anchor", bridge_params)
     print(f"[lora] rank {rank}: {params:,} trainable parameters (bridges: {bridge_params:,})", flush=True)
-    model = _lora_model(load_causal_lm(str(out / "anchor")), rank)
+    model = lora_model(load_causal_lm(str(out / "anchor")), rank)
     # the bridges' data schedule: the first phase's data first, if any
     phases = [("compose_train.jsonl", cfg.compose_steps, "ablation_lora.ckpt")]
     if cfg.compose_first_steps:
@@ -227,9 +222,6 @@ def _lora(cfg: ExperimentConfig, out: Path, tok, bridge_params: int) -> dict:
     return {"history": _history(history), "rank": rank, "parameters": params}
 
 
-def _fingerprint(folder: Path) -> list:
-    """What identifies a trained model on disk: its weight files' names, sizes and mtimes."""
-    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in folder.rglob("*.safetensors"))
 
 
 def _systems(cfg: ExperimentConfig, out: Path) -> dict:
@@ -271,7 +263,7 @@ def _evaluate(cfg: ExperimentConfig, out: Path, tok, world: KVWorld, log: StageL
     cached = log.records.get("evaluate", {})
     accuracy = {}
     for name, (folders, load) in _systems(cfg, out).items():
-        stamp = [_fingerprint(f) for f in folders] + [data_print]
+        stamp = [weights_fingerprint(f) for f in folders] + [data_print]
         if cached.get(name, {}).get("fingerprint") == json.loads(json.dumps(stamp)):
             accuracy[name] = cached[name]["accuracy"]
             print(f"[eval] {name}: unchanged since the last evaluation, reusing {accuracy[name]}", flush=True)

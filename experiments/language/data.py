@@ -194,11 +194,8 @@ def check_disjoint(items_by_split: dict[str, list[tuple[str | None, tuple[str, .
 
 # ------------------------------------------------------------------------------------------- packages
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _ar_members(data: bytes) -> dict[str, bytes]:

@@ -36,7 +36,7 @@ from actors.config import DType, StrictModel, load_yaml, parse
 from composition.checkpoint import atomic_file, atomic_folder
 from composition.config import ConfigError
 from composition.training import TrainSettings
-from experiments.common import PlainLM, StageLog, fmt_time, train
+from experiments.common import PlainLM, StageLog, fmt_time, lora_model, train, weights_fingerprint
 from experiments.language.data import load_splits, prepare, read_jsonl, sample_texts, write_jsonl
 
 STAGES = ("data", "models", "mix", "compose", "ablations", "evaluate")
@@ -45,7 +45,6 @@ LANGUAGE_NAMES = {"de": "German", "es": "Spanish", "it": "Italian", "ru": "Russi
 SYSTEMS = ("anchor", "augment", "calm", "lora", "calm_random_augment")
 SYSTEM_NAMES = {"anchor": "SmolLM2-135M (anchor)", "augment": "Gemma-3-270m (augmenting)", "calm": "CALM",
                 "lora": "LoRA on the anchor", "calm_random_augment": "CALM, random Gemma-3"}
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Bansal et al. 2024, Table 2 (FLORES-200, XX -> En, chrF, averaged over low-resource languages; PaLM2 models)
 PAPER_CHRF = {"augment": 37.2, "anchor": 41.7, "calm": 46.1}
 # The prompt every system translates with: one fixed shot (a verse of a training book, checked against the data)
@@ -207,7 +206,7 @@ def eval_sets(cfg: LanguageConfig, splits: dict) -> dict:
     for lang in LANGUAGES:
         rows = splits["bpc"][lang]["test"]
         if lang == "en":
-            rows = [r for r in passages(rows, cfg.bpc_chars[1])]
+            rows = passages(rows, cfg.bpc_chars[1])
         bpc[lang] = sample_texts(rows, cfg.bpc_texts, cfg.bpc_chars[0], cfg.bpc_chars[1], seed=cfg.seed)
     return {"translation": [test[i] for i in verses], "bpc": bpc}
 
@@ -295,10 +294,6 @@ def encode_rows(tok, rows: list[dict], max_length: int) -> list[tuple[list[int],
     return pairs
 
 
-def lora_model(anchor, rank: int):
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(anchor, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
 
 
 def lora(cfg: LanguageConfig, out: Path, rows: list[dict], bridge_params: int) -> dict:
@@ -427,8 +422,6 @@ def systems(cfg: LanguageConfig, out: Path, folders: dict) -> dict:
     return table
 
 
-def _fingerprint(folder: Path) -> list:
-    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in Path(folder).rglob("*.safetensors"))
 
 
 def evaluate(cfg: LanguageConfig, out: Path, folders: dict, evals: dict, shots: list[dict], log: StageLog) -> dict:
@@ -436,11 +429,11 @@ def evaluate(cfg: LanguageConfig, out: Path, folders: dict, evals: dict, shots: 
     import sacrebleu
 
     refs = [p["en"] for p in evals["translation"]]
-    data_print = _fingerprint(out / "mix") + [[f.name, f.stat().st_size] for f in sorted((out / "mix").glob("*.jsonl"))]
+    data_print = weights_fingerprint(out / "mix") + [[f.name, f.stat().st_size] for f in sorted((out / "mix").glob("*.jsonl"))]
     cached = log.records.get("evaluate", {})
     results = {}
     for name, (weights, load) in systems(cfg, out, folders).items():
-        stamp = json.loads(json.dumps([_fingerprint(f) for f in weights] + [data_print, cfg.eval_dtype]))
+        stamp = json.loads(json.dumps([weights_fingerprint(f) for f in weights] + [data_print, cfg.eval_dtype]))
         if cached.get(name, {}).get("fingerprint") == stamp:
             results[name] = cached[name]["result"]
             print(f"[eval] {name}: unchanged since the last evaluation, reusing chrF {results[name]['chrf']}", flush=True)
