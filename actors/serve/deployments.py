@@ -191,9 +191,10 @@ class AugmentDeployment:
             raise ValueError("call with handle.options(multiplexed_model_id=<engine id>)")
         return await self.rows_of(engine_id)
 
-    async def prefill(self, rows: list, return_states: bool = True, keep: list | None = None):
+    async def prefill(self, rows: list, return_states: bool = True, keep: list | None = None,
+                      copies: dict | None = None):
         target = await self._rows()
-        return await self._run(target.prefill, rows, return_states, keep)
+        return await self._run(target.prefill, rows, return_states, keep, copies)
 
     async def step(self, ids: list, tokens: list, lengths: list | None = None):
         start = time.perf_counter()
@@ -322,8 +323,9 @@ _ANSWERS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}
 
 
 # many ongoing requests per replica (they mostly wait on the Anchor): overload is then answered here, as
-# OpenAI's JSON 503 when the Anchor's queue is full, not by Serve's proxy in plain text
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=1024, max_queued_requests=128)
+# OpenAI's JSON 503 when the Anchor's queue is full, not by Serve's proxy in plain text. The proxy's queue
+# is deep too: a burst waits there until the router assigns it (200 at once on 2 busy cores queued 128)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=1024, max_queued_requests=1024)
 @serve.ingress(api)
 class Ingress:
     """OpenAI-shaped HTTP front: /v1/completions, /v1/chat/completions, /v1/models, /health."""
