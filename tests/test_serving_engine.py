@@ -277,3 +277,38 @@ def test_a_failing_augmenting_call_fails_the_step_rows_and_the_engine_serves_on(
     tokens, _ = asyncio.run(main())
     assert engine.counters["failed"] == 1 and engine.stats()["running"] == 0
     assert tokens == reference_completion(model, tok, prompt, 6)
+
+
+def test_n_rows_compute_their_prompt_once_and_each_decodes_as_a_solo_request(model, tok):
+    # a request's n rows share one prefill row (here and on the augmenting side); with another request
+    # in the same prefill, every row must still decode exactly as it would alone
+    engine, rows = make_engine(model)
+    prompt, other = tok(PROMPTS[2])["input_ids"], tok(PROMPTS[0])["input_ids"]
+
+    async def main():
+        async def n_rows():
+            out: dict[int, list[int]] = {}
+            async for chunk in engine.generate(GenerationRequest(prompt, 10, n=3, request_id="shared",
+                                                                  eos_ids=[tok.eos_token_id])):
+                out.setdefault(chunk["index"], []).extend(chunk["token_ids"])
+            return out
+        return await asyncio.gather(n_rows(), collect(engine, GenerationRequest(other, 7, eos_ids=[tok.eos_token_id])))
+
+    (choices, (alone, _)) = asyncio.run(main())
+    want = reference_completion(model, tok, prompt, 10)
+    assert choices == {0: want, 1: want, 2: want}
+    assert alone == reference_completion(model, tok, other, 7)
+    assert engine.counters["prefills"] == 1
+    assert (engine.counters["prefill_rows"], engine.counters["shared_prefill_rows"]) == (2, 2)
+    assert engine.augments.rebuilds == 0  # the copies were held by the augmenting side, not re-sent
+
+
+def test_the_augmenting_side_holds_copies_as_rows_of_their_own(model, tok):
+    rows = AugmentRows(model.encoders[0], augment=0, pad_id=0, lock=threading.Lock())
+    prompt = tok(PROMPTS[0])["input_ids"]
+    rows.prefill([("a", prompt)], copies={"a": ["a#1", "a#2"]})
+    assert rows.ids == ["a", "a#1", "a#2"] and rows.attention_mask.shape[0] == 3
+    stepped = rows.step(["a#2", "a"], [5, 5], [len(prompt)] * 2)  # a copy steps on its own, and can outlive "a"
+    assert "missing" not in stepped and rows.ids == ["a#2", "a"]
+    with pytest.raises(ValueError, match="not in this prefill"):
+        rows.prefill([("b", prompt)], copies={"c": ["c#1"]})

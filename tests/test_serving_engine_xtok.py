@@ -127,3 +127,20 @@ def test_extend_appends_any_number_of_tokens_per_row_and_gives_each_rows_states_
                                            rtol=0, atol=1e-5)
     # a row holding another number of tokens than the engine says is reported, never guessed
     assert rows.extend(["a", "b"], [[], []], [len(held["a"]), len(held["b"]) + 1]) == {"missing": ["b"]}
+
+
+def test_n_rows_share_their_prompts_alignment_and_each_decodes_as_alone(served):
+    model, tok, _ = served
+    engine, _ = make_engine(model)
+    prompt = tok(PROMPTS[0])["input_ids"]
+
+    async def main():
+        out: dict[int, list[int]] = {}
+        async for chunk in engine.generate(GenerationRequest(prompt, 20, n=3, eos_ids=[tok.eos_token_id])):
+            out.setdefault(chunk["index"], []).extend(chunk["token_ids"])
+        return out
+
+    want = reference_completion(model, tok, prompt, 20)
+    assert asyncio.run(main()) == {0: want, 1: want, 2: want}
+    assert (engine.counters["prefill_rows"], engine.counters["shared_prefill_rows"]) == (1, 2)
+    assert engine.augments.rebuilds == 0

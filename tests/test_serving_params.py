@@ -176,9 +176,11 @@ def test_streamed_logprobs_equal_the_whole_answers(client):
 def test_n_choices_come_from_one_prefill_and_greedy_ones_all_equal_in_process(served, client):
     _, engine, model, tok = served
     want, _ = reference(model, tok(PROMPT)["input_ids"], 6)
-    before = engine.counters["prefills"]
+    before = {k: engine.counters[k] for k in ("prefills", "prefill_rows", "shared_prefill_rows")}
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, n=BATCH)
-    assert engine.counters["prefills"] == before + 1
+    # one prefill computing the prompt once: the other n - 1 rows copy its cache rows
+    assert {k: engine.counters[k] - v for k, v in before.items()} == {
+        "prefills": 1, "prefill_rows": 1, "shared_prefill_rows": BATCH - 1}
     assert [c.index for c in out.choices] == list(range(BATCH))
     assert {c.text for c in out.choices} == {text_of(tok, want)}
     assert out.usage.completion_tokens == BATCH * len(want)

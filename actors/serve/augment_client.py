@@ -2,7 +2,9 @@
 
 The engine (``actors.serve.engine.DecodeEngine``) calls three coroutines and gets tensors back:
 
-    states = await client.prefill([(id, tokens), ...])        # per augmenting model {index: [rows, longest, d]}
+    states = await client.prefill([(id, tokens), ...], keep, copies)
+                                  # per augmenting model {index: [rows, longest, d]}; copies: id -> ids of
+                                  # further rows with the same tokens (their cache rows copied, not recomputed)
     states = await client.step(ids, tokens, history)          # per augmenting model {index: [rows, 1, d]}
     await client.release(ids)                                 # forget rows (None: all)
 
@@ -52,10 +54,13 @@ class AugmentClient:
         return states
 
     async def prefill(
-        self, rows: list[tuple[str, list[int]]], keep: list[str] | None = None
+        self, rows: list[tuple[str, list[int]]], keep: list[str] | None = None,
+        copies: dict[str, list[str]] | None = None,
     ) -> list[dict[int, torch.Tensor]]:
-        """States of new rows' tokens; ``keep``: the engine's other live rows (the rest are dropped)."""
-        results = await asyncio.gather(*(self._call(i, "prefill", rows, True, keep) for i in range(self.num_augments)))
+        """States of new rows' tokens; ``keep``: the engine's other live rows (the rest are dropped); ``copies``:
+        row id -> ids of further rows with its tokens, held as copies of its cache rows (no states returned)."""
+        results = await asyncio.gather(*(self._call(i, "prefill", rows, True, keep, copies)
+                                         for i in range(self.num_augments)))
         return [self._decode(i, r) for i, r in enumerate(results)]
 
     async def _call_rebuilding(self, augment: int, method: str, ids: list[str], payload,
@@ -88,11 +93,12 @@ class AugmentClient:
         return list(await asyncio.gather(*(self._step_one(i, ids, tokens, history) for i in range(self.num_augments))))
 
     async def prefill_each(
-        self, rows: list[list[tuple[str, list[int]]]], keep: list[str] | None = None
+        self, rows: list[list[tuple[str, list[int]]]], keep: list[str] | None = None,
+        copies: dict[str, list[str]] | None = None,
     ) -> list[dict[int, torch.Tensor]]:
         """States of new rows' tokens, ``rows[m]`` for augmenting model m (each in its own tokens; a row
-        may have none yet); ``keep``: the engine's other live rows."""
-        results = await asyncio.gather(*(self._call(i, "prefill", rows[i], True, keep)
+        may have none yet); ``keep``: the engine's other live rows; ``copies`` as for ``prefill``."""
+        results = await asyncio.gather(*(self._call(i, "prefill", rows[i], True, keep, copies)
                                          for i in range(self.num_augments)))
         return [self._decode(i, r) for i, r in enumerate(results)]
 

@@ -38,6 +38,7 @@ import torch
 from actors.codec import dtype_name, state_key, tensor_to_numpy
 from actors.serve.batch_cache import (
     add_empty_rows_hf_cache,
+    copy_rows_hf_cache,
     crop_left_hf_cache,
     leading_padding,
     merge_hf_caches,
@@ -117,23 +118,29 @@ class AugmentRows:
 
     # ------------------------------------------------------------------ model calls
     def prefill(
-        self, rows: list[tuple[str, list[int]]], return_states: bool = True, keep: list[str] | None = None
+        self, rows: list[tuple[str, list[int]]], return_states: bool = True, keep: list[str] | None = None,
+        copies: dict[str, list[str]] | None = None,
     ) -> dict | None:
         """Run the augmenting model on new rows' tokens and append the rows to the batch.
 
         Rows whose id is already held are replaced (a re-sent history); with ``keep``, held rows
-        not in it are dropped first (the engine's rows that finished since the last call). Returns
-        ``{"states": {"aug{i}_{index}": array [new_rows, longest, d_aug]}, "dtype": name}`` with
-        rows left-padded as ``left_pad_rows`` does, or None when ``return_states`` is False.
+        not in it are dropped first (the engine's rows that finished since the last call). ``copies``
+        (id of a row in ``rows`` -> ids of further rows with the same tokens) adds those rows as copies of
+        its cache rows, computed once: a request's n choices. Returns
+        ``{"states": {"aug{i}_{index}": array [new_rows, longest, d_aug]}, "dtype": name}`` for ``rows``
+        (not the copies), left-padded as ``left_pad_rows`` does, or None when ``return_states`` is False.
         """
         with self._busy:
-            return self._prefill(rows, return_states, keep)
+            return self._prefill(rows, return_states, keep, copies or {})
 
     @torch.no_grad()
-    def _prefill(self, rows, return_states, keep) -> dict | None:
+    def _prefill(self, rows, return_states, keep, copies) -> dict | None:
         ids = [rid for rid, _ in rows]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"duplicate request ids in one prefill: {ids}")
+        copied = [c for rid in ids for c in copies.get(rid, [])]
+        if len(set(ids + copied)) != len(ids) + len(copied):
+            raise ValueError(f"duplicate request ids in one prefill: {ids + copied}")
+        if set(copies) - set(ids):
+            raise ValueError(f"copies of rows that are not in this prefill: {sorted(set(copies) - set(ids))}")
         if keep is not None:
             wanted = set(keep)
             self._keep([rid for rid in self.ids if rid in wanted])
@@ -145,6 +152,12 @@ class AugmentRows:
         else:
             with self.lock:
                 states, cache = self.encoder(input_ids, mask, positions_from_mask(mask), None, True)
+        if copied:  # the copies: the same cache rows again, under their own ids
+            index = torch.tensor([i for i, rid in enumerate(ids) for _ in copies.get(rid, [])], device=self.device)
+            self._release(copied)
+            ids, mask = ids + copied, torch.cat([mask, mask.index_select(0, index)])
+            if cache is not None:
+                cache = copy_rows_hf_cache(cache, torch.cat([torch.arange(len(rows), device=self.device), index]))
         self._append(ids, mask, cache)
         return self._encode(states) if return_states else None
 

@@ -18,6 +18,8 @@ Sliding-window or static caches are refused with a clear error.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
@@ -96,6 +98,14 @@ def select_rows_hf_cache(cache, index: torch.Tensor) -> None:
         if layer.is_initialized:
             layer.keys = layer.keys.index_select(0, index)
             layer.values = layer.values.index_select(0, index)
+
+
+def copy_rows_hf_cache(cache, index: torch.Tensor):
+    """A new cache holding batch rows ``index`` of ``cache`` (which is left as it is); rows may repeat."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in _layers(cache)]
+    select_rows_hf_cache(out, index)
+    return out
 
 
 def add_empty_rows_hf_cache(cache, before: int = 0, after: int = 0) -> None:

@@ -30,8 +30,9 @@ forward starts at once and waits for the states only at that bridge).
 ``generate(request)`` is an async generator of ``{"index", "token_ids": [...], "finish_reason", "logprobs",
 "prompt_logprobs"}`` chunks, one choice's tokens each (``finish_reason`` is None until that choice's last
 chunk, then "stop" for an end-of-sequence token, or "length"); closing it early (a client that went away)
-frees the request's rows at the next step. A request with ``n`` > 1 runs as n rows admitted together, in
-one prefill; ``index`` says which of them a chunk is. What a row's next token is drawn from: the model's
+frees the request's rows at the next step. A request with ``n`` > 1 runs as n rows admitted together; their
+prompt is computed once (rows with equal prompts in one prefill share it: the others copy the first one's
+cache rows, here and on the augmenting side), and ``index`` says which of them a chunk is. What a row's next token is drawn from: the model's
 logits, plus ``logit_bias``, minus the presence and frequency penalties of the tokens it generated, then
 greedy or sampled; its logprobs are those of the model's own distribution (log-softmax of the raw logits).
 Works without Ray: give it ``actors.serve.augment_client.LocalAugments``.
@@ -160,7 +161,7 @@ class DecodeEngine:
         self._release_pending = False  # the batch emptied: tell the augmenting side to free its rows
         self._task: asyncio.Task | None = None
         self.counters = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "tokens": 0,
-                         "prefills": 0, "max_rows_in_step": 0}
+                         "prefills": 0, "prefill_rows": 0, "shared_prefill_rows": 0, "max_rows_in_step": 0}
         # seconds spent in decode steps: the augmenting calls from start to answer, the part of them the anchor
         # waited for (not hidden behind its layers below the first bridge), the rest of the model call, all
         self.timers = {"augment_call_s": 0.0, "augment_s": 0.0, "anchor_s": 0.0, "step_s": 0.0}
@@ -446,22 +447,36 @@ class DecodeEngine:
     # ------------------------------------------------------------------ model calls
     async def _prefill(self, rows: list[_Row]) -> None:
         self.counters["prefills"] += 1
-        prompts = [(r.id, r.tokens) for r in rows]
-        ids, mask = left_pad_rows([r.tokens for r in rows], self.pad_id)
+        # rows with the same prompt (a request's n choices, or equal prompts admitted together) are computed
+        # once, on both sides: the first of them leads, the others get copies of its cache rows
+        lead_of: dict[tuple[int, ...], int] = {}
+        expand = [lead_of.setdefault(tuple(r.tokens), len(lead_of)) for r in rows]  # row -> its leader's position
+        leaders = [rows[expand.index(k)] for k in range(len(lead_of))]
+        copies = {leaders[k].id: [r.id for r, e in zip(rows, expand) if e == k and r is not leaders[k]]
+                  for k in range(len(leaders))}
+        copies = {lead: ids for lead, ids in copies.items() if ids} or None
+        self.counters["prefill_rows"] += len(leaders)
+        self.counters["shared_prefill_rows"] += len(rows) - len(leaders)
+        prompts = [(r.id, r.tokens) for r in leaders]
+        ids, mask = left_pad_rows([r.tokens for r in leaders], self.pad_id)
         keep = [r.id for r in self._running]
         echo = any(r.request.prompt_logprobs for r in rows)  # then the logits of every prompt position
         if self.aligner is None:
-            states = self.augments.prefill(prompts, keep=keep)
+            states = self.augments.prefill(prompts, keep=keep, copies=copies)
             logits, cache, _, _ = await self._forward_with(states, ids, mask, None, all_logits=echo)
         else:
             texts, inputs = self.aligner.step(ids, mask, None, None)
-            new = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per row: the prompt's closed tokens
+            new = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per leader: the prompt's closed tokens
             for r, row in enumerate(rows):
-                row.augment_tokens = [list(new[m][r]) for m in range(len(new))]
+                row.augment_tokens = [list(new[m][expand[r]]) for m in range(len(new))]
             states = self.augments.prefill_each(
-                [[(row.id, new[m][r]) for r, row in enumerate(rows)] for m in range(len(new))], keep)
+                [[(row.id, new[m][r]) for r, row in enumerate(leaders)] for m in range(len(new))], keep, copies)
             logits, cache, _, _ = await self._forward_with(states, ids, mask, None, inputs, all_logits=echo)
             cache.texts = texts
+        if copies:  # every row gets its leader's logits and cache rows
+            index = torch.tensor(expand, dtype=torch.long, device=self.device)
+            logits = logits.index_select(0, index.to(logits.device))
+            select_rows(cache, index, self._bridge_augments)
         prompt_logprobs = None
         if echo:
             prompt_logprobs, logits = self._prompt_logprobs(rows, logits), logits[:, -1]
