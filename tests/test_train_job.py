@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -362,48 +361,9 @@ def test_rerunning_the_job_continues_from_its_last_checkpoint(ray_cluster, first
     assert (output / "bridges.safetensors").read_bytes() != before
 
 
-def test_killed_training_worker_resumes_from_the_last_checkpoint(ray_cluster, pair, tmp_path):
-    from ray.job_submission import JobStatus
-
-    from composition.training import STATE_FILE
-
-    root, base = pair
-    steps, every = 24, 4
-    config = write_config(tmp_path, base, "killed", **{"training.steps": steps, "training.checkpoint_every": every})
-    run_dir = Path(base["storage_path"]) / "killed"
-    submit(ray_cluster, config, "train-killed")
-    killed: list[int] = []
-
-    def kill_after_first_checkpoint(logs: str) -> None:
-        snapshot = run_dir / "checkpoint_manager_snapshot.json"
-        if killed or not snapshot.is_file():
-            return
-        try:
-            registered = json.loads(snapshot.read_text())["checkpoint_results"]
-        except (ValueError, KeyError):  # being rewritten
-            return
-        ranks = re.findall(r"RayTrainWorker pid=(\d+)\)\S*\s+worker 0/2", logs)
-        if registered and ranks:
-            os.kill(int(ranks[0]), signal.SIGKILL)  # rank 0: the worker that writes checkpoints
-            killed.append(int(ranks[0]))
-
-    status, logs = wait_job(ray_cluster, "train-killed", on_poll=kill_after_first_checkpoint)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert killed, "the run finished before a checkpoint was seen: nothing was killed"
-    resumed = [int(m.group(1)) for m in RESUME_LINE.finditer(logs)]
-    assert len(resumed) == 1 and resumed[0] >= every and resumed[0] % every == 0, resumed
-    c = resumed[0]
-    seen = steps_in(logs)
-    before = [s for pid, s in seen if pid == killed[0]]
-    after = [s for pid, s in seen if pid != killed[0]]
-    assert before == list(range(1, len(before) + 1)) and before[-1] >= c  # the killed attempt got past c
-    assert after == list(range(c + 1, steps + 1))  # the restart trains c+1..steps: steps <= c never again
-    last = sorted(run_dir.glob("checkpoint_0*"))[-1]
-    state = json.loads((last / "bridge_trainer" / STATE_FILE).read_text())
-    assert state["step"] == steps
-    assert state["attempts"] == [{"first_step": 1, "last_checkpointed_step": c},
-                                 {"first_step": c + 1, "last_checkpointed_step": steps}]
-    assert (tmp_path / "killed" / "bridges" / "bridges.safetensors").is_file()
+# A training worker killed mid-run (rank 0, after its first checkpoint), the group restarted by Ray Train and
+# resuming from that checkpoint without training any checkpointed step again: tests/test_s3_storage.py
+# (test_training_on_s3_resumes_a_killed_worker_exports_and_serves_from_s3), with the checkpoints on S3.
 
 
 # ------------------------------------------------------------------------------------------ different tokenizers
