@@ -344,23 +344,9 @@ def test_job_submit_without_the_token_is_refused(ray_cluster, tmp_path):
     assert re.search(r"(?i)unauthori[sz]ed|authentication|401|token", proc.stdout + proc.stderr)
 
 
-def test_rerunning_the_job_continues_from_its_last_checkpoint(ray_cluster, first_job):
-    from ray.job_submission import JobStatus
-
-    config, status, _, output = first_job
-    assert status == JobStatus.SUCCEEDED
-    before = (output / "bridges.safetensors").read_bytes()
-    raw = yaml.safe_load(config.read_text())
-    raw["training"]["steps"] = 9  # same name and storage_path: the same run, trained further
-    config.write_text(yaml.safe_dump(raw))
-    submit(ray_cluster, config, "train-first-again")
-    status, logs = wait_job(ray_cluster, "train-first-again")
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert RESUME_LINE.search(logs).group(1) == "6"
-    assert [s for _, s in steps_in(logs)] == [7, 8, 9]  # no finished step is trained again
-    assert (output / "bridges.safetensors").read_bytes() != before
-
-
+# Rerunning a job (same name and storage_path, more steps) resumes from its last checkpoint and trains no finished
+# step again: tests/test_cluster.py (test_training_runs_on_the_node_its_custom_resources_name_and_resumes_on_another
+# _node), where the rerun also lands on another node than the one that wrote the checkpoint.
 # A training worker killed mid-run (rank 0, after its first checkpoint), the group restarted by Ray Train and
 # resuming from that checkpoint without training any checkpointed step again: tests/test_s3_storage.py
 # (test_training_on_s3_resumes_a_killed_worker_exports_and_serves_from_s3), with the checkpoints on S3.
