@@ -100,3 +100,22 @@ def test_config_errors_name_the_key():
         config(bpc_chars=[900, 50])
     with pytest.raises(ConfigError, match="pack_chars"):
         config(pack_chars={"de": 100})
+    with pytest.raises(ConfigError, match="device"):
+        config(device="tpu")
+
+
+@pytest.mark.parametrize("name", ["quick", "full", "gpu"])
+def test_the_shipped_configurations_validate(name):
+    cfg = LanguageConfig.load(f"experiments/language/configs/{name}.yaml")
+    assert cfg.device == ("cuda" if name == "gpu" else "cpu")
+
+
+def test_the_gpu_configuration_says_what_it_needs_on_a_machine_without_cuda(capsys):
+    import torch
+
+    from experiments.language.run import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="no CUDA device.*full.yaml"):
+        main(["--config", "experiments/language/configs/gpu.yaml"])

@@ -28,6 +28,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -96,6 +97,8 @@ class LanguageConfig(StrictModel):
     export_bridges: str | None = None  # write the trained bridges here in bfloat16 (e.g. assets/language_pair/bridges)
     seed: int = 0
     ray_address: str | None = "local"  # "local": a Ray started for the run; or a cluster's address
+    # "cuda": every stage on one GPU (the Ray job's worker and Gemma actor take half of it each)
+    device: Literal["cpu", "cuda"] = "cpu"
 
     @model_validator(mode="after")
     def _check(self):
@@ -270,7 +273,9 @@ def compose(cfg: LanguageConfig, out: Path, augment: Path, bridges: Path, name: 
                      "warmup_steps": warmup(cfg.steps), "checkpoint_every": max(10, cfg.steps // 10),
                      "seed": cfg.seed, "log_every": max(1, min(25, cfg.steps // 10))},
         # one training worker and one Gemma actor, a core each: Gemma encodes the next batch while the anchor trains
-        "ray": {"num_workers": 1, "cpus_per_worker": 1, "augment_actors": 1, "cpus_per_augment_actor": 1},
+        "ray": {"num_workers": 1, "cpus_per_worker": 1, "augment_actors": 1, "cpus_per_augment_actor": 1,
+                **({"gpus_per_worker": 0.5, "gpus_per_augment_actor": 0.5} if cfg.device == "cuda" else {})},
+        "device": cfg.device,
         "storage_path": str((out / "ray_runs").resolve()),
         "output": str(bridges.resolve()),
         "dtype": cfg.train_dtype,
@@ -308,14 +313,14 @@ def lora(cfg: LanguageConfig, out: Path, rows: list[dict], bridge_params: int) -
     rank = max(1, math.ceil(bridge_params / unit))
     print(f"[lora] rank {rank}: {rank * unit:,} trainable parameters (bridges: {bridge_params:,})", flush=True)
     tok = load_tokenizer(cfg.anchor)
-    model = lora_model(load_causal_lm(cfg.anchor, dtype=cfg.train_dtype), rank)
+    model = lora_model(load_causal_lm(cfg.anchor, dtype=cfg.train_dtype), rank).to(cfg.device)
     for p in model.parameters():  # the adapters train in float32 over the frozen bf16 anchor, as the bridges do
         if p.requires_grad:
             p.data = p.data.float()
     settings = TrainSettings(lr=cfg.lora_lr, steps=cfg.steps, warmup_steps=warmup(cfg.steps), weight_decay=0.0)
     history = train(PlainLM(model), encode_rows(tok, rows, cfg.max_length), settings, cfg.batch_size,
                     tok.pad_token_id, cfg.seed, checkpoint=out / "lora.ckpt", checkpoint_every=max(10, cfg.steps // 10),
-                    label="lora", log_every=max(1, min(25, cfg.steps // 10)))
+                    label="lora", log_every=max(1, min(25, cfg.steps // 10)), device=cfg.device)
     with atomic_folder(out / "lora") as tmp:
         model.save_pretrained(tmp)
     return {"history": _history(history), "rank": rank, "parameters": rank * unit}
@@ -337,6 +342,7 @@ def translate(model, tok, pairs: list[dict], shots: list[dict], batch_size: int,
     from composition.generate import generate
 
     model.eval()
+    device = next(model.parameters()).device
     stops = stop_ids(tok)
     prompts = [translation_prompt(p["es"], shots) for p in pairs]
     source_len = [len(tok(p["es"], add_special_tokens=False)["input_ids"]) for p in pairs]
@@ -345,11 +351,11 @@ def translate(model, tok, pairs: list[dict], shots: list[dict], batch_size: int,
     for start in tqdm(range(0, len(order), batch_size), desc=f"[{label}] translate", file=sys.stdout, mininterval=10):
         chunk = order[start : start + batch_size]
         tok.padding_side = "left"
-        enc = tok([prompts[i] for i in chunk], add_special_tokens=True, padding=True, return_tensors="pt")
+        enc = tok([prompts[i] for i in chunk], add_special_tokens=True, padding=True, return_tensors="pt").to(device)
         budget = min(256, int(1.6 * max(source_len[i] for i in chunk)) + 8)
         seqs = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=budget, eos_token_id=stops,
                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        texts = tok.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = tok.batch_decode(seqs[:, enc["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
         for i, text in zip(chunk, texts):
             out[i] = text.strip().split("\n")[0].strip()
     return out
@@ -365,13 +371,14 @@ def bits_per_char(model, tok, texts: list[dict], batch_size: int, label: str) ->
     from composition.alignment import prefix_special_ids
 
     model.eval()
+    device = next(model.parameters()).device
     tok.padding_side = "left"
     nats, chars = 0.0, 0
     starts = len(prefix_special_ids(tok))
     for start in range(0, len(texts), batch_size):
         chunk = [t["text"] for t in texts[start : start + batch_size]]
         enc = tok(chunk, add_special_tokens=True, padding=True, return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         logits = model(ids, mask).logits
         for row in range(len(chunk)):
             keep = mask[row].bool()
@@ -393,7 +400,7 @@ def systems(cfg: LanguageConfig, out: Path, folders: dict) -> dict:
     anchor_tok = load_tokenizer(cfg.anchor)
 
     def plain(folder):
-        return lambda: (PlainLM(load_causal_lm(str(folder), dtype=dtype)), load_tokenizer(str(folder)))
+        return lambda: (PlainLM(load_causal_lm(str(folder), dtype=dtype)).to(cfg.device), load_tokenizer(str(folder)))
 
     def calm(augment: Path, bridges: Path):
         def load():
@@ -401,13 +408,13 @@ def systems(cfg: LanguageConfig, out: Path, folders: dict) -> dict:
             model = ComposedModel.from_pretrained(bridges, load_causal_lm(cfg.anchor, dtype=dtype),
                                                   [load_causal_lm(str(augment), dtype=dtype)],
                                                   tokenizers=[anchor_tok, aug_tok])
-            return model, anchor_tok
+            return model.to(cfg.device), anchor_tok
         return load
 
     def lora_system():
         from peft import PeftModel
 
-        return PlainLM(PeftModel.from_pretrained(load_causal_lm(cfg.anchor, dtype=dtype), str(out / "lora"))), anchor_tok
+        return PlainLM(PeftModel.from_pretrained(load_causal_lm(cfg.anchor, dtype=dtype), str(out / "lora"))).to(cfg.device), anchor_tok
 
     table = {
         "anchor": ([folders["anchor"]], plain(folders["anchor"])),
@@ -558,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop after this stage (a later run resumes from the next one)")
     args = parser.parse_args(argv)
     cfg = LanguageConfig.load(args.config)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: {args.config}: device: cuda, but torch sees no CUDA device here; run it on a GPU "
+                         f"machine with a CUDA build of torch, or use experiments/language/configs/full.yaml (CPU)")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = Path(cfg.output)
     log = StageLog(out, args.stop_after)
@@ -664,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
         "stage_seconds": stage_s,
         "wall_seconds_total": round(sum(stage_s.values()), 1),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "processor": platform.processor() or platform.machine(), "gpu": None},
+                    "processor": platform.processor() or platform.machine(),
+                    "gpu": torch.cuda.get_device_name() if cfg.device == "cuda" else None},
         "date": time.strftime("%Y-%m-%d"),
         "examples": examples,
         "training_curves": {"CALM bridges": rec.get("compose", {}).get("history"),
