@@ -483,7 +483,7 @@ def test_training_runs_on_the_node_its_custom_resources_name_and_resumes_on_anot
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert [s for _, s in steps_in(logs)] == list(range(1, steps + 1)), logs[-4000:]
     bridges = tmp_path / "bridges" / "bridges.safetensors"
-    assert bridges.is_file()
+    assert bridges.is_file() and (tmp_path / "bridges" / "composition_config.json").is_file()
     before = bridges.read_bytes()
 
     workers, augmenters, seen = _job_actors(ray_cluster.dashboard, first)
