@@ -241,16 +241,21 @@ def prepare_models(cfg: LanguageConfig, out: Path) -> dict:
             module.convert(folder)
     random_folder = out / "random_gemma3"
     if not (random_folder / "config.json").is_file():
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         from composition import load_tokenizer
 
-        torch.manual_seed(cfg.seed + 7)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.augment)).to(torch.bfloat16)
+        model = random_augment(cfg)
         with atomic_folder(random_folder) as tmp:
             model.save_pretrained(tmp)
             load_tokenizer(cfg.augment).save_pretrained(tmp)
     return {"anchor": Path(cfg.anchor), "augment": Path(cfg.augment), "random_augment": random_folder}
+
+
+def random_augment(cfg: LanguageConfig):
+    """The ablation's Gemma-3: the augmenting model's config with random weights (seed + 7), in bfloat16."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed + 7)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.augment)).to(torch.bfloat16)
 
 
 # ---------------------------------------------------------------- stages 4-5: training

@@ -25,15 +25,7 @@ import torch
 
 from experiments.common import PlainLM
 from experiments.language.data import load_splits
-from experiments.language.run import LANGUAGES, LanguageConfig, bits_per_char, eval_sets
-
-
-def random_gemma(cfg: LanguageConfig):
-    """The ablation's random Gemma-3, rebuilt as ``prepare_models`` builds it (same seed, same dtype)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(cfg.seed + 7)
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.augment)).to(torch.bfloat16).eval()
+from experiments.language.run import LANGUAGES, LanguageConfig, bits_per_char, eval_sets, random_augment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             model = PlainLM(anchor)
         else:
             real = name == "calm"
-            augment = load_causal_lm(cfg.augment, dtype=dtype) if real else random_gemma(cfg)
+            augment = load_causal_lm(cfg.augment, dtype=dtype) if real else random_augment(cfg).eval()
             # the checkpoint's fingerprint names the real Gemma: the swap has to override it on purpose
             model = ComposedModel.from_pretrained(bridges, anchor, [augment], tokenizers=[anchor_tok, augment_tok],
                                                   check_models=real)
