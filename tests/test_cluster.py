@@ -519,6 +519,11 @@ def test_training_runs_on_the_node_its_custom_resources_name_and_resumes_on_anot
     assert state["attempts"] == [{"first_step": 1, "last_checkpointed_step": steps},
                                  {"first_step": steps + 1, "last_checkpointed_step": 2 * steps}]
     assert bridges.read_bytes() != before
-    model = ComposedModel.from_pretrained(tmp_path / "bridges", load_causal_lm(raw["anchor"]),
-                                          [load_causal_lm(a) for a in raw["augments"]])
-    assert model.links and any(p.abs().sum() > 0 for p in model.trainable_parameters())
+    def pair_models():
+        return load_causal_lm(raw["anchor"]), [load_causal_lm(a) for a in raw["augments"]]
+
+    model = ComposedModel.from_pretrained(tmp_path / "bridges", *pair_models())
+    expected = ComposedModel(*pair_models(), read_config(config).composition)  # the links the config asks for
+    pairs = [(link.augment_index, link.anchor_index) for link in model.links]
+    assert pairs and pairs == [(link.augment_index, link.anchor_index) for link in expected.links]
+    assert any(p.abs().sum() > 0 for p in model.trainable_parameters())
