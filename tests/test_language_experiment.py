@@ -5,11 +5,12 @@ prompt, the packed training rows, the held-out checks and the config's validatio
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
 from actors.config import parse
-from composition.config import ConfigError
+from composition.config import CompositionConfig, ConfigError
 from experiments.language.run import (LANGUAGES, SHOTS, LanguageConfig, build_mix, check_heldout, eval_sets,
                                       find_shots, packed, translation_prompt)
 
@@ -104,10 +105,45 @@ def test_config_errors_name_the_key():
         config(device="tpu")
 
 
-@pytest.mark.parametrize("name", ["quick", "full", "gpu"])
-def test_the_shipped_configurations_validate(name):
-    cfg = LanguageConfig.load(f"experiments/language/configs/{name}.yaml")
-    assert cfg.device == ("cuda" if name == "gpu" else "cpu")
+CONFIGS = sorted(str(p) for p in Path("experiments/language/configs").rglob("*.yaml"))
+
+
+def test_every_shipped_configuration_is_tested():
+    assert {Path(c).stem for c in CONFIGS} >= {"quick", "full", "gpu", "probe_layers_a", "probe_layers_b", "probe_lr"}
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_the_shipped_configurations_validate(path):
+    """Every configuration, the trials' too, loads, and its bridges fit SmolLM2 (30 layers) and Gemma-3 (18)."""
+    cfg = LanguageConfig.load(path)
+    assert cfg.device == ("cuda" if Path(path).stem == "gpu" else "cpu")
+    pairs = CompositionConfig.from_dict(cfg.composition).mappings[0].resolve(augment_layers=18, anchor_layers=30)
+    assert all(0 <= a <= 18 and 0 <= b <= 30 for a, b in pairs)
+
+
+def test_the_word_check_splits_the_loss_by_the_predicted_token():
+    """experiments/language/word_check.py: with one token per character, the word-initial targets are the spaces
+    and newlines, and the two classes' bits add up to the whole next-token loss."""
+    import math
+
+    import torch
+
+    from experiments.common import PlainLM
+    from experiments.language.word_check import split_loss
+    from tests.fixtures import char_tokenizer, tiny
+
+    tok = char_tokenizer(chat_template=None)
+    model = PlainLM(tiny("llama", vocab=len(tok)))
+    texts = [{"text": "ab cd\nef"}, {"text": "x yz w"}, {"text": "long word here"}]
+    out = split_loss(model, tok, texts, batch_size=2)
+    assert out["tokens"] == {"word_initial": 2 + 2 + 2, "continuation": 5 + 3 + 11}
+    total = 0.0
+    for t in texts:
+        ids = torch.tensor([tok(t["text"])["input_ids"]])
+        with torch.no_grad():
+            logits = model(ids, torch.ones_like(ids)).logits[0, :-1]
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")) / math.log(2)
+    assert sum(out["bits"].values()) == pytest.approx(total, rel=1e-4)
 
 
 def test_the_gpu_configuration_says_what_it_needs_on_a_machine_without_cuda(capsys):
