@@ -113,6 +113,10 @@ class CompositionConfig:
             bridge a per-token map from the augmenting model's state to the anchor's, a strong prior
             when both models read the same tokens.
         norm: RMSNorm on the bridge's query input and on the augmenting states.
+        augment_norm: how the augmenting states are normalised (when ``norm``): ``"rms"`` (RMSNorm), or
+            ``"robust"``: scaled by their median channel and softly clipped, for models whose states hold a
+            few massive channels (Gemma-3), which leave every other channel near zero after RMSNorm
+            (bridge.RobustNorm says more).
         proj_hidden: if set, the projection f_proj is a two-layer MLP with this hidden width
             (Linear, GELU, Linear) instead of the paper's single linear map. A linear map can
             only move the augmenting state into the anchor's space; an MLP can also decode it
@@ -135,6 +139,7 @@ class CompositionConfig:
     rope_theta: float = 10000.0
     window: int | None = None
     norm: bool = True
+    augment_norm: str = "rms"
     proj_hidden: int | None = None
     gate: bool | str = False
     bridge_dtype: str = "float32"
@@ -155,6 +160,8 @@ class CompositionConfig:
             )
         if self.gate not in (False, True, "anchor", "retrieved"):
             raise ConfigError(f"gate must be false, true (= 'anchor') or 'retrieved', got {self.gate!r}")
+        if self.augment_norm not in ("rms", "robust"):
+            raise ConfigError(f"augment_norm must be 'rms' or 'robust', got {self.augment_norm!r}")
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
 

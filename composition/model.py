@@ -138,6 +138,7 @@ class ComposedModel(nn.Module):
                 norm=config.norm,
                 proj_hidden=config.proj_hidden,
                 gate=config.gate,
+                augment_norm=config.augment_norm,
             ).to(device=device, dtype=dtype)
             for link in self.links
         )

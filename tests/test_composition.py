@@ -445,6 +445,44 @@ def test_mlp_projection_starts_at_the_anchor_trains_and_round_trips(tmp_path):
         CompositionConfig(proj_hidden=0)
 
 
+def test_the_robust_augment_norm_reads_past_a_massive_channel_and_round_trips(tmp_path):
+    """augment_norm: robust. A state whose one channel is 1000x the others (as Gemma-3's layer 9 has): RMSNorm
+    leaves the other channels over 30x smaller than without that channel; RobustNorm leaves them at their scale
+    and direction, and clips the massive one. A composed model with it starts at the anchor, and its config and weights round-trip."""
+    from composition.bridge import RMSNorm, RobustNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 512)
+    spiked = x.clone()
+    spiked[:, 7] = 1000.0
+    others = [c for c in range(512) if c != 7]
+    with torch.no_grad():
+        plain = RMSNorm(512)(x)[:, others]
+        assert RMSNorm(512)(spiked)[:, others].abs().median() < plain.abs().median() / 30
+        robust = RobustNorm(512)(spiked)
+    expected = 4.0 * torch.tanh(plain / 4.0)  # the median estimates a row's scale to a few percent, not exactly
+    assert 0.9 < float(robust[:, others].abs().median() / expected.abs().median()) < 1.1
+    assert torch.nn.functional.cosine_similarity(robust[:, others], expected, dim=-1).min() > 0.999
+    assert robust[:, 7].max() <= 4.0
+
+    cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(0, 0), (4, 6)])], augment_norm="robust")
+    model = ComposedModel(anchor_model(), [augment_model()], cfg)
+    assert all(isinstance(b.augment_norm, RobustNorm) for b in model.bridges)
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model.anchor(ids).logits, rtol=0, atol=1e-6)
+    randomise_bridges(model)
+    with torch.no_grad():
+        trained = model(ids).logits
+    model.save_pretrained(tmp_path / "bridges")
+    loaded = ComposedModel.from_pretrained(tmp_path / "bridges", anchor_model(), [augment_model()])
+    assert loaded.config.augment_norm == "robust"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trained, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="augment_norm must be 'rms' or 'robust'"):
+        CompositionConfig(augment_norm="layer")
+
+
 # ---------------------------------------------------------------- deferred augmenting states
 # (a serving engine passes a callable, so the anchor's layers below the first bridge run while the
 # augmenting states are still on their way)
