@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                                                   tokenizers=[anchor_tok, augment_tok])
         raw[name] = {}
         for lang in LANGUAGES:
-            raw[name][lang] = split_loss(model, anchor_tok, texts[lang], 4)
-            print(f"[{name} {lang}] " + ", ".join(f"{c} {raw[name][lang]['bits'][c] / raw[name][lang]['tokens'][c]:.3f} "
-                                                 f"bits/token" for c in CLASSES), flush=True)
+            loss = raw[name][lang] = split_loss(model, anchor_tok, texts[lang], 4)
+            print(f"[{name} {lang}] " + ", ".join(f"{c} {loss['bits'][c] / loss['tokens'][c]:.3f} bits/token"
+                                                 for c in CLASSES), flush=True)
     summary = {}
     for lang in LANGUAGES:
         a, m = raw["anchor"][lang], raw["calm"][lang]
