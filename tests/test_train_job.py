@@ -207,6 +207,16 @@ def test_init_bridges_start_the_workers_model_from_saved_bridges_of_the_same_com
                          **{"composition.mappings": [{"pairs": [[2, 2]]}]})
     with pytest.raises(TrainConfigError, match=r"'init_bridges': .* holds bridges of another composition \(mappings"):
         prepare(str(other))
+    robust = write_config(tmp_path, base, "robust", init_bridges=str(tmp_path / "saved"),
+                          **{"composition.augment_norm": "robust"})
+    with pytest.raises(TrainConfigError, match=r"another composition \(augment_norm differ"):
+        prepare(str(robust))
+    # bridges saved before a composition key existed (here augment_norm) read it as its default
+    meta_file = tmp_path / "saved" / "composition_config.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["config"]["augment_norm"]
+    meta_file.write_text(json.dumps(meta))
+    prepare(str(write_config(tmp_path, base, "warm_old", init_bridges=str(tmp_path / "saved"))))
 
 
 def test_bad_config_fails_before_any_cluster_work(pair, tmp_path):

@@ -417,7 +417,8 @@ def _check_init_bridges(cfg: TrainJobConfig) -> None:
         meta = read_meta(cfg.init_bridges)
     except (FileNotFoundError, ValueError) as e:
         raise TrainConfigError(f"'init_bridges': {e}; give a folder written by a training job's output") from None
-    saved, wanted = meta["config"], cfg.composition.to_dict()
+    # through CompositionConfig, so that keys added since the bridges were saved take their defaults
+    saved, wanted = CompositionConfig.from_dict(meta["config"]).to_dict(), cfg.composition.to_dict()
     changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if changed:
         raise TrainConfigError(
