@@ -217,6 +217,11 @@ def test_init_bridges_start_the_workers_model_from_saved_bridges_of_the_same_com
     del meta["config"]["augment_norm"]
     meta_file.write_text(json.dumps(meta))
     prepare(str(write_config(tmp_path, base, "warm_old", init_bridges=str(tmp_path / "saved"))))
+    # bridges from a version with a key this one does not know: a config error naming init_bridges, no traceback
+    meta["config"]["future_key"] = 1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(TrainConfigError, match=r"'init_bridges': .* cannot read \(unknown composition keys \['future_key'\]"):
+        prepare(str(write_config(tmp_path, base, "warm_new", init_bridges=str(tmp_path / "saved"))))
 
 
 def test_bad_config_fails_before_any_cluster_work(pair, tmp_path):

@@ -418,7 +418,12 @@ def _check_init_bridges(cfg: TrainJobConfig) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise TrainConfigError(f"'init_bridges': {e}; give a folder written by a training job's output") from None
     # through CompositionConfig, so that keys added since the bridges were saved take their defaults
-    saved, wanted = CompositionConfig.from_dict(meta["config"]).to_dict(), cfg.composition.to_dict()
+    try:
+        saved = CompositionConfig.from_dict(meta["config"]).to_dict()
+    except ConfigError as e:
+        raise TrainConfigError(f"'init_bridges': {cfg.init_bridges} holds a composition this version cannot read "
+                               f"({e}); use bridges written by this version or remove init_bridges") from None
+    wanted = cfg.composition.to_dict()
     changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if changed:
         raise TrainConfigError(
