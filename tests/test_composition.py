@@ -425,10 +425,9 @@ def test_window_one_bridge_reads_only_the_same_token():
     assert torch.equal(model.generate(ids, max_new_tokens=5), model.generate(ids, max_new_tokens=5, use_cache=False))
 
 
-def test_mlp_projection_starts_at_the_anchor_trains_and_round_trips(tmp_path):
-    cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(0, 0), (4, 6)])], window=1, proj_hidden=48)
-    model = ComposedModel(anchor_model(), [augment_model()], cfg)
-    assert isinstance(model.bridges[0].proj, torch.nn.Sequential) and model.bridges[0].proj[0].out_features == 48
+def starts_at_the_anchor_trains_and_round_trips(model: ComposedModel, tmp_path) -> ComposedModel:
+    """``model`` (on anchor_model() and augment_model()) equals its anchor at initialisation; with random bridges
+    it differs, and save_pretrained + from_pretrained give it back exactly. Returns the loaded model."""
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, model.anchor(ids).logits, rtol=0, atol=1e-6)
@@ -438,9 +437,17 @@ def test_mlp_projection_starts_at_the_anchor_trains_and_round_trips(tmp_path):
     assert (trained - model.anchor(ids).logits).abs().max() > 1e-3
     model.save_pretrained(tmp_path / "bridges")
     loaded = ComposedModel.from_pretrained(tmp_path / "bridges", anchor_model(), [augment_model()])
-    assert loaded.config.proj_hidden == 48
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, trained, rtol=0, atol=0)
+    return loaded
+
+
+def test_mlp_projection_starts_at_the_anchor_trains_and_round_trips(tmp_path):
+    cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(0, 0), (4, 6)])], window=1, proj_hidden=48)
+    model = ComposedModel(anchor_model(), [augment_model()], cfg)
+    assert isinstance(model.bridges[0].proj, torch.nn.Sequential) and model.bridges[0].proj[0].out_features == 48
+    loaded = starts_at_the_anchor_trains_and_round_trips(model, tmp_path)
+    assert loaded.config.proj_hidden == 48
     with pytest.raises(ConfigError, match="proj_hidden must be a positive integer"):
         CompositionConfig(proj_hidden=0)
 
@@ -448,7 +455,8 @@ def test_mlp_projection_starts_at_the_anchor_trains_and_round_trips(tmp_path):
 def test_the_robust_augment_norm_reads_past_a_massive_channel_and_round_trips(tmp_path):
     """augment_norm: robust. A state whose one channel is 1000x the others (as Gemma-3's layer 9 has): RMSNorm
     leaves the other channels over 30x smaller than without that channel; RobustNorm leaves them at their scale
-    and direction, and clips the massive one. A composed model with it starts at the anchor, and its config and weights round-trip."""
+    and direction, and clips the massive one. A composed model with it starts at the anchor, and its config and
+    weights round-trip."""
     from composition.bridge import RMSNorm, RobustNorm
 
     torch.manual_seed(0)
@@ -468,17 +476,8 @@ def test_the_robust_augment_norm_reads_past_a_massive_channel_and_round_trips(tm
     cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(0, 0), (4, 6)])], augment_norm="robust")
     model = ComposedModel(anchor_model(), [augment_model()], cfg)
     assert all(isinstance(b.augment_norm, RobustNorm) for b in model.bridges)
-    ids = tokens()
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, model.anchor(ids).logits, rtol=0, atol=1e-6)
-    randomise_bridges(model)
-    with torch.no_grad():
-        trained = model(ids).logits
-    model.save_pretrained(tmp_path / "bridges")
-    loaded = ComposedModel.from_pretrained(tmp_path / "bridges", anchor_model(), [augment_model()])
+    loaded = starts_at_the_anchor_trains_and_round_trips(model, tmp_path)
     assert loaded.config.augment_norm == "robust"
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, trained, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="augment_norm must be 'rms' or 'robust'"):
         CompositionConfig(augment_norm="layer")
 

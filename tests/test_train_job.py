@@ -220,7 +220,8 @@ def test_init_bridges_start_the_workers_model_from_saved_bridges_of_the_same_com
     # bridges from a version with a key this one does not know: a config error naming init_bridges, no traceback
     meta["config"]["future_key"] = 1
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(TrainConfigError, match=r"'init_bridges': .* cannot read \(unknown composition keys \['future_key'\]"):
+    with pytest.raises(TrainConfigError,
+                       match=r"'init_bridges': .* cannot read \(unknown composition keys \['future_key'\]"):
         prepare(str(write_config(tmp_path, base, "warm_new", init_bridges=str(tmp_path / "saved"))))
 
 

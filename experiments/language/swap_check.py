@@ -28,20 +28,27 @@ from experiments.language.data import load_splits
 from experiments.language.run import LANGUAGES, LanguageConfig, bits_per_char, eval_sets, random_augment
 
 
-def main(argv: list[str] | None = None) -> int:
-    from composition import ComposedModel, load_causal_lm, load_tokenizer
-
-    parser = argparse.ArgumentParser(prog="python -m experiments.language.swap_check",
-                                     description=__doc__.split("\n")[0])
+def bridge_check_args(module: str, doc: str, out: str, argv: list[str] | None):
+    """The command line of a check on trained bridges (this one, word_check): ``--config``, ``--bridges``,
+    ``--out``. Returns the parsed arguments, the config, the bridge folder (checked to hold bridges) and the
+    held-out texts the report scored, per language."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
     parser.add_argument("--config", default="experiments/language/configs/full.yaml")
     parser.add_argument("--bridges", default=None, help="bridge folder (default: the config's export_bridges)")
-    parser.add_argument("--out", default="results/language_swap_check.json")
+    parser.add_argument("--out", default=out)
     args = parser.parse_args(argv)
     cfg = LanguageConfig.load(args.config)
     bridges = args.bridges or cfg.export_bridges
     if not bridges or not Path(bridges, "composition_config.json").is_file():
         parser.error(f"no trained bridges at {bridges!r}: run the experiment first or pass --bridges")
-    texts = eval_sets(cfg, load_splits(cfg.data))["bpc"]
+    return args, cfg, bridges, eval_sets(cfg, load_splits(cfg.data))["bpc"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from composition import ComposedModel, load_causal_lm, load_tokenizer
+
+    args, cfg, bridges, texts = bridge_check_args("experiments.language.swap_check", __doc__,
+                                                 "results/language_swap_check.json", argv)
     dtype = cfg.eval_dtype
     anchor_tok, augment_tok = load_tokenizer(cfg.anchor), load_tokenizer(cfg.augment)
     start = time.time()

@@ -19,7 +19,6 @@ Writes ``results/language_word_check.json``. About 3 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,8 +29,8 @@ from pathlib import Path
 import torch
 
 from experiments.common import PlainLM
-from experiments.language.data import load_splits
-from experiments.language.run import LANGUAGES, LanguageConfig, eval_sets
+from experiments.language.run import LANGUAGES
+from experiments.language.swap_check import bridge_check_args
 
 CLASSES = ("word_initial", "continuation")
 
@@ -63,17 +62,8 @@ def split_loss(model, tok, texts: list[dict], batch_size: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from composition import ComposedModel, load_causal_lm, load_tokenizer
 
-    parser = argparse.ArgumentParser(prog="python -m experiments.language.word_check",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="experiments/language/configs/full.yaml")
-    parser.add_argument("--bridges", default=None, help="bridge folder (default: the config's export_bridges)")
-    parser.add_argument("--out", default="results/language_word_check.json")
-    args = parser.parse_args(argv)
-    cfg = LanguageConfig.load(args.config)
-    bridges = args.bridges or cfg.export_bridges
-    if not bridges or not Path(bridges, "composition_config.json").is_file():
-        parser.error(f"no trained bridges at {bridges!r}: run the experiment first or pass --bridges")
-    texts = eval_sets(cfg, load_splits(cfg.data))["bpc"]
+    args, cfg, bridges, texts = bridge_check_args("experiments.language.word_check", __doc__,
+                                                  "results/language_word_check.json", argv)
     anchor_tok, augment_tok = load_tokenizer(cfg.anchor), load_tokenizer(cfg.augment)
     start = time.time()
     raw = {}
