@@ -4,10 +4,10 @@ No cloud needed: the launcher config is validated offline with the pinned Ray's 
 ``prepare_config`` + ``validate_config`` (its JSON schema plus the launcher's checks), and every
 resource that the shipped training and serving configs request (custom resources included), per
 actor and per replica, must fit some worker type (of cluster.yaml and of each manifest), also at the
-configs' full scale. The last test simulates a second node on this machine: a raylet joined to the
-session's cluster with custom resources standing in for a GPU node type, and a training job whose
-actors ask for them; then that node is stopped and the job, rerun, resumes on the head from the
-checkpoint the second node wrote to storage both see.
+configs' full scale. ``gpu_node_stand_in`` simulates a second node on this machine: a raylet joined to
+the session's cluster with custom resources standing in for a GPU node type. tests/test_s3_storage.py
+runs the multi-node training job on it: pinned there by those resources, a worker killed, the node
+stopped, the job resumed on the head from the checkpoints on S3, and the bridges served from S3.
 """
 
 from __future__ import annotations
@@ -443,87 +443,3 @@ def _job_actors(dashboard: str, submission_id: str) -> tuple[list, list, str]:
     workers = [a for a in actors if a.class_name == "RayTrainWorker"]
     augmenters = [a for a in actors if "MapWorker" in a.class_name and "AugmentBatchEncoder" in a.class_name]
     return workers, augmenters, seen
-
-
-def test_training_runs_on_the_node_its_custom_resources_name_and_resumes_on_another_node(
-        ray_cluster, gpu_node_stand_in, tmp_path):
-    """configs/train_tiny.yaml with ray.resources_per_worker / resources_per_augment_actor naming the second
-    node's custom resources, submitted with `ray job submit`: it finishes, exports bridges, and Ray's state
-    API shows every Train worker and every augmenting actor of the job on that node, none on the head.
-
-    Then that node goes away and the same job (same name and storage_path, a storage folder both nodes
-    see, as NFS would be) is submitted again with twice the steps and no custom resources: its workers run
-    on the head, resume from the checkpoint the second node wrote, train only the steps after it, and the
-    exported bridges load."""
-    from ray.job_submission import JobStatus
-
-    from composition.loading import load_causal_lm
-    from composition.model import ComposedModel
-    from composition.training import STATE_FILE
-    from tests.test_train_job import RESUME_LINE, steps_in, submit, wait_job
-
-    steps = 3
-    raw = load(TRAIN)
-    raw["name"] = "multinode"
-    raw["anchor"] = str(ROOT / raw["anchor"])
-    raw["augments"] = [str(ROOT / a) for a in raw["augments"]]
-    raw["data"]["train"] = str(ROOT / raw["data"]["train"])
-    raw["training"].update(steps=steps, batch_size=8, checkpoint_every=steps, log_every=1, warmup_steps=1)
-    raw["ray"].update(resources_per_worker={SIM_ANCHOR: 0.5}, resources_per_augment_actor={SIM_AUGMENT: 0.5})
-    raw["storage_path"], raw["output"] = str(tmp_path / "runs"), str(tmp_path / "bridges")
-    raw["activation_cache"] = {"enabled": False}
-    config = tmp_path / "multinode.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    read_config(config)  # the derived config is valid
-
-    # run 1: pinned to the second node by its custom resources
-    first = f"train-multinode-{secrets.token_hex(4)}"
-    submit(ray_cluster, config, first)
-    status, logs = wait_job(ray_cluster, first, timeout=300)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert [s for _, s in steps_in(logs)] == list(range(1, steps + 1)), logs[-4000:]
-    bridges = tmp_path / "bridges" / "bridges.safetensors"
-    assert bridges.is_file() and (tmp_path / "bridges" / "composition_config.json").is_file()
-    before = bridges.read_bytes()
-
-    workers, augmenters, seen = _job_actors(ray_cluster.dashboard, first)
-    assert len(workers) == raw["ray"]["num_workers"], seen
-    assert 1 <= len(augmenters) <= raw["ray"]["augment_actors"], seen
-    head = {n.node_id for n in _nodes(ray_cluster.dashboard) if n.is_head_node}
-    assert gpu_node_stand_in.node_id not in head
-    for actor in workers + augmenters:
-        assert actor.node_id == gpu_node_stand_in.node_id, f"{actor.class_name} ran on {actor.node_id}:\n{seen}"
-
-    # the node goes away (its processes only); run 2 asks for no custom resource, so only the head can take it
-    gpu_node_stand_in.stop()
-    run_dir = tmp_path / "runs" / "multinode"
-    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [f"checkpoint_{steps:08d}"]
-    raw["training"]["steps"] = 2 * steps
-    raw["ray"].update(resources_per_worker={}, resources_per_augment_actor={})
-    config.write_text(yaml.safe_dump(raw))
-    second = f"train-multinode-again-{secrets.token_hex(4)}"
-    submit(ray_cluster, config, second)
-    status, logs = wait_job(ray_cluster, second, timeout=300)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert [int(m.group(1)) for m in RESUME_LINE.finditer(logs)] == [steps], logs[-4000:]
-    assert [s for _, s in steps_in(logs)] == list(range(steps + 1, 2 * steps + 1)), logs[-4000:]  # none repeated
-
-    moved, _, seen = _job_actors(ray_cluster.dashboard, second)
-    assert len(moved) == raw["ray"]["num_workers"], seen
-    for actor in moved:
-        assert actor.node_id in head and actor.node_id != gpu_node_stand_in.node_id, seen
-    last = sorted(run_dir.glob("checkpoint_0*"))[-1]
-    assert last.name == f"checkpoint_{2 * steps:08d}"
-    state = json.loads((last / "bridge_trainer" / STATE_FILE).read_text())
-    assert state["step"] == 2 * steps
-    assert state["attempts"] == [{"first_step": 1, "last_checkpointed_step": steps},
-                                 {"first_step": steps + 1, "last_checkpointed_step": 2 * steps}]
-    assert bridges.read_bytes() != before
-    def pair_models():
-        return load_causal_lm(raw["anchor"]), [load_causal_lm(a) for a in raw["augments"]]
-
-    model = ComposedModel.from_pretrained(tmp_path / "bridges", *pair_models())
-    expected = ComposedModel(*pair_models(), read_config(config).composition)  # the links the config asks for
-    pairs = [(link.augment_index, link.anchor_index) for link in model.links]
-    assert pairs and pairs == [(link.augment_index, link.anchor_index) for link in expected.links]
-    assert any(p.abs().sum() > 0 for p in model.trainable_parameters())

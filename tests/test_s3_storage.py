@@ -2,10 +2,10 @@
 
 One server per module, with authentication on (tests/s3_server.py). The multi-node test runs on the
 session's cluster plus the second raylet of tests/test_cluster.py: training with ``storage_path`` on S3
-pinned to that node, a killed worker resumed from the S3 checkpoint, the bridges exported to S3
-(manifest written last), then served from S3 by ``python -m jobs.serve`` and asked over HTTP. The bad
-cases (missing bucket, wrong credentials, unreachable endpoint) fail at the edge, in seconds, and leave
-what the bucket held untouched.
+pinned to that node, a killed worker resumed from the S3 checkpoint, then the node stopped and the job
+resumed on the head from S3, the bridges exported to S3 (manifest written last), then served from S3 by
+``python -m jobs.serve`` and asked over HTTP. The bad cases (missing bucket, wrong credentials,
+unreachable endpoint) fail at the edge, in seconds, and leave what the bucket held untouched.
 """
 
 from __future__ import annotations
@@ -139,11 +139,19 @@ def read_s3_json(uri: str):
         return None
 
 
-def test_training_on_s3_resumes_a_killed_worker_exports_and_serves_from_s3(
+def test_a_job_on_s3_pinned_to_a_node_survives_a_killed_worker_and_the_node_going_away_then_serves_from_s3(
         ray_cluster, gpu_node_stand_in, s3, pair, tmp_path):
-    """On two nodes (the job pinned to the second): storage_path and output on S3; rank 0 is killed after
-    the first checkpoint reached S3, and the restarted group resumes from it, training no checkpointed
-    step again; the bridges are published to S3; `python -m jobs.serve` serves them from S3 over HTTP."""
+    """Multi-node training with ``storage_path`` and ``output`` on S3, as on a real cluster:
+
+    1. submitted with `ray job submit`, pinned to the second node by the custom resources its Train workers and
+       augmenting actors ask for (Ray's state API: every one of them ran there, none on the head); rank 0 is
+       killed after the first checkpoint reached S3, and the restarted group resumes from it, training no
+       checkpointed step again;
+    2. that node goes away (its processes only); the same job (same name and storage_path), submitted again with
+       more steps and no custom resources, runs on the head, resumes from the last checkpoint the other node
+       wrote to S3 and trains only the steps after it;
+    3. the bridges are published to S3 each time (a new version, manifest last) and `python -m jobs.serve`
+       serves the last ones from S3 over HTTP: greedy == the in-process model."""
     import httpx
     import ray
     from ray import serve
@@ -151,16 +159,17 @@ def test_training_on_s3_resumes_a_killed_worker_exports_and_serves_from_s3(
 
     from composition.loading import load_tokenizer
     from tests.fixtures import reference_completion
+    from tests.test_cluster import _job_actors, _nodes
     from tests.test_serving import free_port, wait_until
 
     root, base = pair
     steps, every = 12, 4
     name = f"s3run-{secrets.token_hex(3)}"
     storage_uri, output_uri = s3.uri("runs"), s3.uri(f"bridges/{name}")
+    pinned = {"ray.resources_per_worker": {SIM_ANCHOR: 0.5}, "ray.resources_per_augment_actor": {SIM_AUGMENT: 0.5}}
     config = write_config(tmp_path, base, name, **{
         "training.steps": steps, "training.checkpoint_every": every, "storage_path": storage_uri,
-        "output": output_uri, "ray.resources_per_worker": {SIM_ANCHOR: 0.5},
-        "ray.resources_per_augment_actor": {SIM_AUGMENT: 0.5}})
+        "output": output_uri, **pinned})
     submission = f"train-{name}"
     submit_with_env(ray_cluster, config, submission, s3.env)
     snapshot = storage.join(storage_uri, name, "checkpoint_manager_snapshot.json")
@@ -175,6 +184,7 @@ def test_training_on_s3_resumes_a_killed_worker_exports_and_serves_from_s3(
             os.kill(int(ranks[0]), signal.SIGKILL)  # rank 0: the worker that writes checkpoints
             killed.append(int(ranks[0]))
 
+    # 1. on the second node, a worker killed
     status, logs = wait_job(ray_cluster, submission, timeout=360, on_poll=kill_after_first_checkpoint_on_s3)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert killed, "the run finished before a checkpoint reached S3: nothing was killed"
@@ -183,13 +193,42 @@ def test_training_on_s3_resumes_a_killed_worker_exports_and_serves_from_s3(
     c = resumed[0]
     after = [s for pid, s in steps_in(logs) if pid != killed[0]]
     assert after == list(range(c + 1, steps + 1)), after  # the restart trains c+1..steps: no checkpointed step again
-    state = read_s3_json(storage.join(storage_uri, name, f"checkpoint_{steps:08d}", "bridge_trainer",
+    first_manifest = storage.read_manifest(output_uri)
+    assert sorted(first_manifest["files"]) == ["bridges.safetensors", "composition_config.json"]
+    assert f"bridges exported to {storage.redact(output_uri)}" in logs
+
+    workers, augmenters, seen = _job_actors(ray_cluster.dashboard, submission)
+    assert len(workers) >= base["ray"]["num_workers"], seen  # the killed group's and the restarted group's
+    assert 1 <= len(augmenters), seen
+    head = {n.node_id for n in _nodes(ray_cluster.dashboard) if n.is_head_node}
+    assert gpu_node_stand_in.node_id not in head
+    for actor in workers + augmenters:
+        assert actor.node_id == gpu_node_stand_in.node_id, f"{actor.class_name} ran on {actor.node_id}:\n{seen}"
+
+    # 2. the node goes away; the rerun asks for no custom resource, so only the head can take it
+    gpu_node_stand_in.stop()
+    more = steps + every
+    config = write_config(tmp_path, base, name, **{
+        "training.steps": more, "training.checkpoint_every": every, "storage_path": storage_uri,
+        "output": output_uri, "ray.resources_per_worker": {}, "ray.resources_per_augment_actor": {}})
+    again = f"train-{name}-again"
+    submit_with_env(ray_cluster, config, again, s3.env)
+    status, logs = wait_job(ray_cluster, again, timeout=300)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert [int(m.group(1)) for m in RESUME_LINE.finditer(logs)] == [steps], logs[-4000:]
+    assert [s for _, s in steps_in(logs)] == list(range(steps + 1, more + 1)), logs[-4000:]  # none repeated
+    moved, _, seen = _job_actors(ray_cluster.dashboard, again)
+    assert len(moved) == base["ray"]["num_workers"], seen
+    for actor in moved:
+        assert actor.node_id in head, seen
+    state = read_s3_json(storage.join(storage_uri, name, f"checkpoint_{more:08d}", "bridge_trainer",
                                       "trainer_state.json"))
     assert state["attempts"] == [{"first_step": 1, "last_checkpointed_step": c},
-                                 {"first_step": c + 1, "last_checkpointed_step": steps}]
+                                 {"first_step": c + 1, "last_checkpointed_step": steps},
+                                 {"first_step": steps + 1, "last_checkpointed_step": more}]
     manifest = storage.read_manifest(output_uri)
     assert sorted(manifest["files"]) == ["bridges.safetensors", "composition_config.json"]
-    assert f"bridges exported to {storage.redact(output_uri)}" in logs
+    assert manifest["version"] != first_manifest["version"]
 
     # serve the bridges from S3: the driver checks them there, each replica fetches them into its node's cache
     if not ray.is_initialized():

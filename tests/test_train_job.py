@@ -336,12 +336,11 @@ def test_job_submit_without_the_token_is_refused(ray_cluster, tmp_path):
     assert re.search(r"(?i)unauthori[sz]ed|authentication|401|token", proc.stdout + proc.stderr)
 
 
-# Rerunning a job (same name and storage_path, more steps) resumes from its last checkpoint and trains no finished
-# step again: tests/test_cluster.py (test_training_runs_on_the_node_its_custom_resources_name_and_resumes_on_another
-# _node), where the rerun also lands on another node than the one that wrote the checkpoint.
 # A training worker killed mid-run (rank 0, after its first checkpoint), the group restarted by Ray Train and
-# resuming from that checkpoint without training any checkpointed step again: tests/test_s3_storage.py
-# (test_training_on_s3_resumes_a_killed_worker_exports_and_serves_from_s3), with the checkpoints on S3.
+# resuming from that checkpoint without training any checkpointed step again; then the job rerun (same name and
+# storage_path, more steps) on another node than the one that wrote the checkpoints, resuming from the last one and
+# training no finished step again: tests/test_s3_storage.py (test_a_job_on_s3_pinned_to_a_node_survives_a_killed
+# _worker_and_the_node_going_away_then_serves_from_s3), with the checkpoints on S3.
 
 
 # ------------------------------------------------------------------------------------------ different tokenizers
