@@ -2,9 +2,9 @@
 
 Tiny real models (a 4-layer anchor and a 4-layer augmenting Llama sharing a character-level
 tokenizer) and a prompt->completion data file are written to a temporary folder; jobs run on the
-session's real Ray cluster (token auth on) through the `ray job submit` CLI. The plain submit-train-export
-path, a rerun that resumes, and loading the exported bridges are checked once, on two nodes, in
-test_cluster.py; a killed worker's resume in test_s3_storage.py.
+session's real Ray cluster (token auth on) through the `ray job submit` CLI. Submit-train-export to a local
+folder: the cross-tokenizer job below. On two nodes with storage on S3, a killed worker's resume, a rerun that
+resumes on another node and serving the exported bridges: test_s3_storage.py.
 """
 
 from __future__ import annotations
