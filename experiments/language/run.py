@@ -78,7 +78,10 @@ class LanguageConfig(StrictModel):
     data: str = "runs/language/data"  # the data stage's folder (shared by every configuration)
     anchor: str = "models/smollm2-135m"
     augment: str = "models/gemma3-270m"
-    composition: dict = Field(default_factory=lambda: {"mappings": [{"pairs": [[9, 10], [18, 20]]}], "gate": True})
+    # the recipe since trials 12-13 (experiments/language/README.md): Gemma-3's layers 5, 9, 14, 18 into SmolLM2's
+    # 5, 10, 15, 20 (the paper's "every 4th layer of m_A"), read through the robust norm (Gemma's massive channels)
+    composition: dict = Field(default_factory=lambda: {
+        "mappings": [{"pairs": [[5, 5], [9, 10], [14, 15], [18, 20]]}], "gate": True, "augment_norm": "robust"})
     mix: Mix = Field(default_factory=Mix)
     pack_chars: dict[str, int] = Field(default_factory=lambda: dict(PACK_CHARS))
     max_length: int = Field(192, ge=16)  # tokens of the anchor per training row
