@@ -14,7 +14,17 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from composition import ComposedModel, CompositionConfig, LayerMapping
 from composition.loading import load_causal_lm
@@ -22,10 +32,17 @@ from composition.loading import load_causal_lm
 VOCAB = 97
 
 
+# the KV-cache layouts the serving engine batches: every layer full, every layer a sliding window, both mixed
+CACHE_KINDS = {"llama": "full attention", "mistral": "sliding window on every layer",
+               "gemma2": "sliding and full layers alternating", "gemma3": "five sliding layers to one full"}
+
+
 def tiny(kind: str, hidden: int = 32, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
-         vocab: int = VOCAB, seed: int = 0):
-    """A random-weight causal LM of family ``kind`` (llama, gpt2, qwen2, gpt_neox), fp32, eval mode."""
+         vocab: int = VOCAB, seed: int = 0, sliding_window: int = 6):
+    """A random-weight causal LM of family ``kind`` (llama, gpt2, qwen2, gpt_neox; mistral, gemma2, gemma3 with a
+    ``sliding_window`` of a few tokens, so that short prompts already outgrow it), fp32, eval mode."""
     common = dict(vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    attention = "sdpa"
     if kind == "llama":
         cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
@@ -39,10 +56,24 @@ def tiny(kind: str, hidden: int = 32, layers: int = 4, heads: int = 4, kv_heads:
     elif kind == "gpt_neox":
         cfg = GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                             num_attention_heads=heads, max_position_embeddings=2048, **common)
+    elif kind == "mistral":
+        cfg = MistralConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                            max_position_embeddings=2048, sliding_window=sliding_window, **common)
+    elif kind in ("gemma2", "gemma3"):
+        every = 2 if kind == "gemma2" else 6
+        types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)]
+        if "full_attention" not in types:
+            types[-1] = "full_attention"  # a hybrid cache, even for a few layers
+        family = Gemma2Config if kind == "gemma2" else Gemma3TextConfig
+        cfg = family(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads or heads, head_dim=hidden // heads,
+                     max_position_embeddings=2048, sliding_window=sliding_window, layer_types=types, **common)
+        attention = "eager" if kind == "gemma2" else "sdpa"  # transformers has no SDPA path for Gemma-2
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention)
     return model.float().eval()
 
 

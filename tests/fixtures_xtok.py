@@ -133,9 +133,10 @@ def cycling(model, strength: float = 30.0, seed: int = 0):
 
 # ---------------------------------------------------------------- a servable pair with different tokenizers
 def build_xtok_pair(folder, anchor_kind: str = "byte_bpe", augment_kind: str = "sentencepiece", seed: int = 0,
-                    pairs: tuple = ((0, 0), (2, 2), (4, 4)), rotary: bool = True):
+                    pairs: tuple = ((0, 0), (2, 2), (4, 4)), rotary: bool = True, augment_family: str = "llama"):
     """Write anchor/, augment/ (each with its own tokenizer) and bridges/ under ``folder``; returns a
-    ``tests.fixtures.Pair`` (``tokenizer_no_template`` is the anchor's folder).
+    ``tests.fixtures.Pair`` (``tokenizer_no_template`` is the anchor's folder). ``augment_family``: a
+    ``tests.fixtures.tiny`` family for the augmenting model (gemma3: sliding-window layers, as Gemma-3-270m).
 
     The anchor walks its vocabulary (``cycling``), so greedy continuations hold spaces, byte tokens and
     multi-byte characters, and words close while decoding; the bridges are non-zero, saved from a
@@ -149,7 +150,12 @@ def build_xtok_pair(folder, anchor_kind: str = "byte_bpe", augment_kind: str = "
     folder = Path(folder)
     anchor_tok, augment_tok = TOKENIZERS[anchor_kind](), TOKENIZERS[augment_kind]()
     anchor = cycling(tiny_llama(len(anchor_tok), hidden=64, layers=4, heads=4, seed=seed))
-    augment = tiny_llama(len(augment_tok), hidden=32, layers=4, heads=2, seed=seed + 1)
+    if augment_family == "llama":
+        augment = tiny_llama(len(augment_tok), hidden=32, layers=4, heads=2, seed=seed + 1)
+    else:
+        from tests.fixtures import tiny
+
+        augment = tiny(augment_family, hidden=32, layers=4, heads=2, vocab=len(augment_tok), seed=seed + 1)
     for name, model, tokenizer in [("anchor", anchor, anchor_tok), ("augment", augment, augment_tok)]:
         model.save_pretrained(folder / name)
         tokenizer.save_pretrained(folder / name)

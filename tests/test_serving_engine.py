@@ -269,7 +269,7 @@ def test_a_failing_augmenting_call_fails_the_step_rows_and_the_engine_serves_on(
     prompt = tok(PROMPTS[0])["input_ids"]
 
     async def main():
-        with pytest.raises(RequestFailed, match="generation failed: augmenting replica unreachable"):
+        with pytest.raises(RequestFailed, match="generation failed: RuntimeError: augmenting replica unreachable"):
             await collect(engine, GenerationRequest(prompt, 10))
         augments.fail_at = None
         return await collect(engine, GenerationRequest(prompt, 6))

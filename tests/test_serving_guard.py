@@ -30,7 +30,7 @@ from actors.serve.engine import DecodeEngine, RequestFailed
 from actors.serve.openai.app import Limits, OpenAIFrontend
 from actors.serve.openai.errors import install as install_error_handlers
 from actors.serve.openai.guard import API_KEY_ENV, load_api_keys
-from actors.serve.openai.resume import public_reason
+from actors.serve.reasons import public_reason
 from actors.serve.openai.schemas import ChatBody, CompletionBody
 from composition.loading import load_tokenizer
 from tests.fixtures import build_pair, load_in_process
@@ -295,6 +295,15 @@ def test_public_reason_keeps_one_line_without_pids_addresses_or_paths():
     for leak in ("4242", "10.1.2.3", "0123456789abcdef", "/opt/ray", "\n", "ray::"):
         assert leak not in reason, reason
     assert public_reason(RuntimeError("reading /srv/x/y.bin from 10.0.0.1:6379")) == "RuntimeError: reading from"
+
+
+def test_public_reason_drops_terminal_colour_codes_and_keeps_the_first_line_that_says_something():
+    # Ray colours its task headers: a 500's message used to end at "generation failed: \x1b[36m"
+    coloured = RuntimeError("\x1b[36mray::ServeReplica:calm:Augment0.extend()\x1b[39m (pid=7, ip=10.0.0.9)\n"
+                            "TypeError: sizes of tensors must match")
+    assert public_reason(coloured) == "RuntimeError: TypeError: sizes of tensors must match"
+    reason = public_reason(RuntimeError("generation failed: \x1b[1m\x1b[31mboom\x1b[0m in step"))
+    assert reason == "RuntimeError: generation failed: boom in step" and "\x1b" not in reason
 
 
 # ---------------------------------------------------------------------- API keys

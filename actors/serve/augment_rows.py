@@ -38,8 +38,10 @@ import torch
 from actors.codec import dtype_name, state_key, tensor_to_numpy
 from actors.serve.batch_cache import (
     add_empty_rows_hf_cache,
+    check_batchable,
     copy_rows_hf_cache,
     crop_left_hf_cache,
+    has_sliding_layers,
     leading_padding,
     merge_hf_caches,
     select_rows_hf_cache,
@@ -70,6 +72,9 @@ class AugmentRows:
         self.attention_mask: torch.Tensor | None = None  # [rows, seen]
         self.cache = None  # the augmenting model's HF DynamicCache for all rows; None while seen == 0
         self.device = next(encoder.model.parameters()).device
+        check_batchable(encoder.model, f"augmenting model {augment}")
+        # a sliding window counts columns: rows must stay contiguous (see ``_extend_grouped``)
+        self.sliding = has_sliding_layers(encoder.model)
 
     # ------------------------------------------------------------------ bookkeeping
     def __len__(self) -> int:
@@ -96,8 +101,8 @@ class AugmentRows:
         self.ids = list(ids)
         columns = leading_padding(self.attention_mask)
         if 0 < columns < self.attention_mask.shape[1]:
+            crop_left_hf_cache(self.cache, columns, self.attention_mask.shape[1])
             self.attention_mask = self.attention_mask[:, columns:]
-            crop_left_hf_cache(self.cache, columns)
 
     def release(self, ids: list[str] | None = None) -> None:
         """Forget rows ``ids`` (all rows when None)."""
@@ -235,6 +240,9 @@ class AugmentRows:
             self._release(missing)
             return {"missing": missing}
         self._keep(ids)
+        counts = {len(t) for t in tokens}
+        if self.sliding and len(counts) > 1:
+            return self._encode(self._extend_grouped(ids, tokens))
         new, new_mask = pad_left([list(t) for t in tokens], self.pad_id)
         if new.shape[1] == 0:
             return self._encode(self._no_states(len(ids)))
@@ -246,6 +254,44 @@ class AugmentRows:
             states, self.cache = self.encoder(new, full_mask, positions, self.cache, True)
         self.attention_mask = full_mask
         return self._encode(states)
+
+    def _extend_grouped(self, ids: list[str], tokens: list[list[int]]) -> dict[int, torch.Tensor]:
+        """``_extend`` for rows given different numbers of tokens, on a model with sliding-window layers.
+
+        One forward would lay the new tokens out as ``pad_left`` does, leaving padding columns *inside* the
+        rows that got fewer tokens. Full attention ignores them (masked; positions come from the mask), but a
+        sliding window spans columns, so it would see fewer tokens of such a row than the row alone does, and
+        its cache would drop them. So rows with the same count run together, each group on a copy of its
+        cache rows, and the groups are merged back left-padded: every row stays contiguous, as alone.
+        Returns the states {index: [rows, most new, d_aug]}, each row's new tokens at the right end.
+        """
+        most = max(len(t) for t in tokens)
+        out = {index: None for index in self.encoder.indices}
+        groups: dict[int, list[int]] = {}
+        for r, t in enumerate(tokens):
+            groups.setdefault(len(t), []).append(r)
+        parts = []
+        for count, rows in sorted(groups.items()):
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            mask = self.attention_mask.index_select(0, index)
+            cache = copy_rows_hf_cache(self.cache, index) if self.cache is not None else None
+            if count:
+                new = torch.tensor([tokens[r] for r in rows], dtype=torch.long, device=self.device)
+                full_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+                positions = positions_from_mask(full_mask)[:, mask.shape[1]:]
+                with self.lock:
+                    states, cache = self.encoder(new, full_mask, positions, cache, True)
+                mask = full_mask
+                for i, t in states.items():
+                    if out[i] is None:
+                        out[i] = t.new_zeros(len(ids), most, t.shape[-1])
+                    out[i][index, most - count:] = t
+            parts.append(([ids[r] for r in rows], mask, cache))
+        self.clear()
+        for part in parts:
+            self._append(*part)
+        self._keep(ids)
+        return out
 
     def _missing(self, ids: list[str], lengths: list[int] | None) -> list[str]:
         """Rows of ``ids`` not held, or holding another number of tokens than ``lengths`` says."""

@@ -11,9 +11,19 @@ Padded key/value slots are masked by the attention mask, and positions come from
 (``positions_from_mask``), so padding changes no result: a request decodes the same tokens in a
 batch as alone (up to float rounding of batched matmuls).
 
-Works on Hugging Face ``DynamicCache`` objects made of full-attention ``DynamicLayer``s (keys and
-values ``[batch, kv_heads, seq, head_dim]``) and on ``composition.cache.CompositionCache``.
-Sliding-window or static caches are refused with a clear error.
+Works on Hugging Face ``DynamicCache`` objects and on ``composition.cache.CompositionCache``. A
+``DynamicCache`` holds one layer per decoder layer, of two kinds, mixed freely (Gemma-2/3 alternate them):
+
+- full attention (``DynamicLayer``): keys and values ``[batch, kv_heads, seq, head_dim]``, every column;
+- sliding window (``DynamicSlidingWindowLayer``, window W): only the last ``min(seq, W - 1)`` columns, and
+  ``cumulative_length = seq``, which transformers reads for the positions and the masks of later tokens.
+
+Since every row is right-aligned (left padding), the last W - 1 columns of the batch are the last W - 1
+of each row, and a sliding layer's surgery is the full layer's, restricted to that tail: merging pads each
+side to the batch's tail, cropping the left end shortens ``cumulative_length``. Query and key stand the
+same number of columns apart in a row alone and in the batch, so the window masks the same tokens.
+Chunked attention (Llama-4) is refused: its chunks start at absolute positions, which left padding moves.
+``check_batchable(model)`` tells at start-up whether a model's cache can be batched.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from composition.cache import CompositionCache
 
@@ -54,50 +64,105 @@ def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return F.pad(t, pad)
 
 
+BATCHABLE = (DynamicLayer, DynamicSlidingWindowLayer)  # full attention, sliding window
+
+
+class UnbatchableCacheError(TypeError):
+    """A model whose KV cache this engine cannot batch: raised when a server starts, never per request."""
+
+
+def check_batchable(model, role: str = "the model") -> None:
+    """Raise UnbatchableCacheError, naming the layer type, unless every layer of ``model``'s cache can be batched.
+
+    Builds the cache transformers would build for ``model`` (no tensors), so it runs before any request.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = set(getattr(config, "layer_types", None) or [])
+    if "chunked_attention" in types or getattr(config, "attention_chunk_size", None):
+        raise UnbatchableCacheError(
+            f"{role} ({config.model_type}) uses chunked attention, whose chunks start at absolute positions that "
+            f"left padding moves: this engine cannot batch it; serve a model with full or sliding-window attention")
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception as e:  # a config transformers cannot build a cache for
+        raise UnbatchableCacheError(f"{role} ({config.model_type}): transformers builds no DynamicCache for it "
+                                    f"({type(e).__name__}: {e}): this engine cannot serve it") from e
+    _check_layers(layers, role)
+
+
+def has_sliding_layers(model) -> bool:
+    """Whether ``model``'s cache keeps a sliding window on some layer (Mistral, Gemma-2/3, ...)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return any(isinstance(layer, DynamicSlidingWindowLayer) for layer in DynamicCache(config=config).layers)
+
+
+def _check_layers(layers, role: str = "the model") -> list:
+    for layer in layers:
+        if type(layer) not in BATCHABLE:
+            raise UnbatchableCacheError(
+                f"{role} has cache layers of type {type(layer).__name__}: continuous batching supports full-attention "
+                f"(DynamicLayer) and sliding-window (DynamicSlidingWindowLayer) layers; serve a model made of those")
+    return layers
+
+
 def _layers(cache) -> list:
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise TypeError(f"{type(cache).__name__} is not a transformers Cache with .layers")
-    for layer in layers:
-        if type(layer) is not DynamicLayer:
-            raise TypeError(
-                f"continuous batching supports full-attention DynamicCache layers only, got {type(layer).__name__}: "
-                f"models with sliding-window or static caches cannot be served by this engine"
-            )
-    return layers
+    return _check_layers(layers)
+
+
+def _kept(layer, length: int) -> int:
+    """How many of a batch's last ``length`` columns ``layer`` holds: all, or a sliding window's last W - 1."""
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        return min(length, layer.sliding_window - 1)
+    return length
+
+
+def _set_length(layer, length: int) -> None:
+    """Record that ``layer`` now stands for ``length`` columns (a sliding layer's ``cumulative_length``)."""
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        layer.cumulative_length = length
 
 
 def merge_hf_caches(first, second, length: int):
     """Append ``second``'s rows to ``first`` (in place), both left-padded to ``length`` tokens.
 
-    Returns ``first``. Keys and values are [batch, kv_heads, seq, head_dim].
+    Returns ``first``. Keys and values are [batch, kv_heads, seq, head_dim]; a sliding layer keeps
+    the last W - 1 of the ``length`` columns.
     """
     for a, b in zip(_layers(first), _layers(second), strict=True):
         if not b.is_initialized:
             continue
         if not a.is_initialized:
             raise ValueError("cannot merge a cache with an uninitialised layer into an initialised one")
-        a.keys = torch.cat([_pad_left(a.keys, length, -2), _pad_left(b.keys, length, -2)], dim=0)
-        a.values = torch.cat([_pad_left(a.values, length, -2), _pad_left(b.values, length, -2)], dim=0)
+        kept = _kept(a, length)
+        a.keys = torch.cat([_pad_left(a.keys, kept, -2), _pad_left(b.keys, kept, -2)], dim=0)
+        a.values = torch.cat([_pad_left(a.values, kept, -2), _pad_left(b.values, kept, -2)], dim=0)
+        _set_length(a, length)
     return first
 
 
-def crop_left_hf_cache(cache, columns: int) -> None:
-    """Drop the first ``columns`` sequence positions of every layer (in place)."""
+def crop_left_hf_cache(cache, columns: int, length: int) -> None:
+    """Drop the first ``columns`` of the ``length`` sequence positions of every layer (in place).
+
+    The dropped columns are padding in every row; a sliding layer drops those it still holds.
+    """
     if columns <= 0:
         return
     for layer in _layers(cache):
         if layer.is_initialized:
-            layer.keys = layer.keys[..., columns:, :]
-            layer.values = layer.values[..., columns:, :]
+            kept = _kept(layer, length - columns)
+            layer.keys = layer.keys[..., layer.keys.shape[-2] - kept :, :]
+            layer.values = layer.values[..., layer.values.shape[-2] - kept :, :]
+            _set_length(layer, length - columns)
 
 
 def select_rows_hf_cache(cache, index: torch.Tensor) -> None:
-    """Keep (and order) batch rows ``index`` of every layer (in place)."""
+    """Keep (and order) batch rows ``index`` of every layer (in place); rows may repeat."""
     for layer in _layers(cache):
         if layer.is_initialized:
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
+            layer.batch_select_indices(index.to(layer.keys.device))
 
 
 def copy_rows_hf_cache(cache, index: torch.Tensor):
@@ -206,10 +271,10 @@ def trim_left(cache: CompositionCache, bridge_augments: list[int] | None = None)
     columns = leading_padding(cache.attention_mask)
     aligned = cache.augment_masks is not None
     if 0 < columns < cache.seq_len:
-        cache.attention_mask = cache.attention_mask[:, columns:]
         for c in [cache.anchor, *cache.augments]:
             if c is not None:
-                crop_left_hf_cache(c, columns)
+                crop_left_hf_cache(c, columns, cache.seq_len)
+        cache.attention_mask = cache.attention_mask[:, columns:]
         if not aligned:
             cache.bridge_keys = [k[:, :, columns:] for k in cache.bridge_keys]
             cache.bridge_values = [v[:, :, columns:] for v in cache.bridge_values]

@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.serve.augment_client import AugmentClient
-from actors.serve.batch_cache import left_pad_rows, merge_composition_caches, select_rows
+from actors.serve.batch_cache import check_batchable, left_pad_rows, merge_composition_caches, select_rows
+from actors.serve.reasons import public_reason
 from composition.alignment import AugmentInputs
 from composition.cache import CompositionCache
 from composition.generate import sample_next
@@ -144,6 +145,7 @@ class DecodeEngine:
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        check_batchable(model.anchor, "the anchor")  # at start-up, never per request
         self.model = model
         self.augments = augments
         self.max_batch_size = max_batch_size
@@ -299,7 +301,8 @@ class DecodeEngine:
                 try:
                     await self._prefill(admit)
                 except Exception as e:  # noqa: BLE001 - fail the affected requests, keep serving
-                    log.exception("prefill failed")
+                    log.error("prefill of %d rows failed: %s", len(admit), public_reason(e))
+                    log.debug("prefill traceback", exc_info=e)  # one line per failure; the detail at debug level
                     # a failure after the new rows joined the batch leaves the batch cache unknown
                     joined = any(r in self._running for r in admit)
                     self._fail(admit + (self._running if joined else []), e)
@@ -307,12 +310,13 @@ class DecodeEngine:
                 try:
                     await self._step()
                 except Exception as e:  # noqa: BLE001
-                    log.exception("decode step failed")
+                    log.error("decode step of %d rows failed: %s", len(self._running), public_reason(e))
+                    log.debug("decode step traceback", exc_info=e)
                     self._fail(list(self._running), e)
             await asyncio.sleep(0)  # let streams and new requests through between steps
 
     def _fail(self, rows: list[_Row], error: Exception) -> None:
-        err = error if isinstance(error, RequestFailed) else RequestFailed(f"generation failed: {error}")
+        err = error if isinstance(error, RequestFailed) else RequestFailed(f"generation failed: {public_reason(error)}")
         for row in rows:
             if not row.done:
                 row.done = True
@@ -365,7 +369,7 @@ class DecodeEngine:
             if isinstance(picked, Exception):
                 log.warning("request %s failed: %s", row.id, picked)
                 row.done = True
-                row.queue.put_nowait(RequestFailed(f"generation failed: {picked}"))
+                row.queue.put_nowait(RequestFailed(f"generation failed: {public_reason(picked)}"))
                 self._by_id.pop(row.id, None)
                 self.counters["failed"] += 1
                 continue

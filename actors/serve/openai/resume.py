@@ -5,35 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from dataclasses import dataclass
 
 from actors.serve.engine import GenerationRequest
 from actors.serve.openai.detokenize import TextAssembler
 from actors.serve.openai.errors import ApiError, DeadlineExceeded
+from actors.serve.reasons import public_reason
 
 log = logging.getLogger("calm_ray.api")
-
-# what a message from another process may carry that a client must not see: Ray's task header
-# "ray::Deployment.method() (pid=12, ip=10.0.0.3, actor_id=...)", addresses, file paths, long hex ids
-_INTERNALS = re.compile(r"ray::\S+|\((?:pid|ip)=[^)]*\)|\b(?:pid|ip|actor_id|task_id|node_id)=\S+"
-                        r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|(?:[A-Za-z]:)?(?:[/\\][\w.\-]+){2,}[/\\]?"
-                        r"|\b[0-9a-f]{16,}\b")
-
-
-def public_reason(e: BaseException, limit: int = 200) -> str:
-    """``"Type: first line of the message"`` of an exception, fit for a client: a RayTaskError gives its cause,
-    only the first line is kept (no traceback), pids, addresses, paths and ids are cut out."""
-    cause = getattr(e, "cause", None)  # RayTaskError wraps the exception the replica raised
-    if isinstance(cause, BaseException):
-        e = cause
-    lines = str(e).strip().splitlines()
-    text = re.sub(r"\s{2,}", " ", _INTERNALS.sub("", lines[0] if lines else "")).strip(" :,")
-    if len(text) > limit:
-        text = text[:limit].rstrip() + "..."
-    name = type(e).__name__
-    return f"{name}: {text}" if text else name
-
 
 @dataclass
 class Piece:
