@@ -130,6 +130,8 @@ def assert_serves(server):
 # ---------------------------------------------------------------------- answers
 def test_models_and_health(server):
     assert httpx.get(f"{server}/health", timeout=10).json() == {"status": "ok"}
+    assert httpx.head(f"{server}/health", timeout=10).status_code == 200  # probes may use HEAD
+    assert httpx.get(f"{server}/health/live", timeout=10).json() == {"status": "ok"}
     models = httpx.get(f"{server}/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == [MODEL]
     assert models["data"][0]["max_model_len"] == CONTEXT
@@ -302,6 +304,54 @@ def test_the_openapi_spec_declares_typed_request_and_response_bodies(server):
     temperature = schemas["CompletionBody"]["properties"]["temperature"]["anyOf"][0]
     assert (temperature["minimum"], temperature["maximum"]) == (0, 2)
     assert "prompt" in schemas["CompletionBody"]["required"] and "messages" in schemas["ChatBody"]["required"]
+
+
+def test_the_openapi_spec_declares_the_bearer_api_key_scheme_on_every_path_but_the_probes(server):
+    spec = httpx.get(f"{server}/openapi.json", timeout=30).json()
+    assert spec["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": "one of the keys in the server's api_key_file (docs/serving.md)"}
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert ("security" in operation) == (not path.startswith("/health")), (method, path)
+
+
+def test_health_is_503_until_every_deployment_has_loaded_its_model_and_live_is_200(ray_cluster, pair, tmp_path):
+    # an augmenting folder without weights: its replica never starts, while the Ingress and the Anchor (which
+    # reads only the augmenting config) do; readiness must say so, liveness answers
+    import shutil
+
+    broken = tmp_path / "augment_without_weights"
+    shutil.copytree(pair.augment, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    settings = ServingArgs(model_name=MODEL, anchor=pair.anchor, augments=[str(broken)], bridges=pair.bridges,
+                           max_context=CONTEXT, torch_threads=1)
+    options = {name: {"ray_actor_options": {"num_cpus": 0.05}} for name in ("Ingress", "Anchor", "Augment0")}
+    serve._run(build_app(settings, options), name="calm-not-ready", route_prefix="/not-ready", _blocking=False)  # not waiting: it never gets ready
+    url = f"http://127.0.0.1:{serve.context._get_global_client().http_config.port}/not-ready"
+    try:
+        def live():
+            try:
+                return httpx.get(f"{url}/health/live", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+        wait_until(live, 120, "the Ingress to answer")
+        r = httpx.get(f"{url}/health", timeout=30)
+        assert (r.status_code, r.json()) == (503, {"status": "loading"})
+        assert r.headers["retry-after"] == "5"
+        assert httpx.head(f"{url}/health", timeout=30).status_code == 503
+    finally:
+        serve.delete("calm-not-ready", _blocking=False)
+
+
+def test_a_prompt_that_fills_the_context_is_served_and_one_token_more_is_a_400_naming_the_limit(server, reference):
+    model, tok = reference
+    prompt = [5 + i % 80 for i in range(CONTEXT - 2)]  # token ids: exactly CONTEXT - 2 tokens
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] + r.json()["usage"]["completion_tokens"] <= CONTEXT
+    assert r.json()["choices"][0]["text"] == tok.decode(reference_completion(model, tok, prompt, 2),
+                                                        skip_special_tokens=True)
+    over = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0})
+    assert over.status_code == 400 and str(CONTEXT) in over.json()["error"]["message"], over.text
 
 
 def test_the_openai_client_raises_its_own_error_types_for_bad_input(client):

@@ -74,6 +74,18 @@ def test_a_streamed_request_past_the_timeout_ends_with_an_error_event(served):
     assert '"type": "timeout"' in lines[-2]
 
 
+def test_a_single_stop_string_of_any_length_cuts_the_answer(served):
+    # the 4-item bound is the list's: "\nSpanish:" or "User:" alone used to be a 400
+    url, _ = served
+    body = {"prompt": "a", "max_tokens": 12, "ignore_eos": True, "temperature": 0}
+    full = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    stop = full[3:9]
+    assert len(stop) == 6 and full.index(stop) == 3
+    r = httpx.post(f"{url}/v1/completions", json={**body, "stop": stop}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == full[:3] and r.json()["choices"][0]["finish_reason"] == "stop"
+
+
 class _CharTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(i) for i in ids)

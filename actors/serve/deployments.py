@@ -35,6 +35,8 @@ import uuid
 
 import torch
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
@@ -47,12 +49,14 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.serve.augment_client import AugmentClient, AugmentUnavailable
 from actors.serve.augment_rows import AugmentRows
+from actors.serve.batch_cache import check_batchable
 from actors.serve.config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
 from actors.serve.engine import DecodeEngine, GenerationRequest
 from actors.serve.openai import errors as openai_errors
 from actors.serve.openai.app import Limits, OpenAIFrontend
 from actors.serve.openai.guard import load_api_keys, settings_for
 from actors.serve.openai.schemas import ChatBody, ChatCompletion, Completion, CompletionBody, ErrorBody, ModelList
+from actors.serve.reasons import public_reason
 from composition.alignment import TokenizerError, tokenizer_fingerprint
 from composition.augment import AugmentEncoder
 from composition.checkpoint import check_tokenizers, fingerprint, read_meta
@@ -171,6 +175,7 @@ class AugmentDeployment:
         model = load_causal_lm(settings.augments[index], settings.dtype, settings.device)
         meta = read_meta(settings.bridges)
         check_model_matches(f"augmenting model {index}", meta["augments"][index], model)
+        check_batchable(model, f"augmenting model {index}")  # refused at start-up, never per request
         indices = sorted({a for i, a, _ in meta["links"] if i == index})
         self.index = index
         self.encoder = AugmentEncoder(model, indices)
@@ -215,30 +220,50 @@ class AugmentDeployment:
         target = await self._rows()
         await self._run(target.release, ids)
 
+    async def ready(self) -> bool:
+        """True: the model is loaded (``__init__`` is done)."""
+        return True
+
 
 class ServeAugments(AugmentClient):
     """Reaches the augmenting deployments through Serve, sticky per engine (multiplexed model id).
 
     A call that fails because a replica died or left is retried with backoff for ``retry_s``
     (the next replica reports the engine's rows missing, and ``AugmentClient.step`` re-sends them);
-    a call that takes longer than ``call_timeout_s`` is cancelled and retried the same way.
+    a call that takes longer than its time limit is cancelled and retried the same way. The limit
+    scales with the work: ``call_timeout_s`` plus ``per_token_s`` for each token the call runs, so a
+    long prompt's prefill is never cut by a limit sized for a decode step (the request's own timeout,
+    ``request_timeout_s``, still bounds it and answers 504).
     """
 
     def __init__(self, handles: "list[DeploymentHandle]", engine_id: str, device="cpu", retry_s: float = 30.0,
-                 call_timeout_s: float = 60.0):
+                 call_timeout_s: float = 60.0, per_token_s: float = 0.05):
         super().__init__(len(handles), device)
         self.handles = [h.options(multiplexed_model_id=engine_id) for h in handles]
         self.retry_s = retry_s
         self.call_timeout_s = call_timeout_s
+        self.per_token_s = per_token_s
         self.retries = 0
 
+    def time_limit(self, method: str, args: tuple) -> float:
+        """Seconds one attempt of ``method`` may take: the base limit plus the tokens it runs."""
+        if method == "prefill":
+            tokens = sum(len(t) for _, t in args[0])
+        elif method == "extend":
+            tokens = sum(len(t) for t in args[1])
+        else:
+            tokens = len(args[0]) if method == "step" else 0
+        return self.call_timeout_s + self.per_token_s * tokens
+
     async def _call(self, augment: int, method: str, *args):
-        deadline = time.monotonic() + self.retry_s
+        limit = self.time_limit(method, args)
+        start = time.monotonic()
+        deadline = start + max(self.retry_s, limit)  # at least one whole attempt
         delay = 0.05
         while True:
             response = getattr(self.handles[augment], method).remote(*args)
             try:
-                async with asyncio.timeout(self.call_timeout_s):  # no extra task per call, unlike wait_for
+                async with asyncio.timeout(limit):  # no extra task per call, unlike wait_for
                     return await response
             except (*TRANSIENT, BackPressureError, RequestCancelledError, asyncio.TimeoutError,
                     asyncio.CancelledError) as e:
@@ -252,8 +277,9 @@ class ServeAugments(AugmentClient):
                         pass
                 if time.monotonic() + delay > deadline:
                     raise AugmentUnavailable(
-                        f"augmenting deployment {augment_deployment_name(augment)} did not answer {method} for "
-                        f"{self.retry_s:g} s (last error: {type(e).__name__}: {e})"
+                        f"augmenting deployment {augment_deployment_name(augment)} did not answer {method} in "
+                        f"{time.monotonic() - start:.0f} s (each attempt may take {limit:.0f} s; last error: "
+                        f"{type(e).__name__}: {public_reason(e)})"
                     ) from e
                 self.retries += 1
                 log.warning("augmenting call %s failed (%s); retrying in %.2f s", method, type(e).__name__, delay)
@@ -284,6 +310,7 @@ class AnchorDeployment:
         except Exception:  # noqa: BLE001 - outside a replica (tests)
             replica = "local"
         self.engine_id = f"engine-{replica}-{uuid.uuid4().hex[:8]}"
+        self.augment_handles = list(augments)
         client = ServeAugments(list(augments), self.engine_id, settings.device, settings.augment_retry_s)
         model_thread = anchor_model_thread(settings.model_thread, model)
         if tokenizers is not None:
@@ -306,6 +333,12 @@ class AnchorDeployment:
             # engine's generator suspended (its row decoding on); closing it frees the row now.
             await stream.aclose()
 
+    async def ready(self) -> bool:
+        """True once this replica (its model loaded: ``__init__`` is done) and a replica of every augmenting
+        deployment answer; what the Ingress's readiness probe asks."""
+        await asyncio.gather(*(h.ready.remote() for h in self.augment_handles))
+        return True
+
     async def stats(self) -> dict:
         return {"engine_id": self.engine_id, **self.engine.stats(), "augment_retries": self.engine.augments.retries,
                 "model_thread": self.engine.model_thread}
@@ -316,7 +349,28 @@ api = FastAPI(title="calm-ray", description="A composed model (anchor + augmenti
 # every error, 401/404/405/413/500 included, in OpenAI's error JSON; the guard's keys and body limit are
 # looked up by name in each process (one Ingress replica per process): Ingress.__init__ fills them in
 INGRESS_GUARD = "calm-ray-ingress"
+READY_TIMEOUT_S = 2.0  # a readiness probe waits this long for the anchor (and through it the augmenting models)
+READY_FOR_S = 5.0  # and trusts a positive answer this long
 openai_errors.install(api, name=INGRESS_GUARD)
+
+
+def _openapi() -> dict:
+    """FastAPI's spec, plus the API-key scheme the guard enforces (``Authorization: Bearer <key>``, as OpenAI)
+    on every path but the health probes; without ``api_key_file`` the server takes any key or none."""
+    if api.openapi_schema is None:
+        spec = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        spec.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "one of the keys in the server's api_key_file (docs/serving.md)"}}
+        for path, operations in spec["paths"].items():
+            if not path.startswith("/health"):
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+        api.openapi_schema = spec
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 500, 503, 504)}
 # "stream": true answers server-sent events: data: {chunk}\n\n ... data: [DONE]
 _ANSWERS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **_ERRORS}
@@ -342,6 +396,8 @@ class Ingress:
         limits = Limits(context=settings.max_context, default_max_tokens=settings.default_max_tokens,
                         max_tokens=settings.max_tokens_limit, request_timeout_s=settings.request_timeout_s,
                         max_retries=settings.max_retries)
+        self.anchor = anchor
+        self._ready_at = -float("inf")
         streaming = anchor.options(stream=True)
         self.frontend = OpenAIFrontend(
             tokenizer, settings.model_name, limits,
@@ -349,8 +405,26 @@ class Ingress:
             retryable=TRANSIENT, overloaded=(BackPressureError,),
         )
 
-    @api.get("/health")
-    async def health(self) -> dict:
+    @api.get("/health", responses={503: {"model": ErrorBody}})
+    @api.head("/health", responses={503: {"model": ErrorBody}})
+    async def health(self):
+        """Readiness: 200 once the anchor and every augmenting deployment have loaded their models and answer;
+        503 (``{"status": "loading"}``) before. Load balancers and Kubernetes readiness probes use this."""
+        now = time.monotonic()
+        if now - self._ready_at > READY_FOR_S:  # a positive answer holds a few seconds: no round trip per probe
+            try:
+                async with asyncio.timeout(READY_TIMEOUT_S):
+                    await self.anchor.ready.remote()
+                self._ready_at = now
+            except Exception as e:  # noqa: BLE001 - not ready, for whatever reason: the probe says so
+                log.info("not ready yet: %s", public_reason(e))
+                return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+        return {"status": "ok"}
+
+    @api.get("/health/live")
+    @api.head("/health/live")
+    async def live(self) -> dict:
+        """Liveness: 200 while this HTTP front answers, models loaded or not."""
         return {"status": "ok"}
 
     @api.get("/v1/models", response_model=ModelList)

@@ -5,7 +5,7 @@ one catch-all that turns any unexpected exception into OpenAI's 500 JSON.
 Ingress and the tests' uvicorn app run the same code). For each HTTP request, in order:
 
 1. API keys (when any are configured): ``Authorization: Bearer <key>`` compared in constant time against
-   every key; ``GET /health`` stays open; anything else without a valid key is a 401 ``invalid_api_key``.
+   every key; ``/health`` and ``/health/live`` stay open (probes); anything else without a valid key is a 401 ``invalid_api_key``.
 2. The body is read here, never past ``max_body_bytes`` (a larger ``Content-Length`` is refused before
    reading; a chunked body is counted while it arrives): 413.
 3. A body FastAPI would parse as JSON (no Content-Type, or a JSON one) must be UTF-8, nest at most
@@ -33,7 +33,7 @@ from actors.serve.openai.errors import ApiError
 log = logging.getLogger("calm_ray.api")
 
 API_KEY_ENV = "CALM_RAY_API_KEY"
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/health/live"})  # readiness and liveness probes
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt of ~250k tokens' worth of text, far past any served context
 MAX_JSON_DEPTH = 32  # a chat body nests 4 levels ({"messages": [{"content": [{"text": ...}]}]})
 MAX_INT_DIGITS = 32  # 2**64 (the largest seed) has 20

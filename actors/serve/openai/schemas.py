@@ -45,7 +45,8 @@ class _Sampling(_RequestBody):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # 0: greedy; any value above 0 samples (no NaN, no inf)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    # one string of any length, or a list of up to 4 (the bound is the list's, not the string's)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
