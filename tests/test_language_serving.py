@@ -74,23 +74,140 @@ def server(ray_cluster, folders):
     serve.delete(APP)
 
 
-def test_greedy_translations_over_http_equal_in_process_generate(server, folders):
-    from openai import OpenAI
-
-    url, model_name = server
+@pytest.fixture(scope="module")
+def reference(folders):
+    """The pair in-process, fp32, as a notebook would compose it: what every served answer is compared with."""
     anchor, augment = folders
     bridges = ServingArgs.from_dict(config_app()["args"]).resolved().bridges
     tok = load_tokenizer(str(anchor))
     model = ComposedModel.from_pretrained(bridges, load_causal_lm(str(anchor), dtype="float32"),
                                           [load_causal_lm(str(augment), dtype="float32")],
                                           tokenizers=[tok, load_tokenizer(str(augment))])
+    yield model, tok
+    model.remove_hooks()
+
+
+def solo(reference, text: str, max_tokens: int) -> str:
+    model, tok = reference
+    return tok.decode(reference_completion(model, tok, tok(text)["input_ids"], max_tokens), skip_special_tokens=True)
+
+
+def anchor_stats() -> dict:
+    return serve.get_deployment_handle("Anchor", app_name=APP).stats.remote().result(timeout_s=30)
+
+
+def test_greedy_translations_over_http_equal_in_process_generate(server, reference):
+    from openai import OpenAI
+
+    url, model_name = server
+    model, tok = reference
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=180)
-    try:
-        for spanish in SPANISH:
-            text = prompt(spanish)
-            expected = reference_completion(model, tok, tok(text)["input_ids"], 20)
-            got = client.completions.create(model=model_name, prompt=text, max_tokens=20, temperature=0)
-            assert got.choices[0].text == tok.decode(expected, skip_special_tokens=True), spanish
-            assert got.usage.completion_tokens == len(expected)
-    finally:
-        model.remove_hooks()
+    for spanish in SPANISH:
+        text = prompt(spanish)
+        expected = reference_completion(model, tok, tok(text)["input_ids"], 20)
+        got = client.completions.create(model=model_name, prompt=text, max_tokens=20, temperature=0)
+        assert got.choices[0].text == tok.decode(expected, skip_special_tokens=True), spanish
+        assert got.usage.completion_tokens == len(expected)
+
+
+# eight prompts of different lengths, decoding different numbers of tokens: rows join and leave the batch
+OVERLAP = [("El perro duerme.", 12), ("Y dijo Jesús: Yo soy la luz del mundo.", 20),
+           ("Mañana iremos al mercado para comprar pan y fruta.", 8), ("¿Dónde está la estación?", 16),
+           ("La casa de mi madre es grande y tiene un jardín con muchas flores.", 24), ("Hola.", 10),
+           ("Los niños juegan en el parque cuando sale el sol.", 14), ("No tengo hambre.", 18)]
+
+
+def test_overlapping_requests_to_the_real_pair_each_get_their_solo_answer(server, reference):
+    # the shipped pair's second user: Gemma-3's sliding-window cache is batched, rows join a running stream
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    url, model_name = server
+    want = [solo(reference, prompt(spanish), n) for spanish, n in OVERLAP]
+    before = anchor_stats()
+
+    async def main():
+        client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300, max_retries=0)
+
+        async def one(i):
+            spanish, n = OVERLAP[i]
+            out = await client.completions.create(model=model_name, prompt=prompt(spanish), max_tokens=n,
+                                                  temperature=0)
+            return out.choices[0].text
+
+        async def first_streaming():  # the others join once this one is decoding
+            spanish, n = OVERLAP[0]
+            stream = await client.completions.create(model=model_name, prompt=prompt(spanish), max_tokens=n,
+                                                     temperature=0, stream=True)
+            text = ""
+            async for chunk in stream:
+                if not started.is_set() and chunk.choices and chunk.choices[0].text:
+                    started.set()
+                text += "".join(c.text for c in chunk.choices)
+            return text
+
+        async def others():
+            await asyncio.wait_for(started.wait(), 240)
+            spanish, _ = OVERLAP[3]
+            two = client.completions.create(model=model_name, prompt=prompt(spanish), max_tokens=16, temperature=0,
+                                            n=2)
+            return await asyncio.gather(*(one(i) for i in range(1, len(OVERLAP))), two)
+
+        started = asyncio.Event()
+        first, (rest) = await asyncio.gather(first_streaming(), others())
+        return [first, *rest[:-1]], rest[-1]
+
+    texts, both = asyncio.run(main())
+    assert texts == want
+    assert [c.text for c in sorted(both.choices, key=lambda c: c.index)] == [want[3], want[3]]
+    after = anchor_stats()
+    assert after["max_rows_in_step"] > 1, "the requests shared decode steps"
+    assert after["failed"] == before["failed"] and after["running"] == 0
+
+
+def test_edge_requests_among_running_streams_leave_every_stream_its_solo_answer(server, reference):
+    # near-zero temperatures, extreme logit_bias and penalties, and refused requests, while greedy streams decode
+    import asyncio
+
+    import httpx
+
+    url, model_name = server
+    _, tok = reference
+    streams = OVERLAP[:4]
+    want = [solo(reference, prompt(spanish), n) for spanish, n in streams]
+    greedy = solo(reference, prompt(SPANISH[0]), 12)
+    forced = tok(" yes", add_special_tokens=False)["input_ids"][-1]
+    edge = [({"temperature": t}, "greedy") for t in (3e-38, 5e-324)]
+    edge += [({"logit_bias": {str(forced): 100}}, "forced"),
+             ({"logit_bias": {str(i): -100 for i in range(0, 400)}}, "ok"),
+             ({"presence_penalty": 2, "frequency_penalty": 2}, "ok"),
+             ({"presence_penalty": -2, "frequency_penalty": -2, "temperature": 2, "seed": 1}, "ok"),
+             ({"logit_bias": {str(10**6): 5}}, 400), ({"max_tokens": 10**6}, 400), ({"temperature": 3}, 400)]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as http:
+            async def post(extra):
+                body = {"model": model_name, "prompt": prompt(SPANISH[0]), "max_tokens": 12, "temperature": 0,
+                        **extra}
+                r = await http.post(f"{url}/v1/completions", json=body)
+                return r.status_code, r.json()
+
+            async def stream(spanish, n):
+                body = {"model": model_name, "prompt": prompt(spanish), "max_tokens": n, "temperature": 0}
+                r = await http.post(f"{url}/v1/completions", json=body)
+                return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
+            return await asyncio.gather(*(stream(s, n) for s, n in streams), *(post(extra) for extra, _ in edge))
+
+    results = asyncio.run(main())
+    assert results[: len(streams)] == [(200, text) for text in want]
+    for (extra, expect), (status, body) in zip(edge, results[len(streams):]):
+        if isinstance(expect, int):
+            assert status == expect and body["error"]["message"], (extra, body)
+            continue
+        assert status == 200, (extra, body)
+        text = body["choices"][0]["text"]
+        if expect == "greedy":  # the limit of sampling as t -> 0
+            assert text == greedy, extra
+        elif expect == "forced":
+            assert text == tok.decode([forced] * 12), extra
