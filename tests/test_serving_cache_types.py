@@ -83,7 +83,7 @@ def test_across_tokenizers_a_sliding_window_augmenting_model_decodes_each_row_as
     model, tok = sliding_xtok
     assert model.aligner is not None
     engine, rows = make_engine(model)
-    assert rows.sliding
+    assert rows.window == 6
     texts = ["Hola, ¿qué tal?  Très bien.", "Emoji 😀👍🏽 here;\n\n  the   end", "a", "Über\tnaïve   words, ok.",
              "日本語 and 中文 text", "Straße und Weg"]
     prompts = [tok(t)["input_ids"] for t in texts]
@@ -119,6 +119,8 @@ def test_extend_with_different_counts_gives_each_rows_states_as_alone_on_a_slidi
             for index in encoder.indices:  # the row's new tokens sit at the right end
                 torch.testing.assert_close(states[index][b, -len(new):], solo[index][0, -len(new):],
                                            rtol=0, atol=1e-5)
+    # while the batch fit in the window, one forward left gaps; when it could outgrow it, they were closed once
+    assert rows.counters["gaps_closed"] >= 1 and rows.counters["grouped_extends"] >= 1
     for layer in rows.cache.layers:  # a sliding layer keeps the batch's last 5 columns and knows the batch's length
         if layer.is_sliding:
             assert layer.keys.shape[2] == 5 and layer.cumulative_length == rows.attention_mask.shape[1]

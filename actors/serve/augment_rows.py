@@ -41,10 +41,12 @@ from actors.serve.batch_cache import (
     check_batchable,
     copy_rows_hf_cache,
     crop_left_hf_cache,
-    has_sliding_layers,
+    close_gaps,
+    has_gaps,
     leading_padding,
     merge_hf_caches,
     select_rows_hf_cache,
+    smallest_window,
 )
 from composition.alignment import pad_left
 from composition.augment import AugmentEncoder
@@ -73,8 +75,9 @@ class AugmentRows:
         self.cache = None  # the augmenting model's HF DynamicCache for all rows; None while seen == 0
         self.device = next(encoder.model.parameters()).device
         check_batchable(encoder.model, f"augmenting model {augment}")
-        # a sliding window counts columns: rows must stay contiguous (see ``_extend_grouped``)
-        self.sliding = has_sliding_layers(encoder.model)
+        # a sliding window counts columns: gaps inside rows are harmless only while the batch fits in it (``_extend``)
+        self.window = smallest_window(encoder.model)
+        self.counters = {"grouped_extends": 0, "gaps_closed": 0}
 
     # ------------------------------------------------------------------ bookkeeping
     def __len__(self) -> int:
@@ -241,7 +244,13 @@ class AugmentRows:
             return {"missing": missing}
         self._keep(ids)
         counts = {len(t) for t in tokens}
-        if self.sliding and len(counts) > 1:
+        if self.window is not None and len(counts) > 1 and self.attention_mask.shape[1] + max(counts) >= self.window:
+            # the batch may outgrow a sliding window: no row may hold padding inside it (``_extend_grouped``);
+            # while every column stays inside every window, gaps are as harmless as for full attention (faster)
+            if self.cache is not None and has_gaps(self.attention_mask):
+                self.attention_mask = close_gaps(self.cache, self.attention_mask)
+                self.counters["gaps_closed"] += 1
+            self.counters["grouped_extends"] += 1
             return self._encode(self._extend_grouped(ids, tokens))
         new, new_mask = pad_left([list(t) for t in tokens], self.pad_id)
         if new.shape[1] == 0:
@@ -256,13 +265,15 @@ class AugmentRows:
         return self._encode(states)
 
     def _extend_grouped(self, ids: list[str], tokens: list[list[int]]) -> dict[int, torch.Tensor]:
-        """``_extend`` for rows given different numbers of tokens, on a model with sliding-window layers.
+        """``_extend`` for rows given different numbers of tokens, on a model with sliding-window layers, once the
+        batch may outgrow the window.
 
         One forward would lay the new tokens out as ``pad_left`` does, leaving padding columns *inside* the
-        rows that got fewer tokens. Full attention ignores them (masked; positions come from the mask), but a
-        sliding window spans columns, so it would see fewer tokens of such a row than the row alone does, and
-        its cache would drop them. So rows with the same count run together, each group on a copy of its
-        cache rows, and the groups are merged back left-padded: every row stays contiguous, as alone.
+        rows that got fewer tokens. Full attention ignores them (masked; positions come from the mask), and so
+        does a window the whole batch fits in, but a window the batch outgrows spans columns: it would see fewer
+        tokens of such a row than the row alone does, and its cache would drop them. So rows with the same count
+        run together, each group on a copy of its cache rows, and the groups are merged back left-padded: every
+        row stays contiguous, as alone (the gaps of earlier steps were closed first, ``close_gaps``).
         Returns the states {index: [rows, most new, d_aug]}, each row's new tokens at the right end.
         """
         most = max(len(t) for t in tokens)

@@ -90,10 +90,40 @@ def check_batchable(model, role: str = "the model") -> None:
     _check_layers(layers, role)
 
 
-def has_sliding_layers(model) -> bool:
-    """Whether ``model``'s cache keeps a sliding window on some layer (Mistral, Gemma-2/3, ...)."""
+def smallest_window(model) -> int | None:
+    """The smallest sliding window among ``model``'s cache layers (Mistral, Gemma-2/3, ...); None when it has none."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return any(isinstance(layer, DynamicSlidingWindowLayer) for layer in DynamicCache(config=config).layers)
+    windows = [layer.sliding_window for layer in DynamicCache(config=config).layers
+               if isinstance(layer, DynamicSlidingWindowLayer)]
+    return min(windows) if windows else None
+
+
+def close_gaps(cache, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Move each row's tokens to the right end, so padding stands only on the left (in place); returns the new mask.
+
+    Rows that got fewer new tokens than others in a step hold padding *inside* them (``[a a 0 a]``). Every
+    layer must still hold every column (a sliding layer whose window the batch has not outgrown), since the
+    tokens move. A row's keys keep their rotary positions: only their columns change.
+    """
+    width = attention_mask.shape[1]
+    real = attention_mask.sum(dim=1)
+    index = torch.argsort(attention_mask, dim=1, stable=True)[:, width - int(real.max()):]  # padding first, in order
+    for layer in _layers(cache):
+        if layer.is_initialized:
+            if layer.keys.shape[-2] != width:
+                raise ValueError(f"a cache layer holds {layer.keys.shape[-2]} of the batch's {width} columns: "
+                                 f"its gaps cannot be closed")
+            where = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, where), layer.values.gather(2, where)
+            _set_length(layer, index.shape[1])
+    return attention_mask.gather(1, index)
+
+
+def has_gaps(attention_mask: torch.Tensor) -> bool:
+    """Whether some row of ``attention_mask`` [rows, seq] has padding after its first token."""
+    width = attention_mask.shape[1]
+    right_aligned = torch.arange(width, device=attention_mask.device) >= width - attention_mask.sum(1, keepdim=True)
+    return bool((attention_mask.bool() != right_aligned).any())
 
 
 def _check_layers(layers, role: str = "the model") -> list:
