@@ -20,7 +20,7 @@ from actors.serve.deployments import build_app  # noqa: E402
 from composition import ComposedModel, load_causal_lm, load_tokenizer  # noqa: E402
 from tests import fixtures_real  # noqa: E402
 from tests.fixtures import reference_completion  # noqa: E402
-from tests.test_serving import free_port, wait_until  # noqa: E402
+from tests.test_serving import edge_requests_leave_streams_alone, free_port, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "serve_language.yaml"
@@ -168,46 +168,8 @@ def test_overlapping_requests_to_the_real_pair_each_get_their_solo_answer(server
 
 def test_edge_requests_among_running_streams_leave_every_stream_its_solo_answer(server, reference):
     # near-zero temperatures, extreme logit_bias and penalties, and refused requests, while greedy streams decode
-    import asyncio
-
-    import httpx
-
     url, model_name = server
-    _, tok = reference
-    streams = OVERLAP[:4]
-    want = [solo(reference, prompt(spanish), n) for spanish, n in streams]
-    greedy = solo(reference, prompt(SPANISH[0]), 12)
-    forced = tok(" yes", add_special_tokens=False)["input_ids"][-1]
-    edge = [({"temperature": t}, "greedy") for t in (3e-38, 5e-324)]
-    edge += [({"logit_bias": {str(forced): 100}}, "forced"),
-             ({"logit_bias": {str(i): -100 for i in range(0, 400)}}, "ok"),
-             ({"presence_penalty": 2, "frequency_penalty": 2}, "ok"),
-             ({"presence_penalty": -2, "frequency_penalty": -2, "temperature": 2, "seed": 1}, "ok"),
-             ({"logit_bias": {str(10**6): 5}}, 400), ({"max_tokens": 10**6}, 400), ({"temperature": 3}, 400)]
-
-    async def main():
-        async with httpx.AsyncClient(timeout=300) as http:
-            async def post(extra):
-                body = {"model": model_name, "prompt": prompt(SPANISH[0]), "max_tokens": 12, "temperature": 0,
-                        **extra}
-                r = await http.post(f"{url}/v1/completions", json=body)
-                return r.status_code, r.json()
-
-            async def stream(spanish, n):
-                body = {"model": model_name, "prompt": prompt(spanish), "max_tokens": n, "temperature": 0}
-                r = await http.post(f"{url}/v1/completions", json=body)
-                return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
-            return await asyncio.gather(*(stream(s, n) for s, n in streams), *(post(extra) for extra, _ in edge))
-
-    results = asyncio.run(main())
-    assert results[: len(streams)] == [(200, text) for text in want]
-    for (extra, expect), (status, body) in zip(edge, results[len(streams):]):
-        if isinstance(expect, int):
-            assert status == expect and body["error"]["message"], (extra, body)
-            continue
-        assert status == 200, (extra, body)
-        text = body["choices"][0]["text"]
-        if expect == "greedy":  # the limit of sampling as t -> 0
-            assert text == greedy, extra
-        elif expect == "forced":
-            assert text == tok.decode([forced] * 12), extra
+    streams = [(prompt(spanish), n) for spanish, n in OVERLAP[:4]]
+    edge_requests_leave_streams_alone(url, model_name, reference[1], streams,
+                                      [solo(reference, p, n) for p, n in streams],
+                                      prompt(SPANISH[0]), solo(reference, prompt(SPANISH[0]), 12))

@@ -454,8 +454,8 @@ def test_schemathesis_finds_no_server_error_and_every_answer_conforms_to_the_spe
 
 # ---------------------------------------------------------------------- load, disconnects, failures
 async def _complete(http: httpx.AsyncClient, server: str, prompt: str, max_tokens: int, stream: bool = False,
-                    on_first_token=None):
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+                    on_first_token=None, model: str = MODEL):
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     if not stream:
         r = await http.post(f"{server}/v1/completions", json=body)
         return r.status_code, (r.json()["choices"][0]["text"] if r.status_code == 200 else r.text)
@@ -472,6 +472,53 @@ async def _complete(http: httpx.AsyncClient, server: str, prompt: str, max_token
                 if on_first_token is not None and len(text) == 1:
                     on_first_token()
     return 200, "".join(text)
+
+
+def edge_requests_leave_streams_alone(url: str, model: str, tok, streams: list[tuple[str, int]], want: list[str],
+                                      edge_prompt: str, greedy: str, edge_tokens: int = 12) -> None:
+    """Greedy ``streams`` (prompt, max_tokens) decode while edge requests on ``edge_prompt`` share their batch:
+    near-zero temperatures (must give ``greedy``, the limit of sampling), a +100 logit_bias (forces its
+    token), -100 on many tokens, penalties at both ends, and three refused ones (a token id outside the
+    vocabulary, max_tokens past the context, temperature 3). Each stream must get ``want``; nothing a 5xx."""
+    forced = tok(" yes", add_special_tokens=False)["input_ids"][-1]
+    banned = range(3, min(400, len(tok) // 2))
+    edge = [({"temperature": t}, "greedy") for t in (3e-38, 5e-324)]
+    edge += [({"logit_bias": {str(forced): 100}}, "forced"), ({"logit_bias": {str(i): -100 for i in banned}}, "ok"),
+             ({"presence_penalty": 2, "frequency_penalty": 2}, "ok"),
+             ({"presence_penalty": -2, "frequency_penalty": -2, "temperature": 2, "seed": 1}, "ok"),
+             ({"logit_bias": {str(10**6): 5}}, 400), ({"max_tokens": 10**6}, 400), ({"temperature": 3}, 400)]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as http:
+            async def post_edge(extra):
+                body = {"model": model, "prompt": edge_prompt, "max_tokens": edge_tokens, "temperature": 0, **extra}
+                r = await http.post(f"{url}/v1/completions", json=body)
+                return r.status_code, r.json()
+
+            async def stream(text, n):
+                return await _complete(http, url, text, n, stream=True, model=model)
+            return await asyncio.gather(*(stream(p, n) for p, n in streams), *(post_edge(extra) for extra, _ in edge))
+
+    results = asyncio.run(main())
+    assert results[: len(streams)] == [(200, text) for text in want]
+    for (extra, expect), (status, body) in zip(edge, results[len(streams):]):
+        if isinstance(expect, int):
+            assert status == expect and body["error"]["message"], (extra, body)
+            continue
+        assert status == 200, (extra, body)
+        text = body["choices"][0]["text"]
+        if expect == "greedy":
+            assert text == greedy, extra
+        elif expect == "forced":
+            assert text == tok.decode([forced] * edge_tokens), extra
+
+
+def test_edge_requests_among_running_streams_leave_every_stream_its_solo_answer(server, reference):
+    streams = [(PROMPTS[i], 20) for i in range(4)]
+    before = anchor_stats()
+    edge_requests_leave_streams_alone(server, MODEL, reference[1], streams, _expected_for(reference, PROMPTS[:4], 20),
+                                      PROMPTS[2], _expected_for(reference, [PROMPTS[2]], 12)[0])
+    assert anchor_stats()["failed"] == before["failed"]
 
 
 def _expected_for(reference, prompts, max_tokens):
