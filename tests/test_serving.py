@@ -306,13 +306,12 @@ def test_the_openapi_spec_declares_typed_request_and_response_bodies(server):
     assert "prompt" in schemas["CompletionBody"]["required"] and "messages" in schemas["ChatBody"]["required"]
 
 
-def test_the_openapi_spec_declares_the_bearer_api_key_scheme_on_every_path_but_the_probes(server):
+def test_a_server_without_keys_declares_no_auth_and_one_operation_per_method_in_its_spec(server):
+    # schemathesis holds the spec to the server: a declared scheme the server does not enforce is a failure
     spec = httpx.get(f"{server}/openapi.json", timeout=30).json()
-    assert spec["components"]["securitySchemes"]["bearer"] == {
-        "type": "http", "scheme": "bearer", "description": "one of the keys in the server's api_key_file (docs/serving.md)"}
-    for path, operations in spec["paths"].items():
-        for method, operation in operations.items():
-            assert ("security" in operation) == (not path.startswith("/health")), (method, path)
+    assert "securitySchemes" not in spec.get("components", {})
+    ids = [op["operationId"] for operations in spec["paths"].values() for op in operations.values()]
+    assert len(ids) == len(set(ids)) and set(spec["paths"]["/health"]) == {"get", "head"}
 
 
 def test_health_is_503_until_every_deployment_has_loaded_its_model_and_live_is_200(ray_cluster, pair, tmp_path):

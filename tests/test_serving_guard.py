@@ -307,6 +307,23 @@ def test_public_reason_drops_terminal_colour_codes_and_keeps_the_first_line_that
 
 
 # ---------------------------------------------------------------------- API keys
+def test_a_server_with_keys_declares_the_bearer_scheme_on_every_path_but_the_probes():
+    from actors.serve import deployments
+    from actors.serve.openai.guard import settings_for
+
+    guard = settings_for(deployments.INGRESS_GUARD)
+    saved = guard.api_keys
+    try:
+        guard.api_keys, deployments.api.openapi_schema = [KEY.encode()], None
+        spec = deployments.api.openapi()
+        assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        for path, operations in spec["paths"].items():
+            for method, operation in operations.items():
+                assert ("security" in operation) == (not path.startswith("/health")), (method, path)
+    finally:
+        guard.api_keys, deployments.api.openapi_schema = saved, None
+
+
 def test_without_a_key_every_path_but_health_is_401(served):
     url, guard = served
     with keys_required(guard, KEY):

@@ -355,17 +355,28 @@ openai_errors.install(api, name=INGRESS_GUARD)
 
 
 def _openapi() -> dict:
-    """FastAPI's spec, plus the API-key scheme the guard enforces (``Authorization: Bearer <key>``, as OpenAI)
-    on every path but the health probes; without ``api_key_file`` the server takes any key or none."""
+    """FastAPI's spec, plus what FastAPI does not write itself: the API-key scheme the guard enforces
+    (``Authorization: Bearer <key>``, as OpenAI) on every path but the health probes, when this server has
+    keys (a server without keys takes any key or none, and its spec says so by declaring none); and one
+    operation id per method of the probes, which answer GET and HEAD from one route."""
     if api.openapi_schema is None:
-        spec = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
-        spec.setdefault("components", {})["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer",
-                       "description": "one of the keys in the server's api_key_file (docs/serving.md)"}}
+        import warnings
+
+        with warnings.catch_warnings():  # the probes' GET and HEAD share a route, so FastAPI repeats its id
+            warnings.filterwarnings("ignore", message="Duplicate Operation ID")
+            spec = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
         for path, operations in spec["paths"].items():
-            if not path.startswith("/health"):
-                for operation in operations.values():
-                    operation["security"] = [{"bearer": []}]
+            for method, operation in operations.items():
+                if len(operations) > 1:
+                    operation["operationId"] = f"{operation['operationId'].rsplit('_', 1)[0]}_{method}"
+        if settings_for(INGRESS_GUARD).api_keys:
+            spec.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "one of the server's API keys (docs/serving.md, API keys)"}}
+            for path, operations in spec["paths"].items():
+                if not path.startswith("/health"):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
         api.openapi_schema = spec
     return api.openapi_schema
 
@@ -405,8 +416,7 @@ class Ingress:
             retryable=TRANSIENT, overloaded=(BackPressureError,),
         )
 
-    @api.get("/health", responses={503: {"model": ErrorBody}})
-    @api.head("/health", responses={503: {"model": ErrorBody}})
+    @api.api_route("/health", methods=["GET", "HEAD"], responses={503: {"model": ErrorBody}})
     async def health(self):
         """Readiness: 200 once the anchor and every augmenting deployment have loaded their models and answer;
         503 (``{"status": "loading"}``) before. Load balancers and Kubernetes readiness probes use this."""
@@ -421,8 +431,7 @@ class Ingress:
                 return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
         return {"status": "ok"}
 
-    @api.get("/health/live")
-    @api.head("/health/live")
+    @api.api_route("/health/live", methods=["GET", "HEAD"])
     async def live(self) -> dict:
         """Liveness: 200 while this HTTP front answers, models loaded or not."""
         return {"status": "ok"}
