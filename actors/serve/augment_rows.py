@@ -39,14 +39,13 @@ from actors.codec import dtype_name, state_key, tensor_to_numpy
 from actors.serve.batch_cache import (
     add_empty_rows_hf_cache,
     check_batchable,
+    close_gaps,
     copy_rows_hf_cache,
     crop_left_hf_cache,
-    close_gaps,
     has_gaps,
     leading_padding,
     merge_hf_caches,
     select_rows_hf_cache,
-    smallest_window,
 )
 from composition.alignment import pad_left
 from composition.augment import AugmentEncoder
@@ -74,9 +73,9 @@ class AugmentRows:
         self.attention_mask: torch.Tensor | None = None  # [rows, seen]
         self.cache = None  # the augmenting model's HF DynamicCache for all rows; None while seen == 0
         self.device = next(encoder.model.parameters()).device
-        check_batchable(encoder.model, f"augmenting model {augment}")
-        # a sliding window counts columns: gaps inside rows are harmless only while the batch fits in it (``_extend``)
-        self.window = smallest_window(encoder.model)
+        # refuses an unbatchable cache; a sliding window counts columns: gaps inside rows are harmless only while
+        # the batch fits in it (``_extend``)
+        self.window = check_batchable(encoder.model, f"augmenting model {augment}")
         self.counters = {"grouped_extends": 0, "gaps_closed": 0}
 
     # ------------------------------------------------------------------ bookkeeping

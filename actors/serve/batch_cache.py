@@ -71,8 +71,9 @@ class UnbatchableCacheError(TypeError):
     """A model whose KV cache this engine cannot batch: raised when a server starts, never per request."""
 
 
-def check_batchable(model, role: str = "the model") -> None:
-    """Raise UnbatchableCacheError, naming the layer type, unless every layer of ``model``'s cache can be batched.
+def check_batchable(model, role: str = "the model") -> int | None:
+    """Raise UnbatchableCacheError, naming the layer type, unless every layer of ``model``'s cache can be batched;
+    return the smallest sliding window among its layers (None when it has none).
 
     Builds the cache transformers would build for ``model`` (no tensors), so it runs before any request.
     """
@@ -87,13 +88,7 @@ def check_batchable(model, role: str = "the model") -> None:
     except Exception as e:  # a config transformers cannot build a cache for
         raise UnbatchableCacheError(f"{role} ({config.model_type}): transformers builds no DynamicCache for it "
                                     f"({type(e).__name__}: {e}): this engine cannot serve it") from e
-    _check_layers(layers, role)
-
-
-def smallest_window(model) -> int | None:
-    """The smallest sliding window among ``model``'s cache layers (Mistral, Gemma-2/3, ...); None when it has none."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    windows = [layer.sliding_window for layer in DynamicCache(config=config).layers
+    windows = [layer.sliding_window for layer in _check_layers(layers, role)
                if isinstance(layer, DynamicSlidingWindowLayer)]
     return min(windows) if windows else None
 
