@@ -6,6 +6,7 @@ served by uvicorn on 127.0.0.1: timeouts can be made short here without slowing 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -58,6 +59,7 @@ def test_a_request_past_the_timeout_gets_a_504_and_frees_its_row(served):
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 500, "ignore_eos": True}, timeout=60)
     assert r.status_code == 504, r.text
     assert "request timeout of 0.3 s" in r.json()["error"]["message"]
+    assert re.search(r"\(request id cmpl-[0-9a-f]{24}\)$", r.json()["error"]["message"]), "the log line's id"
     assert time.monotonic() - started < 10
     wait_until(lambda: engine.stats()["running"] == 0, 10, "the timed-out row to be dropped")
     assert engine.counters["cancelled"] >= 1
@@ -71,7 +73,7 @@ def test_a_streamed_request_past_the_timeout_ends_with_an_error_event(served):
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
-    assert '"type": "timeout"' in lines[-2]
+    assert '"type": "timeout"' in lines[-2] and "(request id cmpl-" in lines[-2]
 
 
 def test_a_single_stop_string_of_any_length_cuts_the_answer(served):

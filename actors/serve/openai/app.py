@@ -153,9 +153,9 @@ class OpenAIFrontend:
             first = await pieces.__anext__()  # errors before the first token still get a real status code
         except ApiError as e:
             await pieces.aclose()
-            return e.response()
+            return e.of_request(rid).response()
         except StopAsyncIteration:
-            return ApiError(500, "the model produced no output").response()
+            return ApiError(500, "the model produced no output").of_request(rid).response()
         if prepared.stream:
             return StreamingResponse(self._sse(prepared, rid, first, pieces), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -165,7 +165,7 @@ class OpenAIFrontend:
             async for piece in pieces:
                 choices[piece.index].add(piece)
         except ApiError as e:
-            return e.response()
+            return e.of_request(rid).response()
         return JSONResponse(self._full_response(prepared, rid, choices))
 
     # ------------------------------------------------------------------ what the field constraints cannot say
@@ -379,7 +379,7 @@ class OpenAIFrontend:
             if p.include_usage:
                 yield event(self._chunk(p, rid, created, None, None, usage=self._usage(p, sum(tokens))))
         except ApiError as e:
-            yield event(e.body())
+            yield event(e.of_request(rid).body())
         finally:
             await pieces.aclose()  # a client that went away cancels the generation here
         yield "data: [DONE]\n\n"

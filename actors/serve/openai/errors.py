@@ -22,6 +22,12 @@ class ApiError(Exception):
         self.headers = headers or {}
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
 
+    def of_request(self, request_id: str) -> "ApiError":
+        """This error with the request's id in its message (once), so a client's report finds the log line."""
+        if request_id not in self.message:
+            self.message = f"{self.message} (request id {request_id})"
+        return self
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
