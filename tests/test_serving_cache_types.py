@@ -126,6 +126,35 @@ def test_extend_with_different_counts_gives_each_rows_states_as_alone_on_a_slidi
             assert layer.keys.shape[2] == 5 and layer.cumulative_length == rows.attention_mask.shape[1]
 
 
+@pytest.mark.parametrize("widen", ["uniform steps", "a long new row"])
+def test_gaps_left_while_the_batch_was_narrow_are_closed_before_it_outgrows_the_window(widen):
+    # a mixed step leaves a gap in row b while the batch fits in the window (6); then the batch grows past it
+    # by steps that give every row one token, or by a new row longer than the window: b must stay exact
+    model = ComposedModel(tiny("llama"), [tiny("gemma3", seed=1)], CompositionConfig(mappings=[LayerMapping(every=2)]))
+    encoder = model.encoders[0]
+    rows = AugmentRows(encoder, augment=0)
+    held = {"a": [5, 6], "b": [7]}
+    rows.prefill([(r, list(t)) for r, t in held.items()])
+    rows.extend(["a", "b"], [[8, 9], []], [2, 1])
+    held["a"] += [8, 9]
+    assert rows.counters["gaps_closed"] == 0 and rows.attention_mask.tolist()[1] == [0, 1, 0, 0]  # b has a gap
+    if widen == "a long new row":
+        held["c"] = list(range(10, 19))
+        rows.prefill([("c", held["c"])])
+    steps = [[20 + i] * len(held) for i in range(4)]
+    for step in steps:
+        result = rows.extend(list(held), [[t] for t in step], [len(t) for t in held.values()])
+        (states,) = arrays_to_states(result["states"], result["dtype"], "cpu")
+        for b, (r, t) in enumerate(zip(list(held), step)):
+            held[r].append(t)
+            full = torch.tensor([held[r]])
+            ones = torch.ones_like(full)
+            solo, _ = encoder(full, ones, positions_from_mask(ones))
+            for index in encoder.indices:
+                torch.testing.assert_close(states[index][b, -1], solo[index][0, -1], rtol=0, atol=1e-5)
+    assert rows.counters["gaps_closed"] == 1 and rows.counters["grouped_extends"] == 0
+
+
 def test_merging_and_cropping_a_sliding_layer_keeps_the_window_and_the_length():
     config = tiny("mistral").config
     first, second = DynamicCache(config=config), DynamicCache(config=config)

@@ -173,6 +173,7 @@ class AugmentRows:
         if self.attention_mask is None:
             self.ids, self.attention_mask, self.cache = ids, mask, cache
             return
+        self._close_gaps_before(max(self.attention_mask.shape[1], mask.shape[1]))  # a long row may widen the batch
         length = max(self.attention_mask.shape[1], mask.shape[1])
         pad = torch.nn.functional.pad
         old_rows = len(self.ids)
@@ -243,12 +244,11 @@ class AugmentRows:
             return {"missing": missing}
         self._keep(ids)
         counts = {len(t) for t in tokens}
-        if self.window is not None and len(counts) > 1 and self.attention_mask.shape[1] + max(counts) >= self.window:
+        width = self.attention_mask.shape[1] + max(counts)
+        self._close_gaps_before(width)
+        if len(counts) > 1 and self.window is not None and width >= self.window:
             # the batch may outgrow a sliding window: no row may hold padding inside it (``_extend_grouped``);
             # while every column stays inside every window, gaps are as harmless as for full attention (faster)
-            if self.cache is not None and has_gaps(self.attention_mask):
-                self.attention_mask = close_gaps(self.cache, self.attention_mask)
-                self.counters["gaps_closed"] += 1
             self.counters["grouped_extends"] += 1
             return self._encode(self._extend_grouped(ids, tokens))
         new, new_mask = pad_left([list(t) for t in tokens], self.pad_id)
@@ -262,6 +262,16 @@ class AugmentRows:
             states, self.cache = self.encoder(new, full_mask, positions, self.cache, True)
         self.attention_mask = full_mask
         return self._encode(states)
+
+    def _close_gaps_before(self, width: int) -> None:
+        """Keep the rule that a batch as wide as a sliding window holds no padding inside a row: before the batch
+        grows to ``width`` columns, close the gaps that steps of mixed counts left while it was narrower (then
+        every layer still holds every column, which ``close_gaps`` needs)."""
+        if self.window is None or width < self.window or self.cache is None:
+            return
+        if has_gaps(self.attention_mask):
+            self.attention_mask = close_gaps(self.cache, self.attention_mask)
+            self.counters["gaps_closed"] += 1
 
     def _extend_grouped(self, ids: list[str], tokens: list[list[int]]) -> dict[int, torch.Tensor]:
         """``_extend`` for rows given different numbers of tokens, on a model with sliding-window layers, once the
