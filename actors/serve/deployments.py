@@ -55,7 +55,15 @@ from actors.serve.engine import DecodeEngine, GenerationRequest
 from actors.serve.openai import errors as openai_errors
 from actors.serve.openai.app import Limits, OpenAIFrontend
 from actors.serve.openai.guard import load_api_keys, settings_for
-from actors.serve.openai.schemas import ChatBody, ChatCompletion, Completion, CompletionBody, ErrorBody, ModelList
+from actors.serve.openai.schemas import (
+    ChatBody,
+    ChatCompletion,
+    Completion,
+    CompletionBody,
+    ErrorBody,
+    Health,
+    ModelList,
+)
 from actors.serve.reasons import public_reason
 from composition.alignment import TokenizerError, tokenizer_fingerprint
 from composition.augment import AugmentEncoder
@@ -416,22 +424,26 @@ class Ingress:
             retryable=TRANSIENT, overloaded=(BackPressureError,),
         )
 
-    @api.api_route("/health", methods=["GET", "HEAD"], responses={503: {"model": ErrorBody}})
+    @api.api_route("/health", methods=["GET", "HEAD"], response_model=Health, responses={503: {"model": Health}})
     async def health(self):
         """Readiness: 200 once the anchor and every augmenting deployment have loaded their models and answer;
         503 (``{"status": "loading"}``) before. Load balancers and Kubernetes readiness probes use this."""
         now = time.monotonic()
         if now - self._ready_at > READY_FOR_S:  # a positive answer holds a few seconds: no round trip per probe
+            response = None
             try:
                 async with asyncio.timeout(READY_TIMEOUT_S):
-                    await self.anchor.ready.remote()
+                    response = self.anchor.ready.remote()
+                    await response
                 self._ready_at = now
             except Exception as e:  # noqa: BLE001 - not ready, for whatever reason: the probe says so
+                if response is not None:
+                    response.cancel()  # no probe waits on in the anchor's queue
                 log.info("not ready yet: %s", public_reason(e))
                 return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
         return {"status": "ok"}
 
-    @api.api_route("/health/live", methods=["GET", "HEAD"])
+    @api.api_route("/health/live", methods=["GET", "HEAD"], response_model=Health)
     async def live(self) -> dict:
         """Liveness: 200 while this HTTP front answers, models loaded or not."""
         return {"status": "ok"}

@@ -220,3 +220,9 @@ class ErrorBody(BaseModel):
     """Every error the server answers (4xx and 5xx)."""
 
     error: ErrorDetail
+
+
+class Health(BaseModel):
+    """The health probes' answer: ``ok``, or ``loading`` (readiness, with a 503) while a model still loads."""
+
+    status: Literal["ok", "loading"]
