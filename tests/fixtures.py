@@ -32,11 +32,6 @@ from composition.loading import load_causal_lm
 VOCAB = 97
 
 
-# the KV-cache layouts the serving engine batches: every layer full, every layer a sliding window, both mixed
-CACHE_KINDS = {"llama": "full attention", "mistral": "sliding window on every layer",
-               "gemma2": "sliding and full layers alternating", "gemma3": "five sliding layers to one full"}
-
-
 def tiny(kind: str, hidden: int = 32, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
          vocab: int = VOCAB, seed: int = 0, sliding_window: int = 6):
     """A random-weight causal LM of family ``kind`` (llama, gpt2, qwen2, gpt_neox; mistral, gemma2, gemma3 with a

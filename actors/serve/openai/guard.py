@@ -5,7 +5,8 @@ one catch-all that turns any unexpected exception into OpenAI's 500 JSON.
 Ingress and the tests' uvicorn app run the same code). For each HTTP request, in order:
 
 1. API keys (when any are configured): ``Authorization: Bearer <key>`` compared in constant time against
-   every key; ``/health`` and ``/health/live`` stay open (probes); anything else without a valid key is a 401 ``invalid_api_key``.
+   every key; ``/health`` and ``/health/live`` stay open (probes); anything else without a valid key is a
+   401 ``invalid_api_key``.
 2. The body is read here, never past ``max_body_bytes`` (a larger ``Content-Length`` is refused before
    reading; a chunked body is counted while it arrives): 413.
 3. A body FastAPI would parse as JSON (no Content-Type, or a JSON one) must be UTF-8, nest at most
