@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from composition.checkpoint import file_sha256
+
 MANIFEST = "MANIFEST.json"
 FORMAT = "calm-ray-folder"
 CONNECT_TIMEOUT_S = 5.0
@@ -199,11 +201,6 @@ def check_storage(uri: str, key: str, write: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------------------ publishing
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def publish_folder(local: str | os.PathLike, uri: str) -> str:
     """Upload the files of ``local`` (one level, no subfolders) to ``uri`` atomically; returns the version.
 
@@ -214,7 +211,7 @@ def publish_folder(local: str | os.PathLike, uri: str) -> str:
     files = sorted(p for p in Path(local).iterdir() if p.is_file())
     if not files:
         raise StorageError(f"{local}: nothing to publish (no files)")
-    entries = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     version = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
     previous = read_manifest(uri)
     fs.create_dir(f"{root}/{version}")
@@ -306,7 +303,7 @@ def fetch_folder(uri: str, key: str = "path", cache: str | os.PathLike | None = 
                 shutil.copyfileobj(src, out, 8 << 20)
             if manifest is not None:
                 want = manifest["files"][name]
-                if dest.stat().st_size != want["size"] or _sha256(dest) != want["sha256"]:
+                if dest.stat().st_size != want["size"] or file_sha256(dest) != want["sha256"]:
                     raise StorageError(f"{redact(uri)}: {name} does not match its manifest (size or sha256); "
                                        f"publish the folder again")
         try:

@@ -1,9 +1,9 @@
 """What composing models with different tokenizers costs (composition/alignment.py).
 
-1. Same anchor and augmenting model (random-init Llamas sharing one tokenizer), three paths:
-   ``old``      the shared-tokenizer path (no tokenizers given);
-   ``identity`` the shared tokenizer passed through the new path (identity alignment);
-   ``text``     the cross-tokenizer text path forced on the same pair (decode anchor ids, cut into
+1. Same anchor and augmenting model (random-init Llamas sharing one tokenizer), two alignments of the
+   one composition path:
+   ``shared``   no tokenizers given: the identity alignment;
+   ``text``     the cross-tokenizer text alignment forced on the same pair (decode anchor ids, cut into
                 pieces, re-tokenise, build masks): what a pair with different tokenizers pays.
    Forward of one 1024-token sequence, and decode per token (teacher-forced cached steps on real text,
    so words close as they would in generation) at 64 and 1024 tokens of context.
@@ -107,13 +107,12 @@ def same_pair(quick: bool) -> dict:
     augment = tiny_llama(vocab, hidden=256, layers=4, heads=4, seed=1)
     cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(2, 4), (4, 8)])], rotary=True)
     paths = {
-        "old": ComposedModel(anchor, [augment], cfg),
-        "identity": ComposedModel(anchor, [augment], cfg, tokenizers=[tok, tok]),
+        "shared": ComposedModel(anchor, [augment], cfg),
         "text": ComposedModel(anchor, [augment], cfg, tokenizers=[tok, tok], identity_when_shared=False),
     }
     for m in paths.values():
         randomise_bridges(m, scale=0.02)
-        m.load_state_dict(paths["old"].state_dict())
+        m.load_state_dict(paths["shared"].state_dict())
     reps, steps = (2, 8) if quick else (5, 32)
     ids = text_of(tok, 1024 + steps + 1)
     seq = torch.tensor(ids[:1024])
@@ -134,7 +133,7 @@ def same_pair(quick: bool) -> dict:
         "augment_tokens_per_anchor_token_text_path": len(a["augment_ids"]) / len(a["anchor_ids"]),
         "paths": rows,
         "ratios": {
-            f"{name}/old": {k: rows[name][k] / rows["old"][k] for k in rows["old"]} for name in ("identity", "text")
+            "text/shared": {k: rows["text"][k] / rows["shared"][k] for k in rows["shared"]}
         },
     }
 

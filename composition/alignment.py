@@ -24,11 +24,11 @@ from that text here. The rule (docs/tokenizers.md has the long form):
   never fed to the augmenting model either: cached decoding only ever appends closed tokens and
   never rolls a cache back.
 * **One shared tokenizer** (equal fingerprints): the augmenting tokens *are* the anchor's tokens and
-  the alignment is the identity (augmenting token j is visible from anchor token j on), which is the
-  shared-tokenizer composition this project always had, bit for bit.
+  the alignment is the identity (augmenting token j is visible from anchor token j on): the paper's
+  composition of models that share a vocabulary (``Aligner.shared``; no tokenizers needed).
 * **Rotary positions.** A bridge key gets the anchor position of the first anchor token that sees
   it; queries keep their anchor positions. So ``query - key`` counts anchor tokens since the
-  augmenting token became visible, which for a shared tokenizer is today's token distance.
+  augmenting token became visible, which for a shared tokenizer is the distance between the tokens.
 
 ``visible`` below is always "how many real (non-padding) augmenting tokens an anchor position may
 see", counted from the start of the sequence, so it does not depend on how rows are padded.
@@ -49,6 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
+from composition.padding import pad_left
+
 REPLACEMENT = "\ufffd"  # what a decoder yields for bytes that are not (yet) a whole UTF-8 character
 
 
@@ -67,11 +69,15 @@ class AugmentInputs:
         visible: [batch, seq] long, per anchor position (of the new anchor tokens): how many real
             augmenting tokens, counted from the start of the sequence (cached ones included), it may
             attend to. Non-decreasing along each row.
+        identity: these are the anchor's own tokens (one shared tokenizer): token j is visible from anchor
+            token j on, and positions are the anchor's, so ``ComposedModel`` may take the masks and key
+            positions straight from the anchor's (the same values, fewer operations per decode step).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     visible: torch.Tensor
+    identity: bool = False
 
 
 # ---------------------------------------------------------------------------- tokenizers
@@ -169,6 +175,9 @@ def _cut(piece: str, last_is_text: bool, text: str) -> tuple[str, bool, list[str
 class Aligner:
     """Aligns anchor token ids with each augmenting model's tokens, row by row and step by step.
 
+    Every composition has one: with one shared tokenizer it is the identity (``Aligner.shared``), so a
+    ComposedModel and the serving engine run one path whatever the tokenizers.
+
     Args:
         anchor_tokenizer: the anchor's fast tokenizer.
         augment_tokenizers: one fast tokenizer per augmenting model.
@@ -176,6 +185,16 @@ class Aligner:
             the anchor's own tokens (the shared-tokenizer composition). False forces the text path
             (re-tokenising by pieces) even then: used to measure that path.
     """
+
+    @classmethod
+    def shared(cls, num_augments: int) -> "Aligner":
+        """The alignment of models that read the anchor's own token ids (no tokenizers needed)."""
+        self = cls.__new__(cls)
+        self.anchor_fingerprint, self.augment_fingerprints = None, [None] * num_augments
+        self.identity = [True] * num_augments
+        self._anchor, self._special, self._augments, self._prefix = None, set(), [None] * num_augments, []
+        self.augment_pad_ids = [0] * num_augments
+        return self
 
     def __init__(self, anchor_tokenizer, augment_tokenizers: list, identity_when_shared: bool = True):
         self.anchor_fingerprint = tokenizer_fingerprint(anchor_tokenizer, "anchor")
@@ -191,6 +210,11 @@ class Aligner:
     @property
     def needs_text(self) -> bool:
         return not all(self.identity)
+
+    @property
+    def has_tokenizers(self) -> bool:
+        """Built from tokenizers (their fingerprints go into a checkpoint), not ``Aligner.shared``."""
+        return self.anchor_fingerprint is not None
 
     def _decode(self, ids) -> str:
         return self._anchor.decode(list(ids), skip_special_tokens=True)
@@ -248,7 +272,7 @@ class Aligner:
         for m, same in enumerate(self.identity):
             if same:
                 visible = seen[m][:, None] + real.long().cumsum(-1)
-                out[m] = AugmentInputs(input_ids, attention_mask, visible)
+                out[m] = AugmentInputs(input_ids, attention_mask, visible, identity=True)
         if not self.needs_text:
             return None, out  # type: ignore[return-value]
 
@@ -289,18 +313,6 @@ class Aligner:
             ids, mask = pad_left(new_rows, self.augment_pad_ids[m])
             out[m] = AugmentInputs(ids.to(device), mask.to(device), seen[m][:, None] + visible.to(device))
         return states, out  # type: ignore[return-value]
-
-
-def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[batch, longest] ids and mask, each row's tokens at the right end."""
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        if r:
-            ids[b, width - len(r) :] = torch.tensor(r)
-            mask[b, width - len(r) :] = 1
-    return ids, mask
 
 
 # ---------------------------------------------------------------------------- masks and positions

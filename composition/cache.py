@@ -1,11 +1,11 @@
 """CompositionCache: everything one batch of sequences needs to decode one token at a time.
 
 Holds the anchor's HF KV cache, each augmenting model's HF KV cache, and each bridge's projected
-keys and values, plus the attention mask of all tokens seen so far. With different tokenizers
-(composition/alignment.py) it also holds each augmenting model's own attention mask and, per row,
-where the anchor's text stands; the augmenting caches only ever hold closed (final) tokens, so
-they grow by appending and are never rolled back. A forward pass with a cache
-runs each model on the new tokens only.
+keys and values, plus the attention mask of all tokens seen so far and each augmenting model's own
+attention mask (over its own tokens: the anchor's mask again when the models share a tokenizer).
+With different tokenizers (composition/alignment.py) it also holds, per row, where the anchor's
+text stands; the augmenting caches only ever hold closed (final) tokens, so they grow by appending
+and are never rolled back. A forward pass with a cache runs each model on the new tokens only.
 
 The bridge keys and values live in buffers with spare room along the sequence (``SeqBuffer``), so
 appending a decoded token writes one position instead of copying everything seen so far.
@@ -82,8 +82,8 @@ class CompositionCache:
     bridge_values: list = field(default_factory=list)
     # per bridge (key buffer, value buffer) behind bridge_keys / bridge_values; rebuilt when they do not match
     buffers: list = field(default_factory=list, repr=False, compare=False)
-    # different tokenizers only: per augmenting model [batch, seen by it] long, 0 at padding
-    augment_masks: list | None = None
+    # per augmenting model [batch, seen by it] long, 0 at padding
+    augment_masks: list = field(default_factory=list)
     # different tokenizers only: per row, the alignment.RowText of the anchor's text so far
     texts: list | None = field(default=None, repr=False)
 
@@ -121,7 +121,6 @@ class CompositionCache:
         self.bridge_keys = [k[index] for k in self.bridge_keys]
         self.bridge_values = [v[index] for v in self.bridge_values]
         self.buffers = []
-        if self.augment_masks is not None:
-            self.augment_masks = [m[index] for m in self.augment_masks]
+        self.augment_masks = [m[index] for m in self.augment_masks]
         if self.texts is not None:
             self.texts = [self.texts[i] for i in index.tolist()]

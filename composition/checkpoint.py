@@ -14,7 +14,7 @@ A composition built with ``tokenizers=`` also records each model's tokenizer (``
 ``alignment.tokenizer_fingerprint``: hashes of vocabulary, normalizer, pre-tokenizer, decoder and
 added tokens). Loading it with another tokenizer is refused with the field that differs, and loading
 it without tokenizers is refused unless all the models shared one tokenizer. Checkpoints without
-the field (older ones, or shared-tokenizer compositions built without tokenizers) load as before.
+the field (compositions built without tokenizers) load with any tokenizers or none.
 Folders are written atomically: a crash mid-save leaves the previous checkpoint intact.
 """
 
@@ -65,15 +65,34 @@ def fingerprint(model: nn.Module) -> dict:
     }
 
 
-def _mismatch(role: str, saved: dict, got: dict) -> str | None:
-    for key in saved:
-        if saved[key] != got.get(key):
-            return (
-                f"bridges were trained for {role} {saved['architecture']} with {key}={saved[key]}, "
-                f"got {got['architecture']} with {key}={got.get(key)}: load the model the bridges were "
-                f"trained with, or pass check_models=False to override"
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex): what identifies a package or a source file for good."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def files_signature(files, root: str | os.PathLike | None = None) -> list[list]:
+    """``[name, size, mtime_ns]`` per file, sorted by name (relative to ``root`` when given): a cheap stamp that
+    changes when a file is rewritten (weights, data), for caches keyed on what they were computed from."""
+    rows = []
+    for f in map(Path, files):
+        stat = f.stat()
+        rows.append([f.relative_to(root).as_posix() if root is not None else f.name, stat.st_size, stat.st_mtime_ns])
+    return sorted(rows)
+
+
+def check_model_matches(role: str, saved: dict, model: nn.Module,
+                        fix: str = "load the model the bridges were trained with, or pass check_models=False to "
+                                   "override") -> None:
+    """Refuse a model whose ``fingerprint`` differs from ``saved`` (the one the bridges were trained with):
+    ValueError naming the first field that differs, and ``fix``, what the caller can do about it."""
+    got = fingerprint(model)
+    for key, value in saved.items():
+        if got.get(key) != value:
+            raise ValueError(
+                f"bridges were trained for {role} {saved.get('architecture')} with {key}={value}, "
+                f"got {got.get('architecture')} with {key}={got.get(key)}: {fix}"
             )
-    return None
 
 
 @contextlib.contextmanager
@@ -124,7 +143,7 @@ def save_bridges(model, folder: str | os.PathLike) -> None:
         "anchor": fingerprint(model.anchor),
         "augments": [fingerprint(m) for m in model.augments],
     }
-    if getattr(model, "aligner", None) is not None:
+    if model.aligner.has_tokenizers:
         meta["tokenizers"] = {"anchor": model.aligner.anchor_fingerprint, "augments": model.aligner.augment_fingerprints}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.bridges.state_dict().items()}
     with atomic_folder(folder) as tmp:
@@ -192,9 +211,7 @@ def load_bridges(cls, folder, anchor: nn.Module, augments: list[nn.Module], chec
             (f"augmenting model {i}", saved, m) for i, (saved, m) in enumerate(zip(meta["augments"], augments))
         ]
         for role, saved, m in pairs:
-            problem = _mismatch(role, saved, fingerprint(m))
-            if problem:
-                raise ValueError(problem)
+            check_model_matches(role, saved, m)
         check_tokenizers(folder, meta.get("tokenizers"), tokenizers)
     model = cls(anchor, augments, CompositionConfig.from_dict(meta["config"]), tokenizers=tokenizers)
     device = next(model.bridges.parameters()).device

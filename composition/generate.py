@@ -10,16 +10,7 @@ from __future__ import annotations
 import torch
 
 from composition.cache import CompositionCache
-
-
-def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int):
-    """Move each row's real tokens to the right end (left padding), keeping their order."""
-    if bool((attention_mask[:, -1] == 1).all()):
-        return input_ids, attention_mask
-    order = torch.argsort(attention_mask.to(torch.int8), dim=1, stable=True)  # pads first, real tokens after
-    ids = torch.gather(input_ids, 1, order)
-    mask = torch.gather(attention_mask, 1, order)
-    return ids.masked_fill(mask == 0, pad_token_id), mask
+from composition.padding import to_left_padding
 
 
 def sample_next(
@@ -99,7 +90,7 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    input_ids, attention_mask = left_pad(input_ids, attention_mask, pad)
+    input_ids, attention_mask = to_left_padding(input_ids, attention_mask, pad)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)

@@ -49,7 +49,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def augment_tokenizer_source(given: str | None, folder: str) -> str | None:
     """Where an augmenting model's tokenizer comes from: ``given``, else the model's folder; None when the
-    folder holds no tokenizer files (the model then reads the anchor's tokens, as before tokenizers per model)."""
+    folder holds no tokenizer files (the model then reads the anchor's tokens)."""
     if given is not None:
         return given
     local = Path(folder)

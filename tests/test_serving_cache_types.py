@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache, Llama4TextConfig
 
 from actors.codec import arrays_to_states
+from actors.serve.augment_protocol import Extend, Prefill
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.batch_cache import UnbatchableCacheError, check_batchable, crop_left_hf_cache, merge_hf_caches
 from actors.serve.engine import GenerationRequest
@@ -104,11 +105,11 @@ def test_extend_with_different_counts_gives_each_rows_states_as_alone_on_a_slidi
     rows = AugmentRows(encoder, augment=0)
     rng = random.Random(1)
     held = {"a": [5, 6, 7], "b": [8], "c": []}
-    rows.prefill([(r, list(t)) for r, t in held.items()])
+    rows.prefill(Prefill([(r, list(t)) for r, t in held.items()]))
     for step in range(6):
         tokens = [[rng.randrange(3, 97) for _ in range(rng.choice([0, 1, 2, 3]))] for _ in held]
-        result = rows.extend(list(held), tokens, [len(t) for t in held.values()])
-        (states,) = arrays_to_states(result["states"], result["dtype"], "cpu")
+        result = rows.extend(Extend(list(held), tokens, [len(t) for t in held.values()]))
+        (states,) = arrays_to_states(result.arrays, result.dtype, "cpu")
         for b, (r, new) in enumerate(zip(list(held), tokens)):
             held[r] += new
             if not new:
@@ -134,17 +135,17 @@ def test_gaps_left_while_the_batch_was_narrow_are_closed_before_it_outgrows_the_
     encoder = model.encoders[0]
     rows = AugmentRows(encoder, augment=0)
     held = {"a": [5, 6], "b": [7]}
-    rows.prefill([(r, list(t)) for r, t in held.items()])
-    rows.extend(["a", "b"], [[8, 9], []], [2, 1])
+    rows.prefill(Prefill([(r, list(t)) for r, t in held.items()]))
+    rows.extend(Extend(["a", "b"], [[8, 9], []], [2, 1]))
     held["a"] += [8, 9]
     assert rows.counters["gaps_closed"] == 0 and rows.attention_mask.tolist()[1] == [0, 1, 0, 0]  # b has a gap
     if widen == "a long new row":
         held["c"] = list(range(10, 19))
-        rows.prefill([("c", held["c"])])
+        rows.prefill(Prefill([("c", held["c"])]))
     steps = [[20 + i] * len(held) for i in range(4)]
     for step in steps:
-        result = rows.extend(list(held), [[t] for t in step], [len(t) for t in held.values()])
-        (states,) = arrays_to_states(result["states"], result["dtype"], "cpu")
+        result = rows.extend(Extend(list(held), [[t] for t in step], [len(t) for t in held.values()]))
+        (states,) = arrays_to_states(result.arrays, result.dtype, "cpu")
         for b, (r, t) in enumerate(zip(list(held), step)):
             held[r].append(t)
             full = torch.tensor([held[r]])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from actors.serve.augment_client import LocalAugments
+from actors.serve.augment_protocol import Extend, Prefill, States
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.engine import DecodeEngine, GenerationRequest, RequestFailed
 from composition.loading import load_tokenizer
@@ -147,6 +148,8 @@ def test_requests_beyond_the_batch_size_wait_for_a_free_row(model, tok):
     (dict(prompt_ids=[5], max_tokens=0), "max_tokens must be >= 1"),
     (dict(prompt_ids=[5] * 500, max_tokens=20), "exceeds the context of 512"),
     (dict(prompt_ids=[5], max_tokens=3, top_p=0.0), "top_p"),
+    (dict(prompt_ids=[5], max_tokens=3, n=9), "more than this server decodes together"),
+    (dict(prompt_ids=[5], max_tokens=3, logit_bias={10**6: 1.0}), "outside the vocabulary"),
 ])
 def test_invalid_requests_are_refused_with_the_reason(model, bad, message):
     engine, _ = make_engine(model)
@@ -214,19 +217,19 @@ class ObservedAugments(LocalAugments):
         self.fail_at = fail_at
         self.steps = 0
 
-    async def _call(self, augment, method, *args):
-        if method == "step":
+    async def _call(self, augment, request):
+        if isinstance(request, Extend):
             self.steps += 1
             if self.fail_at is not None and self.steps >= self.fail_at:
                 raise RuntimeError("augmenting replica unreachable")
-        if self.below_ran is not None and method in ("prefill", "step"):
+        if self.below_ran is not None and isinstance(request, (Prefill, Extend)):
             deadline = asyncio.get_running_loop().time() + 10
             while not self.below_ran.is_set():
                 if asyncio.get_running_loop().time() > deadline:
                     raise RuntimeError("the anchor's lower layers did not run while the augmenting call was in flight")
                 await asyncio.sleep(0.001)
             self.below_ran.clear()
-        return await super()._call(augment, method, *args)
+        return await super()._call(augment, request)
 
 
 @pytest.fixture(scope="module")
@@ -306,9 +309,9 @@ def test_n_rows_compute_their_prompt_once_and_each_decodes_as_a_solo_request(mod
 def test_the_augmenting_side_holds_copies_as_rows_of_their_own(model, tok):
     rows = AugmentRows(model.encoders[0], augment=0, pad_id=0, lock=threading.Lock())
     prompt = tok(PROMPTS[0])["input_ids"]
-    rows.prefill([("a", prompt)], copies={"a": ["a#1", "a#2"]})
+    rows.prefill(Prefill([("a", prompt)], copies={"a": ["a#1", "a#2"]}))
     assert rows.ids == ["a", "a#1", "a#2"] and rows.attention_mask.shape[0] == 3
-    stepped = rows.step(["a#2", "a"], [5, 5], [len(prompt)] * 2)  # a copy steps on its own, and can outlive "a"
-    assert "missing" not in stepped and rows.ids == ["a#2", "a"]
+    stepped = rows.extend(Extend(["a#2", "a"], [[5], [5]], [len(prompt)] * 2))  # a copy steps on its own, and can outlive "a"
+    assert isinstance(stepped, States) and rows.ids == ["a#2", "a"]
     with pytest.raises(ValueError, match="not in this prefill"):
-        rows.prefill([("b", prompt)], copies={"c": ["c#1"]})
+        rows.prefill(Prefill([("b", prompt)], copies={"c": ["c#1"]}))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from actors.codec import arrays_to_states
+from actors.serve.augment_protocol import Extend, Missing, Prefill
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.engine import GenerationRequest
 from composition.alignment import align
@@ -109,11 +110,11 @@ def test_extend_appends_any_number_of_tokens_per_row_and_gives_each_rows_states_
     words = [augment_tok(w, add_special_tokens=False)["input_ids"] for w in ["Hola", " qué", " tal", " 日本語"]]
     ids = ["a", "b", "c"]
     held = {"a": list(words[0]), "b": [], "c": []}  # b and c start with no token
-    rows.prefill([(r, held[r]) for r in ids])
+    rows.prefill(Prefill([(r, held[r]) for r in ids]))
     # a: nothing, then two words; b: a word, then one more; c: never a token
     for tokens in ([[], words[1], []], [words[1] + words[2], words[3], []]):
-        result = rows.extend(ids, tokens, [len(held[r]) for r in ids])
-        (states,) = arrays_to_states(result["states"], result["dtype"], "cpu")
+        result = rows.extend(Extend(ids, tokens, [len(held[r]) for r in ids]))
+        (states,) = arrays_to_states(result.arrays, result.dtype, "cpu")
         for index in encoder.indices:
             assert states[index].shape[:2] == (3, max(len(t) for t in tokens))
         for b, (r, new) in enumerate(zip(ids, tokens)):
@@ -126,7 +127,7 @@ def test_extend_appends_any_number_of_tokens_per_row_and_gives_each_rows_states_
                 torch.testing.assert_close(states[index][b, -len(new):], alone[index][0, -len(new):],
                                            rtol=0, atol=1e-5)
     # a row holding another number of tokens than the engine says is reported, never guessed
-    assert rows.extend(["a", "b"], [[], []], [len(held["a"]), len(held["b"]) + 1]) == {"missing": ["b"]}
+    assert rows.extend(Extend(["a", "b"], [[], []], [len(held["a"]), len(held["b"]) + 1])) == Missing(["b"])
 
 
 def test_n_rows_share_their_prompts_alignment_and_each_decodes_as_alone(served):

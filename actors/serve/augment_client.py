@@ -1,25 +1,20 @@
 """How a decode engine reaches the augmenting models' ``AugmentRows``: in-process or through Ray Serve.
 
-The engine (``actors.serve.engine.DecodeEngine``) calls three coroutines and gets tensors back:
+The engine (``actors.serve.engine.DecodeEngine``) calls three coroutines and gets tensors back; each
+augmenting model reads its own tokens (the anchor's when they share a tokenizer), which the engine's
+alignment computes and sends per model:
 
-    states = await client.prefill([(id, tokens), ...], keep, copies)
-                                  # per augmenting model {index: [rows, longest, d]}; copies: id -> ids of
-                                  # further rows with the same tokens (their cache rows copied, not recomputed)
-    states = await client.step(ids, tokens, history)          # per augmenting model {index: [rows, 1, d]}
-    await client.release(ids)                                 # forget rows (None: all)
-
-With different tokenizers each augmenting model reads its own tokens, which the engine computes
-(``composition.alignment``) and sends per model:
-
-    states = await client.prefill_each([[(id, tokens_m), ...] per model])   # {index: [rows, most, d]}
+    states = await client.prefill([[(id, tokens_m), ...] per model], keep, copies)
+                                  # per model {index: [rows, longest, d]}; copies: id -> ids of further
+                                  # rows with the same tokens (their cache rows copied, not recomputed)
     states = await client.extend(ids, [[new tokens of each row] per model], history)
                                   # per model {index: [rows, most new, d]}, None where no row has a new token
+    await client.release(ids)     # forget rows (None: all)
 
-``step`` hides cache misses: when an augmenting side reports rows it does not hold (a Serve call
-that reached another replica, a replica that restarted), the client re-sends those rows'
-histories (``history(id)``: every token of the row before the newest; for ``extend``
-``history(model, id)``: the tokens that model's cache of the row holds) and steps again. So an
-engine's requests survive the loss of an augmenting replica at the cost of one re-prefill.
+``extend`` hides cache misses: when an augmenting side answers ``Missing`` (a Serve call that reached
+another replica, a replica that restarted), the client re-sends those rows' histories (``history(model,
+id)``: the tokens that model's cache of the row holds) and extends again. So an engine's requests survive the
+loss of an augmenting replica at the cost of one re-prefill. The messages are ``actors.serve.augment_protocol``'s.
 """
 
 from __future__ import annotations
@@ -29,8 +24,9 @@ from collections.abc import Callable
 
 import torch
 
-from actors.serve.augment_rows import AugmentRows
 from actors.codec import arrays_to_states
+from actors.serve.augment_protocol import Extend, Missing, Prefill, Release, States
+from actors.serve.augment_rows import AugmentRows
 
 
 class AugmentUnavailable(RuntimeError):
@@ -38,79 +34,59 @@ class AugmentUnavailable(RuntimeError):
 
 
 class AugmentClient:
-    """Base: subclasses implement ``_call(augment, method, *args)`` returning AugmentRows' plain results."""
+    """Base: subclasses implement ``_call(augment, request)``, returning ``AugmentRows``' answer to it."""
 
     def __init__(self, num_augments: int, device: str | torch.device = "cpu"):
         self.num_augments = num_augments
         self.device = device
         self.rebuilds = 0  # rows re-sent after a miss (for stats and tests)
-        self.replica_s = 0.0  # time the augmenting side reported spending in step calls
+        self.replica_s = 0.0  # time the augmenting side reported spending in extend calls
 
-    async def _call(self, augment: int, method: str, *args):
+    async def _call(self, augment: int, request: Prefill | Extend | Release):
         raise NotImplementedError
 
-    def _decode(self, augment: int, result: dict) -> dict[int, torch.Tensor]:
-        (states,) = arrays_to_states(result["states"], result["dtype"], self.device)
+    def _decode(self, result: States) -> dict[int, torch.Tensor]:
+        (states,) = arrays_to_states(result.arrays, result.dtype, self.device)
         return states
 
     async def prefill(
-        self, rows: list[tuple[str, list[int]]], keep: list[str] | None = None,
-        copies: dict[str, list[str]] | None = None,
-    ) -> list[dict[int, torch.Tensor]]:
-        """States of new rows' tokens; ``keep``: the engine's other live rows (the rest are dropped); ``copies``:
-        row id -> ids of further rows with its tokens, held as copies of its cache rows (no states returned)."""
-        results = await asyncio.gather(*(self._call(i, "prefill", rows, True, keep, copies)
-                                         for i in range(self.num_augments)))
-        return [self._decode(i, r) for i, r in enumerate(results)]
-
-    async def _call_rebuilding(self, augment: int, method: str, ids: list[str], payload,
-                               history: Callable[[str], list[int]]):
-        """``method`` (step or extend) on ``ids``; rows the replica reports missing are re-prefilled from
-        their ``history`` (a replica that restarted, or a call that reached another one), then retried once."""
-        lengths = [len(history(rid)) for rid in ids]
-        result = await self._call(augment, method, ids, payload, lengths)
-        if "missing" in result:
-            missing = result["missing"]
-            self.rebuilds += len(missing)
-            await self._call(augment, "prefill", [(rid, history(rid)) for rid in missing], False)
-            result = await self._call(augment, method, ids, payload, lengths)
-            if "missing" in result:
-                raise AugmentUnavailable(
-                    f"augmenting model {augment} lost rows {result['missing']} right after they were re-sent: "
-                    f"its calls are not reaching one replica (check the augmenting deployment's routing)"
-                )
-        self.replica_s += result.get("replica_s", 0.0)
-        return self._decode(augment, result)
-
-    async def _step_one(self, augment: int, ids: list[str], tokens: list[int], history: Callable[[str], list[int]]):
-        return await self._call_rebuilding(augment, "step", ids, tokens, history)
-
-    async def step(
-        self, ids: list[str], tokens: list[int], history: Callable[[str], list[int]]
-    ) -> list[dict[int, torch.Tensor]]:
-        if self.num_augments == 1:  # the common case: no gather machinery per step
-            return [await self._step_one(0, ids, tokens, history)]
-        return list(await asyncio.gather(*(self._step_one(i, ids, tokens, history) for i in range(self.num_augments))))
-
-    async def prefill_each(
         self, rows: list[list[tuple[str, list[int]]]], keep: list[str] | None = None,
         copies: dict[str, list[str]] | None = None,
     ) -> list[dict[int, torch.Tensor]]:
-        """States of new rows' tokens, ``rows[m]`` for augmenting model m (each in its own tokens; a row
-        may have none yet); ``keep``: the engine's other live rows; ``copies`` as for ``prefill``."""
-        results = await asyncio.gather(*(self._call(i, "prefill", rows[i], True, keep, copies)
-                                         for i in range(self.num_augments)))
-        return [self._decode(i, r) for i, r in enumerate(results)]
+        """States of new rows' tokens, ``rows[m]`` for augmenting model m (each in its own tokens; a row may have
+        none yet); ``keep``: the engine's other live rows (the rest are dropped); ``copies``: row id -> ids of
+        further rows with its tokens, held as copies of its cache rows (no states returned)."""
+        results = await asyncio.gather(*(self._call(m, Prefill(rows[m], keep, copies or {}))
+                                         for m in range(self.num_augments)))
+        return [self._decode(r) for r in results]
 
     async def _extend_one(self, augment: int, ids: list[str], tokens: list[list[int]],
-                          history: Callable[[int, str], list[int]]):
-        return await self._call_rebuilding(augment, "extend", ids, tokens, lambda rid: history(augment, rid))
+                          history: Callable[[int, str], list[int]]) -> dict[int, torch.Tensor]:
+        """``Extend`` on model ``augment``; rows it reports missing are re-prefilled from their ``history``
+        (a replica that restarted, or a call that reached another one), then the extend is retried once."""
+        request = Extend(ids, tokens, [len(history(augment, rid)) for rid in ids])
+        result = await self._call(augment, request)
+        if isinstance(result, Missing):
+            self.rebuilds += len(result.ids)
+            await self._call(augment, Prefill([(rid, history(augment, rid)) for rid in result.ids],
+                                              return_states=False))
+            result = await self._call(augment, request)
+            if isinstance(result, Missing):
+                raise AugmentUnavailable(
+                    f"augmenting model {augment} lost rows {result.ids} right after they were re-sent: "
+                    f"its calls are not reaching one replica (check the augmenting deployment's routing)"
+                )
+        self.replica_s += result.replica_s
+        return self._decode(result)
 
     async def extend(
         self, ids: list[str], tokens: list[list[list[int]]], history: Callable[[int, str], list[int]]
     ) -> list[dict[int, torch.Tensor] | None]:
         """Per augmenting model m, the states of ``tokens[m][row]`` (each row's new tokens), or None when no
-        row has a new token for m: that model is not called at all (most decode steps close no word)."""
+        row has a new token for m: that model is not called at all (across tokenizers, most decode steps
+        close no word)."""
+        if self.num_augments == 1:  # the common case: no gather machinery per step
+            return [await self._extend_one(0, ids, tokens[0], history) if any(tokens[0]) else None]
         busy = [m for m in range(self.num_augments) if any(tokens[m])]
         results = await asyncio.gather(*(self._extend_one(m, ids, tokens[m], history) for m in busy))
         out: list[dict[int, torch.Tensor] | None] = [None] * self.num_augments
@@ -119,7 +95,7 @@ class AugmentClient:
         return out
 
     async def release(self, ids: list[str] | None = None) -> None:
-        await asyncio.gather(*(self._call(i, "release", ids) for i in range(self.num_augments)))
+        await asyncio.gather(*(self._call(m, Release(ids)) for m in range(self.num_augments)))
 
 
 class LocalAugments(AugmentClient):
@@ -132,5 +108,5 @@ class LocalAugments(AugmentClient):
         super().__init__(len(rows), device)
         self.rows = rows
 
-    async def _call(self, augment: int, method: str, *args):
-        return await asyncio.to_thread(getattr(self.rows[augment], method), *args)
+    async def _call(self, augment: int, request: Prefill | Extend | Release):
+        return await asyncio.to_thread(getattr(self.rows[augment], request.method), request)

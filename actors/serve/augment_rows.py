@@ -1,32 +1,27 @@
-"""AugmentRows: the augmenting model's side of one decode engine's batch, keyed by request id.
+"""AugmentRows: the augmenting model's side of one decode engine's batch, keyed by row id.
 
 A serving engine (``actors.serve.engine.DecodeEngine``) decodes many requests in one batch. For every
 step it needs the augmenting model's hidden states of the batch's newest tokens, which needs the
 augmenting model's KV cache of every row. That cache lives here, next to the augmenting model
-(in a Serve replica or in-process), and mirrors the engine's rows by request id:
+(in a Serve replica or in-process), and mirrors the engine's rows by row id. It answers the requests of
+``actors.serve.augment_protocol``:
 
-    prefill([(id, tokens), ...])  -> states of the new rows' tokens   [new_rows, longest, d_aug]
-    step([id, ...], [token, ...], [length, ...])
-                                  -> states of one new token per row   [rows, 1, d_aug]
-                                     or {"missing": [ids]} when a row's cache is not here
-                                     or holds a different number of tokens than ``length``
-    extend([id, ...], [[token, ...], ...], [length, ...])
-                                  -> states of 0, 1 or more new tokens per row, left-padded
-                                                                       [rows, most new, d_aug]
+    prefill(Prefill(rows, keep, copies))  -> States of the new rows' tokens        [new rows, longest, d_aug]
+    extend(Extend(ids, tokens, lengths))  -> States of 0, 1 or more new tokens per row, left-padded
+                                                                                   [rows, most new, d_aug]
+                                             or Missing(ids) when a row is not here or holds another
+                                             number of tokens than ``lengths`` says
+    release(Release(ids))
 
-``extend`` serves an augmenting model whose tokenizer differs from the anchor's: the anchor
-engine aligns the text (``composition.alignment``) and sends each row's newly *closed* augmenting
-tokens, so a row may get none in a step (it returns only padding for that row) or a whole word's.
-Closed tokens are final, so rows only ever grow: nothing is rolled back. ``prefill`` then takes
-rows with no token yet (a prompt that closed no piece), which hold an all-padding mask.
+The tokens are the augmenting model's own: the anchor's when the models share a tokenizer (one per row per
+step), or those the engine's alignment closed (``composition.alignment``), so a row may get none in a step
+or a whole word's. Closed tokens are final, so rows only ever grow: nothing is rolled back. ``prefill`` then
+takes rows with no token yet (a prompt that closed no piece), which hold an all-padding mask.
 
-``step`` takes the engine's current row order: rows not listed are dropped (finished or
-cancelled requests), listed rows are reordered to match. A row this object does not hold (the
-call reached another replica, or this one restarted) is reported as missing instead of guessed,
-and the engine re-sends that row's history with ``prefill(..., return_states=False)``.
-
-States leave as numpy arrays through ``actors.codec`` (16-bit floats as raw int16 bits), so
-Ray's object store moves them without pickling tensors.
+``extend`` takes the engine's current row order: rows not listed are dropped (finished or cancelled
+requests), listed rows are reordered to match. A row this object does not hold (the call reached another
+replica, or this one restarted) is reported as missing instead of guessed, and the engine re-sends that
+row's history with ``Prefill(..., return_states=False)``.
 """
 
 from __future__ import annotations
@@ -36,6 +31,7 @@ import threading
 import torch
 
 from actors.codec import dtype_name, state_key, tensor_to_numpy
+from actors.serve.augment_protocol import Extend, Missing, Prefill, Release, States
 from actors.serve.batch_cache import (
     add_empty_rows_hf_cache,
     check_batchable,
@@ -47,7 +43,7 @@ from actors.serve.batch_cache import (
     merge_hf_caches,
     select_rows_hf_cache,
 )
-from composition.alignment import pad_left
+from composition.padding import pad_left
 from composition.augment import AugmentEncoder
 from composition.model import positions_from_mask
 
@@ -106,10 +102,10 @@ class AugmentRows:
             crop_left_hf_cache(self.cache, columns, self.attention_mask.shape[1])
             self.attention_mask = self.attention_mask[:, columns:]
 
-    def release(self, ids: list[str] | None = None) -> None:
-        """Forget rows ``ids`` (all rows when None)."""
+    def release(self, request: Release) -> None:
+        """Forget rows ``request.ids`` (all rows when None)."""
         with self._busy:
-            self._release(ids)
+            self._release(request.ids)
 
     def _release(self, ids: list[str] | None) -> None:
         if ids is None:
@@ -118,30 +114,22 @@ class AugmentRows:
             drop = set(ids)
             self._keep([rid for rid in self.ids if rid not in drop])
 
-    def _encode(self, states: dict[int, torch.Tensor]) -> dict:
+    def _encode(self, states: dict[int, torch.Tensor]) -> States:
         arrays = {state_key(self.augment, index): tensor_to_numpy(t) for index, t in states.items()}
-        dtype = dtype_name(next(iter(states.values())).dtype)
-        return {"states": arrays, "dtype": dtype}
+        return States(arrays, dtype_name(next(iter(states.values())).dtype))
 
     # ------------------------------------------------------------------ model calls
-    def prefill(
-        self, rows: list[tuple[str, list[int]]], return_states: bool = True, keep: list[str] | None = None,
-        copies: dict[str, list[str]] | None = None,
-    ) -> dict | None:
-        """Run the augmenting model on new rows' tokens and append the rows to the batch.
+    def prefill(self, request: Prefill) -> States | None:
+        """Run the augmenting model on new rows' tokens and append the rows to the batch (``Prefill`` says how).
 
-        Rows whose id is already held are replaced (a re-sent history); with ``keep``, held rows
-        not in it are dropped first (the engine's rows that finished since the last call). ``copies``
-        (id of a row in ``rows`` -> ids of further rows with the same tokens) adds those rows as copies of
-        its cache rows, computed once: a request's n choices. Returns
-        ``{"states": {"aug{i}_{index}": array [new_rows, longest, d_aug]}, "dtype": name}`` for ``rows``
-        (not the copies), left-padded as ``left_pad_rows`` does, or None when ``return_states`` is False.
+        Returns the states of ``request.rows`` (not the copies), left-padded (``composition.padding.pad_left``), or None
+        when ``return_states`` is False.
         """
         with self._busy:
-            return self._prefill(rows, return_states, keep, copies or {})
+            return self._prefill(request.rows, request.return_states, request.keep, request.copies)
 
     @torch.no_grad()
-    def _prefill(self, rows, return_states, keep, copies) -> dict | None:
+    def _prefill(self, rows, return_states, keep, copies) -> States | None:
         ids = [rid for rid, _ in rows]
         copied = [c for rid in ids for c in copies.get(rid, [])]
         if len(set(ids + copied)) != len(ids) + len(copied):
@@ -152,7 +140,7 @@ class AugmentRows:
             wanted = set(keep)
             self._keep([rid for rid in self.ids if rid in wanted])
         self._release(ids)
-        input_ids, mask = pad_left([list(t) for _, t in rows], self.pad_id)  # left_pad_rows' layout; empty rows too
+        input_ids, mask = pad_left([list(t) for _, t in rows], self.pad_id)  # empty rows too
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         if mask.shape[1] == 0:  # no row has a token yet (different tokenizers: nothing closed)
             states, cache = self._no_states(len(rows)), None
@@ -195,53 +183,19 @@ class AugmentRows:
         empty = torch.zeros(rows, 0, self.encoder.info.hidden_size, dtype=dtype, device=self.device)
         return {index: empty for index in self.encoder.indices}
 
-    def step(self, ids: list[str], tokens: list[int], lengths: list[int] | None = None) -> dict:
-        """States of one new token per row, for rows ``ids`` in that order (see the module docstring).
-
-        ``lengths[i]`` is how many tokens row ``ids[i]`` should already hold; a row holding another
-        count (a step applied twice after a lost reply, say) is reported missing, so a retried call
-        can never corrupt a row.
-        """
-        if len(ids) != len(tokens) or (lengths is not None and len(lengths) != len(ids)):
-            raise ValueError(f"{len(ids)} row ids for {len(tokens)} tokens and {len(lengths or [])} lengths")
+    def extend(self, request: Extend) -> States | Missing:
+        """States of each row's new tokens (any number per row, none included), for rows ``request.ids`` in
+        that order, each row's new tokens at the right end (as ``composition.padding.pad_left`` lays them
+        out); or ``Missing`` (see the module docstring)."""
         with self._busy:
-            return self._step(ids, tokens, lengths)
+            return self._extend(request.ids, request.tokens, request.lengths)
 
     @torch.no_grad()
-    def _step(self, ids, tokens, lengths) -> dict:
+    def _extend(self, ids, tokens, lengths) -> States | Missing:
         missing = self._missing(ids, lengths)
         if missing:
             self._release(missing)
-            return {"missing": missing}
-        self._keep(ids)
-        new = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # [rows, 1]
-        past = self.attention_mask.shape[1]
-        full_mask = torch.cat([self.attention_mask, torch.ones_like(new)], dim=1)
-        positions = positions_from_mask(full_mask)[:, past:]
-        with self.lock:
-            states, self.cache = self.encoder(new, full_mask, positions, self.cache, True)
-        self.attention_mask = full_mask
-        return self._encode(states)
-
-    def extend(self, ids: list[str], tokens: list[list[int]], lengths: list[int] | None = None) -> dict:
-        """States of each row's new tokens (any number per row, none included), for rows ``ids`` in that order.
-
-        ``tokens[i]``: the tokens appended to row ``ids[i]``; ``lengths[i]``: how many it should hold before.
-        Returns ``{"states": {"aug{i}_{index}": array [rows, most new, d_aug]}, "dtype": name}``, each row's
-        new tokens at the right end (as ``composition.alignment.pad_left`` lays them out), or
-        ``{"missing": [ids]}`` as ``step`` does.
-        """
-        if len(ids) != len(tokens) or (lengths is not None and len(lengths) != len(ids)):
-            raise ValueError(f"{len(ids)} row ids for {len(tokens)} token lists and {len(lengths or [])} lengths")
-        with self._busy:
-            return self._extend(ids, tokens, lengths)
-
-    @torch.no_grad()
-    def _extend(self, ids, tokens, lengths) -> dict:
-        missing = self._missing(ids, lengths)
-        if missing:
-            self._release(missing)
-            return {"missing": missing}
+            return Missing(missing)
         self._keep(ids)
         counts = {len(t) for t in tokens}
         width = self.attention_mask.shape[1] + max(counts)
@@ -313,11 +267,11 @@ class AugmentRows:
         self._keep(ids)
         return out
 
-    def _missing(self, ids: list[str], lengths: list[int] | None) -> list[str]:
+    def _missing(self, ids: list[str], lengths: list[int]) -> list[str]:
         """Rows of ``ids`` not held, or holding another number of tokens than ``lengths`` says."""
         where = {rid: i for i, rid in enumerate(self.ids)}
         missing = [rid for rid in ids if rid not in where]
-        if lengths is not None and self.attention_mask is not None:
+        if self.attention_mask is not None:
             held = self.attention_mask.sum(dim=1).tolist()
             missing += [rid for rid, n in zip(ids, lengths) if rid in where and held[where[rid]] != n]
         return missing

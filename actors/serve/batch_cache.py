@@ -2,11 +2,7 @@
 
 A serving engine keeps ONE cache for all the requests it is decoding, one batch row each. Rows
 join (a new request's prefill) and leave (a request finishes) between decode steps, and the rows
-of a batch have different lengths. Everything is left-padded to a common length:
-
-    row A  [pad pad  a0  a1  a2 ]      attention mask  [0 0 1 1 1]
-    row B  [ b0  b1  b2  b3  b4 ]                      [1 1 1 1 1]
-
+of a batch have different lengths. Everything is left-padded to a common length (``composition.padding``).
 Padded key/value slots are masked by the attention mask, and positions come from the mask
 (``positions_from_mask``), so padding changes no result: a request decodes the same tokens in a
 batch as alone (up to float rounding of batched matmuls).
@@ -31,37 +27,10 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from composition.cache import CompositionCache
-
-
-def left_pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (input_ids, attention_mask), both [len(rows), longest] long, left-padded.
-
-    Both sides of a split model (augmenting replica, anchor replica) call this on the same rows,
-    so their padded layouts agree position by position.
-    """
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("every row needs at least one token")
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, longest - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, longest - len(r) :] = 1
-    return ids, mask
-
-
-def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """Zero-pad ``t`` on the left of dimension ``dim`` to ``length``."""
-    missing = length - t.shape[dim]
-    if missing == 0:
-        return t
-    dim = dim % t.dim()
-    pad = [0, 0] * (t.dim() - dim - 1) + [missing, 0]  # F.pad counts from the last dimension
-    return F.pad(t, pad)
+from composition.padding import pad_left_to
 
 
 BATCHABLE = (DynamicLayer, DynamicSlidingWindowLayer)  # full attention, sliding window
@@ -162,8 +131,8 @@ def merge_hf_caches(first, second, length: int):
         if not a.is_initialized:
             raise ValueError("cannot merge a cache with an uninitialised layer into an initialised one")
         kept = _kept(a, length)
-        a.keys = torch.cat([_pad_left(a.keys, kept, -2), _pad_left(b.keys, kept, -2)], dim=0)
-        a.values = torch.cat([_pad_left(a.values, kept, -2), _pad_left(b.values, kept, -2)], dim=0)
+        a.keys = torch.cat([pad_left_to(a.keys, kept, -2), pad_left_to(b.keys, kept, -2)], dim=0)
+        a.values = torch.cat([pad_left_to(a.values, kept, -2), pad_left_to(b.values, kept, -2)], dim=0)
         _set_length(a, length)
     return first
 
@@ -220,20 +189,18 @@ def leading_padding(attention_mask: torch.Tensor) -> int:
 def merge_composition_caches(first: CompositionCache, second: CompositionCache) -> CompositionCache:
     """A cache holding ``first``'s rows then ``second``'s, left-padded to the longer one.
 
-    Each sequence axis is padded on its own: the anchor's (attention mask, anchor cache) and, with
-    different tokenizers, each augmenting model's (``augment_masks[m]`` and the keys/values of the
-    bridges fed by model m, which run along that model's tokens). A bridge's keys/values run along
+    Each sequence axis is padded on its own: the anchor's (attention mask, anchor cache) and each augmenting
+    model's (``augment_masks[m]`` and the keys/values of the bridges fed by model m, which run along that
+    model's tokens; the anchor's axis again when the models share a tokenizer). A bridge's keys/values run along
     the same axis as their model's mask, so padding each pair of tensors to the longer of the two
     pads every axis consistently. ``texts`` (per row) are concatenated.
     ``first`` is reused (its tensors replaced); ``second`` should not be used afterwards.
     """
-    if (first.augment_masks is None) != (second.augment_masks is None):
-        raise ValueError("one cache was made by the shared-tokenizer path and the other by the cross-tokenizer path")
     if (first.texts is None) != (second.texts is None):
         raise ValueError("one cache holds per-row text state and the other does not")
     length = max(first.seq_len, second.seq_len)
     first.attention_mask = torch.cat(
-        [_pad_left(first.attention_mask, length, 1), _pad_left(second.attention_mask, length, 1)], dim=0
+        [pad_left_to(first.attention_mask, length, 1), pad_left_to(second.attention_mask, length, 1)], dim=0
     )
     if first.anchor is not None:
         merge_hf_caches(first.anchor, second.anchor, length)
@@ -244,9 +211,7 @@ def merge_composition_caches(first: CompositionCache, second: CompositionCache) 
             merge_hf_caches(a, b, length)
     first.bridge_keys = [_cat_padded(a, b, 2) for a, b in zip(first.bridge_keys, second.bridge_keys, strict=True)]
     first.bridge_values = [_cat_padded(a, b, 2) for a, b in zip(first.bridge_values, second.bridge_values, strict=True)]
-    if first.augment_masks is not None:
-        first.augment_masks = [_cat_padded(a, b, 1) for a, b in zip(first.augment_masks, second.augment_masks,
-                                                                    strict=True)]
+    first.augment_masks = [_cat_padded(a, b, 1) for a, b in zip(first.augment_masks, second.augment_masks, strict=True)]
     if first.texts is not None:
         first.texts = list(first.texts) + list(second.texts)
     _drop_buffers(first)
@@ -256,7 +221,7 @@ def merge_composition_caches(first: CompositionCache, second: CompositionCache) 
 def _cat_padded(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     """``a``'s rows then ``b``'s, both left-padded along ``dim`` to the longer of the two."""
     length = max(a.shape[dim], b.shape[dim])
-    return torch.cat([_pad_left(a, length, dim), _pad_left(b, length, dim)], dim=0)
+    return torch.cat([pad_left_to(a, length, dim), pad_left_to(b, length, dim)], dim=0)
 
 
 def _drop_buffers(cache: CompositionCache) -> None:
@@ -265,11 +230,10 @@ def _drop_buffers(cache: CompositionCache) -> None:
         cache.buffers = []
 
 
-def select_rows(cache: CompositionCache, index: torch.Tensor, bridge_augments: list[int] | None = None) -> None:
+def select_rows(cache: CompositionCache, index: torch.Tensor, bridge_augments: list[int]) -> None:
     """Keep (and order) rows ``index`` of a CompositionCache, then drop columns that became all padding.
 
-    ``bridge_augments``: per bridge, the augmenting model it reads (``[link.augment for link in
-    model.links]``); with different tokenizers it lets ``trim_left`` trim each model's axis too.
+    ``bridge_augments``: per bridge, the augmenting model it reads (``[link.augment for link in model.links]``).
     """
     index = index.to(cache.attention_mask.device)
     cache.attention_mask = cache.attention_mask.index_select(0, index)
@@ -278,40 +242,33 @@ def select_rows(cache: CompositionCache, index: torch.Tensor, bridge_augments: l
             select_rows_hf_cache(c, index)
     cache.bridge_keys = [k.index_select(0, index) for k in cache.bridge_keys]
     cache.bridge_values = [v.index_select(0, index) for v in cache.bridge_values]
-    if cache.augment_masks is not None:
-        cache.augment_masks = [m.index_select(0, index.to(m.device)) for m in cache.augment_masks]
+    cache.augment_masks = [m.index_select(0, index.to(m.device)) for m in cache.augment_masks]
     if cache.texts is not None:
         cache.texts = [cache.texts[i] for i in index.tolist()]
     _drop_buffers(cache)
     trim_left(cache, bridge_augments)
 
 
-def trim_left(cache: CompositionCache, bridge_augments: list[int] | None = None) -> None:
+def trim_left(cache: CompositionCache, bridge_augments: list[int]) -> None:
     """Drop leading columns that are padding in every row (after long rows left the batch).
 
-    With different tokenizers (``augment_masks``) the bridge keys/values run along each augmenting
-    model's own tokens: they are trimmed by that model's mask when ``bridge_augments`` says which
-    model each bridge reads, and left as they are otherwise (correct, only not compacted).
+    The anchor's axis is trimmed by its mask; each augmenting model's axis (its mask and the keys/values of
+    the bridges that read it, ``bridge_augments[b]`` says which) by that model's mask.
     """
     columns = leading_padding(cache.attention_mask)
-    aligned = cache.augment_masks is not None
     if 0 < columns < cache.seq_len:
         for c in [cache.anchor, *cache.augments]:
             if c is not None:
                 crop_left_hf_cache(c, columns, cache.seq_len)
         cache.attention_mask = cache.attention_mask[:, columns:]
-        if not aligned:
-            cache.bridge_keys = [k[:, :, columns:] for k in cache.bridge_keys]
-            cache.bridge_values = [v[:, :, columns:] for v in cache.bridge_values]
         _drop_buffers(cache)
-    if aligned and bridge_augments is not None:
-        for m, mask in enumerate(cache.augment_masks):
-            cut = leading_padding(mask)  # all of it when no row holds a token of model m: width 0 is fine
-            if cut == 0:
-                continue
-            cache.augment_masks[m] = mask[:, cut:]
-            for b, augment in enumerate(bridge_augments):
-                if augment == m:
-                    cache.bridge_keys[b] = cache.bridge_keys[b][:, :, cut:]
-                    cache.bridge_values[b] = cache.bridge_values[b][:, :, cut:]
-            _drop_buffers(cache)
+    for m, mask in enumerate(cache.augment_masks):
+        cut = leading_padding(mask)  # all of it when no row holds a token of model m: width 0 is fine
+        if cut == 0:
+            continue
+        cache.augment_masks[m] = mask[:, cut:]
+        for b, augment in enumerate(bridge_augments):
+            if augment == m:
+                cache.bridge_keys[b] = cache.bridge_keys[b][:, :, cut:]
+                cache.bridge_values[b] = cache.bridge_values[b][:, :, cut:]
+        _drop_buffers(cache)

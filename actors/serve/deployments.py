@@ -48,6 +48,7 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 
 from actors.serve.augment_client import AugmentClient, AugmentUnavailable
+from actors.serve.augment_protocol import Extend, Missing, Prefill, Release, States
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.batch_cache import check_batchable
 from actors.serve.config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
@@ -67,11 +68,12 @@ from actors.serve.openai.schemas import (
 from actors.serve.reasons import public_reason
 from composition.alignment import TokenizerError, tokenizer_fingerprint
 from composition.augment import AugmentEncoder
-from composition.checkpoint import check_tokenizers, fingerprint, read_meta
+from composition.checkpoint import check_model_matches, check_tokenizers, read_meta
 from composition.loading import augment_tokenizer_source, load_causal_lm, load_tokenizer
 
 log = logging.getLogger("ray.serve")
 
+SERVE_THE_TRAINED_MODELS = "serve the models the bridges were trained with"
 # the replica died, or left the routing table: the call can go to another replica
 TRANSIENT = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
@@ -80,17 +82,6 @@ TRANSIENT = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 def _threads(settings: ServingArgs) -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-
-
-def check_model_matches(role: str, saved: dict, model) -> None:
-    """Refuse a model that differs from the one the bridges were trained with (ValueError naming the field)."""
-    got = fingerprint(model)
-    for key, value in saved.items():
-        if got.get(key) != value:
-            raise ValueError(
-                f"bridges were trained for {role} {saved.get('architecture')} with {key}={value}, the served "
-                f"model has {key}={got.get(key)}: serve the models the bridges were trained with"
-            )
 
 
 def model_shell(path: str):
@@ -106,7 +97,7 @@ def model_shell(path: str):
 
 def serving_tokenizers(settings: ServingArgs, meta: dict) -> list | None:
     """``[anchor_tokenizer, *augment_tokenizers]`` when some augmenting model tokenises differently from the
-    anchor (the cross-tokenizer path), None when all read the anchor's tokens (the shared-tokenizer path).
+    anchor, None when all read the anchor's tokens (the composition's alignment is then the identity).
 
     Each augmenting model's tokenizer is ``augment_tokenizers[i]``, else its own folder, else (a folder
     holding no tokenizer) the anchor's. Refuses tokenizers other than the ones the bridges recorded
@@ -129,8 +120,8 @@ def serving_tokenizers(settings: ServingArgs, meta: dict) -> list | None:
     except TokenizerError:
         if saved is not None and any(fp != saved["anchor"] for fp in saved["augments"]):
             raise  # bridges trained across tokenizers need fast tokenizers; the message says how
-        log.warning("a tokenizer has no Rust backend: serving as one shared tokenizer (as before cross-tokenizer "
-                    "serving); load fast tokenizers to serve models with different tokenizers", exc_info=True)
+        log.warning("a tokenizer has no Rust backend: serving as one shared tokenizer; load fast tokenizers to "
+                    "serve models with different tokenizers", exc_info=True)
         return None
     check_tokenizers(settings.bridges, saved, tokenizers)
     return None if shared else tokenizers
@@ -182,7 +173,7 @@ class AugmentDeployment:
         settings = settings.localized(anchor=False, augments=[index])  # URIs: into this node's cache
         model = load_causal_lm(settings.augments[index], settings.dtype, settings.device)
         meta = read_meta(settings.bridges)
-        check_model_matches(f"augmenting model {index}", meta["augments"][index], model)
+        check_model_matches(f"augmenting model {index}", meta["augments"][index], model, SERVE_THE_TRAINED_MODELS)
         check_batchable(model, f"augmenting model {index}")  # refused at start-up, never per request
         indices = sorted({a for i, a, _ in meta["links"] if i == index})
         self.index = index
@@ -204,29 +195,21 @@ class AugmentDeployment:
             raise ValueError("call with handle.options(multiplexed_model_id=<engine id>)")
         return await self.rows_of(engine_id)
 
-    async def prefill(self, rows: list, return_states: bool = True, keep: list | None = None,
-                      copies: dict | None = None):
+    async def prefill(self, request: Prefill) -> States | None:
         target = await self._rows()
-        return await self._run(target.prefill, rows, return_states, keep, copies)
+        return await self._run(target.prefill, request)
 
-    async def step(self, ids: list, tokens: list, lengths: list | None = None):
+    async def extend(self, request: Extend) -> States | Missing:
         start = time.perf_counter()
         target = await self._rows()
-        result = await self._run(target.step, ids, tokens, lengths)
-        result["replica_s"] = time.perf_counter() - start  # lets the engine tell transport from compute
+        result = await self._run(target.extend, request)
+        if isinstance(result, States):
+            result.replica_s = time.perf_counter() - start  # lets the engine tell transport from compute
         return result
 
-    async def extend(self, ids: list, tokens: list, lengths: list | None = None):
-        """Different tokenizers: append each row's new closed tokens (0, 1 or more) and return their states."""
-        start = time.perf_counter()
+    async def release(self, request: Release) -> None:
         target = await self._rows()
-        result = await self._run(target.extend, ids, tokens, lengths)
-        result["replica_s"] = time.perf_counter() - start
-        return result
-
-    async def release(self, ids: list | None = None):
-        target = await self._rows()
-        await self._run(target.release, ids)
+        await self._run(target.release, request)
 
     async def ready(self) -> bool:
         """True: the model is loaded (``__init__`` is done)."""
@@ -237,7 +220,7 @@ class ServeAugments(AugmentClient):
     """Reaches the augmenting deployments through Serve, sticky per engine (multiplexed model id).
 
     A call that fails because a replica died or left is retried with backoff for ``retry_s``
-    (the next replica reports the engine's rows missing, and ``AugmentClient.step`` re-sends them);
+    (the next replica reports the engine's rows missing, and ``AugmentClient.extend`` re-sends them);
     a call that takes longer than its time limit is cancelled and retried the same way. The limit
     scales with the work: ``call_timeout_s`` plus ``per_token_s`` for each token the call runs, so a
     long prompt's prefill is never cut by a limit sized for a decode step (the request's own timeout,
@@ -253,23 +236,18 @@ class ServeAugments(AugmentClient):
         self.per_token_s = per_token_s
         self.retries = 0
 
-    def time_limit(self, method: str, args: tuple) -> float:
-        """Seconds one attempt of ``method`` may take: the base limit plus the tokens it runs."""
-        if method == "prefill":
-            tokens = sum(len(t) for _, t in args[0])
-        elif method == "extend":
-            tokens = sum(len(t) for t in args[1])
-        else:
-            tokens = len(args[0]) if method == "step" else 0
-        return self.call_timeout_s + self.per_token_s * tokens
+    def time_limit(self, request: Prefill | Extend | Release) -> float:
+        """Seconds one attempt of ``request`` may take: the base limit plus the tokens it runs."""
+        return self.call_timeout_s + self.per_token_s * request.tokens_run
 
-    async def _call(self, augment: int, method: str, *args):
-        limit = self.time_limit(method, args)
+    async def _call(self, augment: int, request: Prefill | Extend | Release):
+        method = request.method
+        limit = self.time_limit(request)
         start = time.monotonic()
         deadline = start + max(self.retry_s, limit)  # at least one whole attempt
         delay = 0.05
         while True:
-            response = getattr(self.handles[augment], method).remote(*args)
+            response = getattr(self.handles[augment], method).remote(request)
             try:
                 async with asyncio.timeout(limit):  # no extra task per call, unlike wait_for
                     return await response
@@ -307,9 +285,9 @@ class AnchorDeployment:
         settings = settings.localized()  # URIs: into this node's cache (the augmenting folders for their configs)
         anchor = load_causal_lm(settings.anchor, settings.dtype, settings.device)
         meta = read_meta(settings.bridges)
-        check_model_matches("the anchor", meta["anchor"], anchor)
+        check_model_matches("the anchor", meta["anchor"], anchor, SERVE_THE_TRAINED_MODELS)
         shells = [model_shell(p) for p in settings.augments]
-        tokenizers = serving_tokenizers(settings, meta)  # None: one shared tokenizer, the engine's plain path
+        tokenizers = serving_tokenizers(settings, meta)  # None: one shared tokenizer (the identity alignment)
         # check_models=False: the shells have no weights (each augmenting replica checks its model)
         model = ComposedModel.from_pretrained(settings.bridges, anchor, shells, check_models=False,
                                               tokenizers=tokenizers)

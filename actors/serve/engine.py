@@ -4,21 +4,23 @@ One engine runs in each anchor replica. Requests join and leave its batch betwee
 
     loop:
         admit waiting requests (up to max_batch_size rows), prefill them together:
+            alignment: each augmenting model's tokens of the prompts (``model.aligner``)
             augmenting side: prefill(rows)            -> their hidden states  [new, longest, d_aug]
             anchor + bridges: forward with those states -> first token of each, cache rows
             merge the new cache rows into the batch cache (left padding, actors.serve.batch_cache)
         one decode step for every running row:
-            augmenting side: step(ids, newest tokens) -> states               [rows, 1, d_aug]
+            alignment: the augmenting tokens each row's newest anchor token closed
+            augmenting side: extend(ids, those tokens) -> states               [rows, most new, d_aug]
             anchor + bridges: forward one token per row, with the batch cache -> next tokens
         drop finished or cancelled rows from the cache
 
-With different tokenizers (a ComposedModel built with ``tokenizers=``, so ``model.aligner`` is set) the
-engine aligns the text here, on the anchor side, which holds every tokenizer: each step it feeds the
-rows' new anchor tokens to ``model.aligner`` (the per-row text state lives in the batch cache's
-``texts``), sends each augmenting model only the augmenting tokens that became *closed* (0, 1 or a
-whole word per row; ``AugmentClient.extend``; no call at all when no row closed one), and runs the
-anchor + bridges with those ``augment_inputs`` and the states that come back. Each row keeps the
-augmenting tokens it fed so far (``_Row.augment_tokens``): the history a lost augmenting cache is
+There is one path for any tokenizers. The engine aligns on the anchor side, which holds every tokenizer:
+each step it feeds the rows' new anchor tokens to ``model.aligner`` (the per-row text state, across
+tokenizers, lives in the batch cache's ``texts``) and sends each augmenting model the tokens that became
+*closed*: with one shared tokenizer the alignment is the identity and that is the row's newest token;
+across tokenizers it is 0, 1 or a whole word per row (``AugmentClient.extend``; a model no row fed is not
+called). The anchor + bridges run with those ``augment_inputs`` and the states that come back. Each row
+keeps the augmenting tokens it fed so far (``_Row.augment_tokens``): the history a lost augmenting cache is
 re-prefilled from. Closed tokens are final, so no augmenting cache is ever rolled back.
 
 So each new token costs one step of each model and no prefix is recomputed; with more requests
@@ -51,11 +53,12 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.serve.augment_client import AugmentClient
-from actors.serve.batch_cache import check_batchable, left_pad_rows, merge_composition_caches, select_rows
+from actors.serve.batch_cache import check_batchable, merge_composition_caches, select_rows
 from actors.serve.reasons import public_reason
 from composition.alignment import AugmentInputs
 from composition.cache import CompositionCache
 from composition.generate import sample_next
+from composition.padding import pad_left
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +117,8 @@ class _Row:
     id: str = ""  # the row's id in the batch and on the augmenting side: the request id, "#i" for n > 1
     index: int = 0  # which of the request's n choices
     generated: int = 0
-    # different tokenizers: per augmenting model, the tokens its cache of this row holds (closed ones only)
-    augment_tokens: list[list[int]] | None = None
+    # per augmenting model, the tokens its cache of this row holds (closed ones only)
+    augment_tokens: list[list[int]] = field(default_factory=list)
     done: bool = False
     cancelled: bool = False
 
@@ -153,7 +156,7 @@ class DecodeEngine:
         self.pad_id = pad_id
         self.model_thread = model_thread
         self.device = next(model.anchor.parameters()).device
-        self.aligner = getattr(model, "aligner", None)  # set: each augmenting model reads its own tokens
+        self.aligner = model.aligner  # each augmenting model's tokens of the anchor's (the identity when shared)
         self._bridge_augments = [link.augment for link in model.links]
         self._waiting: deque[_Row] = deque()
         self._running: list[_Row] = []
@@ -461,22 +464,17 @@ class DecodeEngine:
         copies = {lead: ids for lead, ids in copies.items() if ids} or None
         self.counters["prefill_rows"] += len(leaders)
         self.counters["shared_prefill_rows"] += len(rows) - len(leaders)
-        prompts = [(r.id, r.tokens) for r in leaders]
-        ids, mask = left_pad_rows([r.tokens for r in leaders], self.pad_id)
+        ids, mask = pad_left([r.tokens for r in leaders], self.pad_id)
         keep = [r.id for r in self._running]
         echo = any(r.request.prompt_logprobs for r in rows)  # then the logits of every prompt position
-        if self.aligner is None:
-            states = self.augments.prefill(prompts, keep=keep, copies=copies)
-            logits, cache, _, _ = await self._forward_with(states, ids, mask, None, all_logits=echo)
-        else:
-            texts, inputs = self.aligner.step(ids, mask, None, None)
-            new = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per leader: the prompt's closed tokens
-            for r, row in enumerate(rows):
-                row.augment_tokens = [list(new[m][expand[r]]) for m in range(len(new))]
-            states = self.augments.prefill_each(
-                [[(row.id, new[m][r]) for r, row in enumerate(leaders)] for m in range(len(new))], keep, copies)
-            logits, cache, _, _ = await self._forward_with(states, ids, mask, None, inputs, all_logits=echo)
-            cache.texts = texts
+        texts, inputs = self.aligner.step(ids, mask, None, None)
+        new = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per leader: the prompt's closed tokens
+        for r, row in enumerate(rows):
+            row.augment_tokens = [list(new[m][expand[r]]) for m in range(len(new))]
+        states = self.augments.prefill(
+            [[(row.id, new[m][r]) for r, row in enumerate(leaders)] for m in range(len(new))], keep, copies)
+        logits, cache, _, _ = await self._forward_with(states, ids, mask, None, inputs, all_logits=echo)
+        cache.texts = texts
         if copies:  # every row gets its leader's logits and cache rows
             index = torch.tensor(expand, dtype=torch.long, device=self.device)
             logits = logits.index_select(0, index.to(logits.device))
@@ -501,21 +499,16 @@ class DecodeEngine:
         self.counters["max_rows_in_step"] = max(self.counters["max_rows_in_step"], len(rows))
         t0 = time.perf_counter()
         new = torch.tensor(tokens, dtype=torch.long)[:, None]
-        if self.aligner is None:
-            states = self.augments.step(ids, tokens, self._history)
-            logits, self._cache, waited, call_s = await self._forward_with(states, new, torch.ones_like(new),
-                                                                           self._cache)
-        else:
-            seen = [m.sum(-1).cpu() for m in self._cache.augment_masks]
-            texts, inputs = self.aligner.step(new, torch.ones_like(new), self._cache.texts, seen)
-            closed = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per row: 0, 1 or more tokens
-            states = self._aligned_states(ids, closed)
-            logits, self._cache, waited, call_s = await self._forward_with(states, new, torch.ones_like(new),
-                                                                           self._cache, inputs)
-            self._cache.texts = texts
-            for r, row in enumerate(rows):  # only now: the call above re-sends these histories on a miss
-                for m, tokens_m in enumerate(closed):
-                    row.augment_tokens[m] += tokens_m[r]
+        seen = [m.sum(-1).cpu() for m in self._cache.augment_masks]
+        texts, inputs = self.aligner.step(new, torch.ones_like(new), self._cache.texts, seen)
+        closed = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per row: 0, 1 or more tokens
+        states = self._augment_states(ids, closed)
+        logits, self._cache, waited, call_s = await self._forward_with(states, new, torch.ones_like(new),
+                                                                       self._cache, inputs)
+        self._cache.texts = texts
+        for r, row in enumerate(rows):  # only now: the call above re-sends these histories on a miss
+            for m, tokens_m in enumerate(closed):
+                row.augment_tokens[m] += tokens_m[r]
         t1 = time.perf_counter()
         self.timers["augment_call_s"] += call_s
         self.timers["augment_s"] += waited
@@ -526,7 +519,7 @@ class DecodeEngine:
         self._compact()
         self.timers["step_s"] += time.perf_counter() - t0
 
-    async def _forward_with(self, states_call, ids, mask, cache, augment_inputs=None, all_logits=False):
+    async def _forward_with(self, states_call, ids, mask, cache, augment_inputs, all_logits=False):
         """The anchor forward with the augmenting states that ``states_call`` (a coroutine) returns.
 
         Returns (last logits, cache, seconds the forward waited for the states, seconds the call took).
@@ -561,17 +554,12 @@ class DecodeEngine:
             pending.cancel()  # only if the forward failed before it needed the states (or we are cancelled)
         return logits, new_cache, waited, answered[0] - started
 
-    def _history(self, request_id: str) -> list[int]:
-        """Every token of a live row before its newest one (what its augmenting cache holds)."""
-        row = self._by_id.get(request_id)
-        return row.tokens[:-1] if row is not None else []
-
     def _augment_history(self, augment: int, request_id: str) -> list[int]:
-        """The augmenting tokens model ``augment``'s cache of a live row holds (different tokenizers)."""
+        """The tokens augmenting model ``augment``'s cache of a live row holds."""
         row = self._by_id.get(request_id)
-        return row.augment_tokens[augment] if row is not None and row.augment_tokens is not None else []
+        return row.augment_tokens[augment] if row is not None else []
 
-    async def _aligned_states(self, ids: list[str], closed: list[list[list[int]]]) -> list[dict[int, torch.Tensor]]:
+    async def _augment_states(self, ids: list[str], closed: list[list[list[int]]]) -> list[dict[int, torch.Tensor]]:
         """The augmenting states of this step's closed tokens; no-token states for a model no row fed."""
         got = await self.augments.extend(ids, closed, self._augment_history)
         return [states if states is not None else self._no_states(m, len(ids)) for m, states in enumerate(got)]
@@ -582,16 +570,15 @@ class DecodeEngine:
         return {index: empty for index in encoder.indices}
 
     @torch.no_grad()
-    def _forward(self, ids, mask, states, cache, augment_inputs=None, all_logits=False):
+    def _forward(self, ids, mask, states, cache, augment_inputs, all_logits=False):
         """Anchor + bridges on new tokens ids/mask [rows, new]; returns (last logits [rows, vocab], cache), or
         with ``all_logits`` every position's logits [rows, new, vocab] (float32).
 
-        ``augment_inputs`` (different tokenizers): per augmenting model the new tokens' alignment
-        (``composition.alignment.AugmentInputs``) that ``states`` are the states of.
+        ``augment_inputs``: per augmenting model the new tokens' alignment (``composition.alignment.AugmentInputs``)
+        that ``states`` are the states of.
         """
-        if augment_inputs is not None:
-            augment_inputs = [AugmentInputs(i.input_ids.to(self.device), i.attention_mask.to(self.device),
-                                            i.visible.to(self.device)) for i in augment_inputs]
+        augment_inputs = [AugmentInputs(i.input_ids.to(self.device), i.attention_mask.to(self.device),
+                                        i.visible.to(self.device), i.identity) for i in augment_inputs]
         out = self.model(
             ids.to(self.device),
             mask.to(self.device),
@@ -614,5 +601,5 @@ def _logprob_entry(logp: torch.Tensor, token: int, k: int) -> dict:
 
 def _real_tokens(inputs: AugmentInputs) -> list[list[int]]:
     """Per row, the real (non-padding) tokens of a left-padded ``AugmentInputs`` block."""
-    real = inputs.attention_mask.bool()
-    return [row[keep].tolist() for row, keep in zip(inputs.input_ids, real)]
+    ids, real = inputs.input_ids.tolist(), inputs.attention_mask.tolist()
+    return [[t for t, keep in zip(row, keep_row) if keep] for row, keep_row in zip(ids, real)]

@@ -28,7 +28,7 @@ import numpy as np
 
 from actors.codec import state_key
 from actors.train.config import DATA_EXTENSIONS, TrainConfigError, TrainJobConfig
-from composition.checkpoint import atomic_folder
+from composition.checkpoint import atomic_folder, files_signature
 
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
 MANIFEST = "manifest.json"
@@ -236,8 +236,9 @@ def _files_signature(path: str) -> list:
     p = Path(path)
     if not p.exists():
         return [path]
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    return [[str(f.relative_to(p)) if f != p else f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    if p.is_file():
+        return files_signature([p])
+    return files_signature((f for f in p.rglob("*") if f.is_file()), root=p)
 
 
 def cache_manifest(cfg: TrainJobConfig, links, dtype: str, n_rows: int) -> dict:

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, model_validator
 
 from actors.config import StrictModel, load_yaml, parse
-from composition.checkpoint import atomic_file, atomic_folder
+from composition.checkpoint import atomic_file, atomic_folder, files_signature
 from composition.config import ConfigError
 from composition.training import TrainSettings
 from experiments.kv_arithmetic.data import KVSettings, KVWorld, build_tokenizer, read_jsonl, write_jsonl
@@ -259,7 +259,7 @@ def _evaluate(cfg: ExperimentConfig, out: Path, tok, world: KVWorld, log: StageL
         bad = [t for r in evals[task] for t in r["prompt"].split() if t in world.values and t not in heldout]
         if bad:
             raise RuntimeError(f"eval_{task}.jsonl uses composition keys {bad[:5]}: delete {out / 'data'} and rerun")
-    data_print = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted((out / "data").glob("eval_*.jsonl"))]
+    data_print = files_signature((out / "data").glob("eval_*.jsonl"))
     cached = log.records.get("evaluate", {})
     accuracy = {}
     for name, (folders, load) in _systems(cfg, out).items():

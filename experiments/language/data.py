@@ -27,7 +27,6 @@ one made with other settings is refused, naming the settings that changed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import random
@@ -43,6 +42,8 @@ from functools import cache
 from pathlib import Path
 
 from tqdm import tqdm
+
+from composition.checkpoint import file_sha256
 
 from . import fortunes as fortune_files_mod
 from .bible import AlignmentSettings, align
@@ -193,11 +194,6 @@ def check_disjoint(items_by_split: dict[str, list[tuple[str | None, tuple[str, .
 
 
 # ------------------------------------------------------------------------------------------- packages
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _ar_members(data: bytes) -> dict[str, bytes]:
     """The members of an ar archive (a .deb is one: debian-binary, control.tar.*, data.tar.*)."""
     if not data.startswith(b"!<arch>\n"):
@@ -261,13 +257,13 @@ def fetch_packages(names: list[str], cache: Path) -> tuple[Path, list[dict]]:
         deb = found[0]
         control = extract_deb(deb, root)
         records.append({"package": name, "version": control.get("Version", "?"), "file": deb.name,
-                        "sha256": sha256(deb)})
+                        "sha256": file_sha256(deb)})
     return root, records
 
 
 # ------------------------------------------------------------------------------------------- reading
 def _fingerprints(root: Path, paths: list[Path]) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): sha256(p) for p in paths}
+    return {p.relative_to(root).as_posix(): file_sha256(p) for p in paths}
 
 
 def read_bible(root: Path, settings: DataSettings) -> tuple[dict, dict, list[Path]]:

@@ -34,7 +34,7 @@ import torch
 from pydantic import Field, model_validator
 
 from actors.config import DType, StrictModel, load_yaml, parse
-from composition.checkpoint import atomic_file, atomic_folder
+from composition.checkpoint import atomic_file, atomic_folder, files_signature
 from composition.config import ConfigError
 from composition.training import TrainSettings
 from experiments.common import PlainLM, StageLog, fmt_time, lora_model, train, weights_fingerprint
@@ -444,7 +444,7 @@ def evaluate(cfg: LanguageConfig, out: Path, folders: dict, evals: dict, shots: 
     import sacrebleu
 
     refs = [p["en"] for p in evals["translation"]]
-    data_print = weights_fingerprint(out / "mix") + [[f.name, f.stat().st_size] for f in sorted((out / "mix").glob("*.jsonl"))]
+    data_print = weights_fingerprint(out / "mix") + files_signature((out / "mix").glob("*.jsonl"))
     cached = log.records.get("evaluate", {})
     results = {}
     for name, (weights, load) in systems(cfg, out, folders).items():
