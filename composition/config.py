@@ -24,6 +24,15 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message says what to change. Base of every config error."""
 
 
+def check_augment_tokenizers(given: list | None, num_augments: int) -> None:
+    """Refuse an ``augment_tokenizers`` list that is not one entry per augmenting model (ConfigError)."""
+    if given is not None and len(given) != num_augments:
+        raise ConfigError(
+            f"'augment_tokenizers' has {len(given)} entries for {num_augments} augmenting models: give one per "
+            f"entry of 'augments' (null: that model's own folder)"
+        )
+
+
 def did_you_mean(key: str, valid) -> str:
     """`` (did you mean 'x'?)`` for the closest valid key, or ``""``."""
     close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.5)

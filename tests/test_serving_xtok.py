@@ -64,7 +64,7 @@ def test_augment_tokenizers_needs_one_entry_per_augmenting_model(pair):
         ServingArgs.from_dict({"anchor": pair.anchor, "augments": [pair.augment], "bridges": pair.bridges,
                                "augment_tokenizers": [None, pair.augment]})
     parsed = ServingArgs.from_dict({"anchor": "a", "augments": "b,c", "bridges": "d", "augment_tokenizers": ",t"})
-    assert parsed.augment_tokenizers == [None, "t"] and parsed.augment_tokenizer_paths == ["b", "t"]
+    assert parsed.augment_tokenizers == [None, "t"]
 
 
 # ---------------------------------------------------------------------- over HTTP

@@ -445,7 +445,7 @@ def test_the_job_trains_bridges_across_tokenizers_that_refuse_another_tokenizer(
 
 
 def test_an_augmenting_folder_without_a_tokenizer_reads_the_anchors_tokens(pair, tmp_path):
-    """As before tokenizers per model (and as serving does): no tokenizer files -> the shared-tokenizer path."""
+    """As serving does (one rule, ``resolve_tokenizers``): no tokenizer files -> the anchor's tokens."""
     import shutil
 
     from actors.train.data import load_tokenizers
@@ -460,4 +460,4 @@ def test_an_augmenting_folder_without_a_tokenizer_reads_the_anchors_tokens(pair,
     config = write_config(tmp_path, base, "bare", augments=[str(bare)])
     cfg, _, examples = prepare(str(config))
     assert sorted(examples) == ["attention_mask", "input_ids", "labels"]
-    assert load_tokenizers(cfg)[1] == [None]
+    assert load_tokenizers(cfg).shared

@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from actors.config import DType, StrictModel, parse
 from actors.storage import StorageError, check_folder, fetch_folder, filesystem, is_uri
-from composition.config import ConfigError, did_you_mean
+from composition.config import ConfigError, check_augment_tokenizers, did_you_mean
 
 APP_IMPORT_PATH = "jobs.serve:app_builder"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -85,18 +85,9 @@ class ServingArgs(StrictModel):
 
     @model_validator(mode="after")
     def _one_tokenizer_per_augment(self):
-        if self.augment_tokenizers is not None and len(self.augment_tokenizers) != len(self.augments):
-            raise ValueError(
-                f"'augment_tokenizers' has {len(self.augment_tokenizers)} entries for {len(self.augments)} augmenting "
-                f"models: give one per entry of 'augments' (null: that model's own folder)"
-            )
+        check_augment_tokenizers(self.augment_tokenizers, len(self.augments))
         return self
 
-    @property
-    def augment_tokenizer_paths(self) -> list[str]:
-        """Each augmenting model's tokenizer: ``augment_tokenizers[i]``, else the model's own folder."""
-        given = self.augment_tokenizers or [None] * len(self.augments)
-        return [t or a for t, a in zip(given, self.augments)]
 
     @field_validator("augments")
     @classmethod

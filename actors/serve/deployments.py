@@ -66,10 +66,10 @@ from actors.serve.openai.schemas import (
     ModelList,
 )
 from actors.serve.reasons import public_reason
-from composition.alignment import TokenizerError, tokenizer_fingerprint
+from composition.alignment import TokenizerError
 from composition.augment import AugmentEncoder
 from composition.checkpoint import check_model_matches, check_tokenizers, read_meta
-from composition.loading import augment_tokenizer_source, load_causal_lm, load_tokenizer
+from composition.loading import load_causal_lm, load_tokenizer, resolve_tokenizers
 
 log = logging.getLogger("ray.serve")
 
@@ -99,32 +99,16 @@ def serving_tokenizers(settings: ServingArgs, meta: dict) -> list | None:
     """``[anchor_tokenizer, *augment_tokenizers]`` when some augmenting model tokenises differently from the
     anchor, None when all read the anchor's tokens (the composition's alignment is then the identity).
 
-    Each augmenting model's tokenizer is ``augment_tokenizers[i]``, else its own folder, else (a folder
-    holding no tokenizer) the anchor's. Refuses tokenizers other than the ones the bridges recorded
-    (ValueError naming the field), as ``ComposedModel.from_pretrained`` does.
+    Which tokenizer each model reads is ``composition.loading.resolve_tokenizers``' rule (training's too).
+    Refuses tokenizers other than the ones the bridges recorded (ValueError naming the field), as
+    ``ComposedModel.from_pretrained`` does.
     """
-    anchor_tokenizer = load_tokenizer(settings.tokenizer or settings.anchor)
-    tokenizers = [anchor_tokenizer]
-    given = settings.augment_tokenizers or [None] * len(settings.augments)
-    for path, folder in zip(given, settings.augments):
-        source = augment_tokenizer_source(path, folder)
-        tokenizers.append(anchor_tokenizer if source is None else load_tokenizer(source))
-    saved = meta.get("tokenizers")
-    if all(t is anchor_tokenizer for t in tokenizers[1:]):
-        check_tokenizers(settings.bridges, saved, None)
-        return None
+    resolved = resolve_tokenizers(settings.tokenizer or settings.anchor, settings.augments, settings.augment_tokenizers)
     try:
-        anchor_fp = tokenizer_fingerprint(anchor_tokenizer, "anchor")
-        shared = all(tokenizer_fingerprint(t, f"augmenting model {i}") == anchor_fp
-                     for i, t in enumerate(tokenizers[1:]))
-    except TokenizerError:
-        if saved is not None and any(fp != saved["anchor"] for fp in saved["augments"]):
-            raise  # bridges trained across tokenizers need fast tokenizers; the message says how
-        log.warning("a tokenizer has no Rust backend: serving as one shared tokenizer; load fast tokenizers to "
-                    "serve models with different tokenizers", exc_info=True)
-        return None
-    check_tokenizers(settings.bridges, saved, tokenizers)
-    return None if shared else tokenizers
+        check_tokenizers(settings.bridges, meta.get("tokenizers"), [resolved.anchor, *resolved.augments])
+    except TokenizerError:  # slow tokenizers with the anchor's vocabulary: only "one shared tokenizer" can be checked
+        check_tokenizers(settings.bridges, meta.get("tokenizers"), None)
+    return resolved.for_composition()
 
 
 def anchor_model_thread(setting: bool | str, model) -> bool:

@@ -98,6 +98,22 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
+    def __post_init__(self):
+        """The request's own invariants (the OpenAI schema states the same bounds for HTTP bodies); what only the
+        engine knows (its batch size, context and vocabulary) is checked when the engine takes the request."""
+        if not self.prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+
     @property
     def processes_logits(self) -> bool:
         """Whether the next token is chosen from anything but the model's own logits."""
@@ -241,19 +257,9 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ checks
     def _check(self, r: GenerationRequest) -> None:
-        if not r.prompt_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        if r.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {r.max_tokens}")
-        if r.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {r.temperature}")
-        if not 0 < r.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {r.top_p}")
-        if not 1 <= r.n <= self.max_batch_size:
-            raise ValueError(f"n={r.n} is more than this server decodes together ({self.max_batch_size}): "
-                             f"lower n" if r.n > 1 else f"n must be >= 1, got {r.n}")
-        if r.logprobs is not None and r.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0, got {r.logprobs}")
+        """What only this engine knows; the request checked its own invariants when it was made."""
+        if r.n > self.max_batch_size:
+            raise ValueError(f"n={r.n} is more than this server decodes together ({self.max_batch_size}): lower n")
         vocab = self.model.anchor.config.vocab_size
         bad = [t for t in r.logit_bias if not 0 <= t < vocab]
         if bad:

@@ -29,7 +29,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from actors.config import DType, StrictModel, apply_overrides, load_yaml, parse
 from actors.storage import StorageError, check_storage, filesystem, is_uri, join
-from composition.config import CompositionConfig, ConfigError, LayerMapping
+from composition.config import CompositionConfig, ConfigError, LayerMapping, check_augment_tokenizers
 from composition.training import TrainSettings
 
 DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
@@ -218,11 +218,7 @@ class TrainJobConfig(StrictModel):
             raise ValueError("'device: cuda' needs GPUs for the training workers: set 'ray.gpus_per_worker' > 0")
         if self.activation_cache.enabled and not self.activation_cache.path:
             raise ValueError("'activation_cache.enabled' is true but 'activation_cache.path' is not set: give a folder")
-        if self.augment_tokenizers is not None and len(self.augment_tokenizers) != len(self.augments):
-            raise ValueError(
-                f"'augment_tokenizers' has {len(self.augment_tokenizers)} entries for {len(self.augments)} augmenting "
-                f"models: give one per entry of 'augments' (null: that model's own folder)"
-            )
+        check_augment_tokenizers(self.augment_tokenizers, len(self.augments))
         if len(self.composition.mappings) != len(self.augments):
             raise ValueError(
                 f"'composition.mappings' has {len(self.composition.mappings)} entries for {len(self.augments)} "
@@ -234,12 +230,6 @@ class TrainJobConfig(StrictModel):
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.anchor
-
-    @property
-    def augment_tokenizer_paths(self) -> list[str]:
-        """Each augmenting model's tokenizer: ``augment_tokenizers[i]``, else the model's own folder."""
-        given = self.augment_tokenizers or [None] * len(self.augments)
-        return [t or a for t, a in zip(given, self.augments)]
 
     @property
     def run_path(self) -> Path | str:

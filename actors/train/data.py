@@ -10,7 +10,7 @@ Every example becomes three int32 rows of ``max_length`` tokens, right-padded:
 Each augmenting model whose tokenizer differs from the anchor's reads the same text in its own tokens
 (composition/alignment.py): the data then also carries, tokenised once here,
 
-* ``aug{i}_input_ids`` / ``aug{i}_attention_mask`` [n, its longest row], right-padded;
+* ``aug{i}_input_ids`` / ``aug{i}_attention_mask`` [n, its longest row], left-padded (``composition.padding``);
 * ``aug{i}_visible`` [n, max_length]: per anchor position, how many augmenting tokens it may attend to.
 
 A fixed shape keeps every streamed batch the same size (no ragged tensor columns in Ray Data and
@@ -28,7 +28,9 @@ import numpy as np
 
 from actors.codec import state_key
 from actors.train.config import DATA_EXTENSIONS, TrainConfigError, TrainJobConfig
+from composition.alignment import TokenizerError
 from composition.checkpoint import atomic_folder, files_signature
+from composition.loading import ComposedTokenizers, augment_tokenizer_source, load_tokenizer, resolve_tokenizers
 
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
 MANIFEST = "manifest.json"
@@ -108,63 +110,48 @@ def tokenize(cfg: TrainJobConfig, records, tokenizer, chunk: int = 1024) -> dict
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def load_tokenizers(cfg: TrainJobConfig):
-    """(the anchor's tokenizer, per augmenting model its tokenizer or None where it equals the anchor's).
+def load_tokenizers(cfg: TrainJobConfig) -> ComposedTokenizers:
+    """Every model's tokenizer, by ``composition.loading.resolve_tokenizers`` (the rule serving uses too);
+    a tokenizer that cannot be loaded or used is a TrainConfigError naming the key to fix."""
 
-    Each augmenting model's tokenizer comes from ``composition.loading.augment_tokenizer_source`` (the rule
-    serving uses too): a folder without tokenizer files reads the anchor's tokens."""
-    from composition.alignment import tokenizer_fingerprint
-    from composition.loading import augment_tokenizer_source, load_tokenizer
-
-    def load(key: str, path: str, hint: str):
+    def load(path: str, augment: int | None):
+        key = "tokenizer" if augment is None else f"augment_tokenizers[{augment}]"
+        hint = (f"save it in the augmenting model's folder or set '{key}'" if augment is not None
+                else "save the tokenizer in the anchor folder or set 'tokenizer'")
         try:
             return load_tokenizer(path)
         except Exception as e:  # noqa: BLE001
             raise TrainConfigError(f"'{key}': cannot load a tokenizer from {path} ({type(e).__name__}: "
                                    f"{str(e).splitlines()[0][:200]}); {hint}") from None
 
-    anchor = load("tokenizer", cfg.tokenizer_path, "save the tokenizer in the anchor folder or set 'tokenizer'")
-    given = cfg.augment_tokenizers or [None] * len(cfg.augments)
-    sources = [augment_tokenizer_source(t, a) for t, a in zip(given, cfg.augments)]  # None: reads the anchor's
-    augments = [anchor if source is None else
-                load(f"augment_tokenizers[{i}]", source, f"save it in the augmenting model's folder or set "
-                     f"'augment_tokenizers[{i}]'") for i, source in enumerate(sources)]
     try:
-        same = tokenizer_fingerprint(anchor, "anchor")
-        return anchor, [None if tokenizer_fingerprint(t, f"augmenting model {i}") == same else t
-                        for i, t in enumerate(augments)]
-    except TypeError as e:  # a slow tokenizer: only the shared-tokenizer path can use it
-        if any(type(t) is not type(anchor) or t.get_vocab() != anchor.get_vocab() for t in augments):
-            raise TrainConfigError(f"'augment_tokenizers': {e}") from None
-        return anchor, [None] * len(augments)
+        return resolve_tokenizers(cfg.tokenizer_path, cfg.augments, cfg.augment_tokenizers, load)
+    except TokenizerError as e:  # a slow tokenizer with another vocabulary: it cannot be aligned
+        raise TrainConfigError(f"'augment_tokenizers': {e}") from None
 
 
 def align_columns(arrays: dict[str, np.ndarray], anchor_tokenizer, augment_tokenizers) -> dict[str, np.ndarray]:
     """The ``aug{i}_*`` columns (module docstring) of every augmenting model with its own tokenizer."""
-    from composition.alignment import Aligner, align
+    import torch
+
+    from composition.alignment import Aligner
 
     out = {}
     ids, mask = arrays["input_ids"], arrays["attention_mask"]
     for i, tokenizer in enumerate(augment_tokenizers):
         if tokenizer is None:
             continue
+        # the serving engine's and the model's own alignment, on the whole (right-padded) set at once
         aligner = Aligner(anchor_tokenizer, [tokenizer], identity_when_shared=False)
-        rows = [align([int(t) for t in row[m.astype(bool)]], anchor_tokenizer, tokenizer, aligner)
-                for row, m in zip(ids, mask)]
-        width = max(1, max(len(r["augment_ids"]) for r in rows))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        aug_ids = np.full((len(rows), width), pad, dtype=np.int32)
-        aug_mask = np.zeros((len(rows), width), dtype=np.int32)
-        visible = np.zeros(ids.shape, dtype=np.int32)
-        for r, row in enumerate(rows):
-            aug_ids[r, : len(row["augment_ids"])] = row["augment_ids"]
-            aug_mask[r, : len(row["augment_ids"])] = 1
-            counts = row["visible"]
-            visible[r, : len(counts)] = counts
-            visible[r, len(counts):] = counts[-1] if counts else 0  # padding repeats the last count
+        _, (inputs,) = aligner.step(torch.from_numpy(ids).long(), torch.from_numpy(mask).long(), None, None)
+        aug_ids, aug_mask = inputs.input_ids.numpy().astype(np.int32), inputs.attention_mask.numpy().astype(np.int32)
+        if aug_ids.shape[1] == 0:  # no row closed a piece: one padding column keeps the columns 2-D and non-empty
+            aug_ids = np.full((len(ids), 1), aligner.augment_pad_ids[0], np.int32)
+            aug_mask = np.zeros((len(ids), 1), np.int32)
+        visible = inputs.visible.numpy().astype(np.int32)
         out.update({f"aug{i}_input_ids": aug_ids, f"aug{i}_attention_mask": aug_mask, f"aug{i}_visible": visible})
-        print(f"data: augmenting model {i} reads its own tokens (another tokenizer): {width} per row at most, "
-              f"{int(aug_mask.sum()) / max(1, int(mask.sum())):.2f} per anchor token", flush=True)
+        print(f"data: augmenting model {i} reads its own tokens (another tokenizer): {aug_ids.shape[1]} per row at "
+              f"most, {int(aug_mask.sum()) / max(1, int(mask.sum())):.2f} per anchor token", flush=True)
     return out
 
 
@@ -173,10 +160,10 @@ def prepare_examples(cfg: TrainJobConfig, anchor_vocab: int) -> dict[str, np.nda
     global batch."""
     from actors.train.config import check_tokenizer
 
-    tokenizer, augment_tokenizers = load_tokenizers(cfg)
-    check_tokenizer(cfg, tokenizer, anchor_vocab)
-    arrays = tokenize(cfg, read_records(cfg), tokenizer)
-    arrays.update(align_columns(arrays, tokenizer, augment_tokenizers))
+    tokenizers = load_tokenizers(cfg)
+    check_tokenizer(cfg, tokenizers.anchor, anchor_vocab)
+    arrays = tokenize(cfg, read_records(cfg), tokenizers.anchor)
+    arrays.update(align_columns(arrays, tokenizers.anchor, tokenizers.own))
     n = len(arrays["input_ids"])
     if n < cfg.training.batch_size:
         raise TrainConfigError(
@@ -250,7 +237,9 @@ def cache_manifest(cfg: TrainJobConfig, links, dtype: str, n_rows: int) -> dict:
         "data": [_files_signature(f) for f in cfg.data.train],
         "data_settings": {k: v for k, v in vars(cfg.data).items() if k != "train"},
         "tokenizer": _files_signature(cfg.tokenizer_path),
-        "augment_tokenizers": [_files_signature(t) for t in cfg.augment_tokenizer_paths],
+        # the tokenizer each augmenting model reads (the anchor's where its folder holds none)
+        "augment_tokenizers": [_files_signature(augment_tokenizer_source(t, a) or cfg.tokenizer_path)
+                               for t, a in zip(cfg.augment_tokenizers or [None] * len(cfg.augments), cfg.augments)],
         "seed": cfg.training.seed,
         "rows": n_rows,
     }

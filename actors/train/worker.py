@@ -51,7 +51,7 @@ def decode_batch(arrays: dict[str, np.ndarray], states_dtype: str, device) -> di
     n = len(batch["augment_states"])
     if any(f"aug{i}_visible" in arrays for i in range(n)):
         mask = batch["attention_mask"]
-        shared = AugmentInputs(batch["input_ids"], mask, mask.cumsum(-1))  # anchor token t sees tokens <= t
+        shared = AugmentInputs(batch["input_ids"], mask, mask.cumsum(-1), identity=True)  # token t sees tokens <= t
         batch["augment_inputs"] = [
             AugmentInputs(ids(f"aug{i}_input_ids"), ids(f"aug{i}_attention_mask"), ids(f"aug{i}_visible"))
             if f"aug{i}_visible" in arrays else shared for i in range(n)]
@@ -69,9 +69,8 @@ def build_model(cfg: TrainJobConfig, device):
     dtype = cfg.model_dtype
     anchor = load_causal_lm(cfg.anchor, dtype, device)
     augments = [load_causal_lm(a, dtype, "cpu") for a in cfg.augments]
-    anchor_tokenizer, own = load_tokenizers(cfg)
     # with another tokenizer anywhere, the composition records every tokenizer's fingerprint in its checkpoints
-    tokenizers = None if all(t is None for t in own) else [anchor_tokenizer, *[t or anchor_tokenizer for t in own]]
+    tokenizers = load_tokenizers(cfg).for_composition()
     if cfg.init_bridges:  # warm start (refused if the bridges were trained with other models or tokenizers)
         return ComposedModel.from_pretrained(cfg.init_bridges, anchor, augments, tokenizers=tokenizers)
     return ComposedModel(anchor, augments, cfg.composition, tokenizers=tokenizers)

@@ -64,23 +64,29 @@ class Limits:
 
 @dataclass
 class _Prepared:
+    """A validated request: what the engine runs (``generation``, the one shape a request has from here to the
+    engine) and what only the HTTP answer needs."""
+
     kind: Literal["completion", "chat"]
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
+    generation: GenerationRequest
     stop: list[str]
-    ignore_eos: bool
     stream: bool
     include_usage: bool
-    n: int = 1
-    logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely tokens'
     echo: bool = False  # completions: the answer's text (and logprobs) start with the prompt's
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     prompt_text: str = ""  # completions with echo or logprobs: the prompt's text (echoed; text offsets start after)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.generation.prompt_ids
+
+    @property
+    def n(self) -> int:
+        return self.generation.n
+
+    @property
+    def logprobs(self) -> int | None:
+        """None: no logprobs; k: the chosen token's and the k most likely tokens'."""
+        return self.generation.logprobs
 
 
 @dataclass
@@ -211,11 +217,13 @@ class OpenAIFrontend:
         if echo or (kind == "completion" and logprobs is not None):  # echoed, or where the text offsets start
             prompt_text = req.prompt if isinstance(req.prompt, str) else (
                 req.prompt[0] if isinstance(req.prompt[0], str) else self.tokenizer.decode(prompt_ids))
-        return _Prepared(kind, prompt_ids, max_tokens, temperature, top_p, req.seed, stop, req.ignore_eos,
-                         req.stream, bool(req.stream_options and req.stream_options.include_usage),
-                         n=req.n or 1, logprobs=logprobs, echo=echo, logit_bias=self._logit_bias(req.logit_bias),
-                         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-                         prompt_text=prompt_text)
+        generation = GenerationRequest(
+            prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=req.seed,
+            eos_ids=[] if req.ignore_eos else self.eos_ids, n=req.n or 1, logprobs=logprobs,
+            prompt_logprobs=echo and logprobs is not None, logit_bias=self._logit_bias(req.logit_bias),
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0)
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _Prepared(kind, generation, stop, req.stream, usage, echo=echo, prompt_text=prompt_text)
 
     def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
         vocab = len(self.tokenizer)

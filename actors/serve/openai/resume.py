@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from actors.serve.engine import GenerationRequest
 from actors.serve.openai.detokenize import TextAssembler
 from actors.serve.openai.errors import ApiError, DeadlineExceeded
 from actors.serve.reasons import public_reason
@@ -38,20 +37,12 @@ async def token_pieces(frontend, p, rid: str):
     deadline = asyncio.get_running_loop().time() + frontend.limits.request_timeout_s
     attempts = 0
     while True:
-        request = GenerationRequest(
+        request = replace(  # a resume (n == 1) continues from the prompt + the tokens so far
+            p.generation,
             request_id=f"{rid}-{attempts}",
-            prompt_ids=p.prompt_ids + generated[0],  # a resume (n == 1): prompt + the tokens so far
-            max_tokens=p.max_tokens - len(generated[0]),
-            temperature=p.temperature,
-            top_p=p.top_p,
-            seed=p.seed,
-            eos_ids=[] if p.ignore_eos else frontend.eos_ids,
-            n=p.n,
-            logprobs=p.logprobs,
-            prompt_logprobs=p.echo and p.logprobs is not None and not generated[0],
-            logit_bias=p.logit_bias,
-            presence_penalty=p.presence_penalty,
-            frequency_penalty=p.frequency_penalty,
+            prompt_ids=p.prompt_ids + generated[0],
+            max_tokens=p.generation.max_tokens - len(generated[0]),
+            prompt_logprobs=p.generation.prompt_logprobs and not generated[0],
         )
         stream = None
         settled = False  # the stream ended or failed by itself: nothing to cancel
