@@ -8,6 +8,10 @@ one line per problem, each naming the key:
     'training.steps' must be an integer, got 'ten'
     unknown key 'training.bach_size' (did you mean 'batch_size'?); valid keys under training are: ...
 
+``describe_error`` writes those sentences, and is the project's one translator of pydantic errors (the
+server's request bodies use it too): what a key accepts comes from the model itself (its bounds, a
+``description=``), never from a table that restates them.
+
 Validated objects are handed on as they are (into Ray Train's ``train_loop_config``, into Serve's
 ``.bind()``): nothing downstream validates them again. ``--set key.path=value`` overrides work the
 same for every job (``apply_overrides``).
@@ -17,8 +21,9 @@ from __future__ import annotations
 
 import json
 import re
+import types
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -41,6 +46,9 @@ _TYPE_WORDS = {
     "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
     "dict": "a mapping of keys", "list": "a list", "model": "a mapping of keys", "dataclass": "a mapping of keys",
 }
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+_SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_LENGTH_ERRORS = ("too_short", "too_long", "string_too_short", "string_too_long")
 
 
 def _shown(value: Any) -> str:
@@ -50,33 +58,135 @@ def _shown(value: Any) -> str:
         return type(value).__name__
 
 
+def accepted_range(bounds: dict) -> str | None:
+    """Bounds (``ge``/``gt``/``le``/``lt``, as ``Field`` takes them) in words: ``between 0 and 2``, ``in (0, 1]``,
+    ``>= 1``, ``positive``; None without any."""
+
+    def number(x):
+        return int(x) if isinstance(x, float) and x.is_integer() else x
+
+    low = next(((k, number(bounds[k])) for k in ("ge", "gt") if bounds.get(k) is not None), None)
+    high = next(((k, number(bounds[k])) for k in ("le", "lt") if bounds.get(k) is not None), None)
+    if low and high:
+        if (low[0], high[0]) == ("ge", "le"):
+            return f"between {low[1]} and {high[1]}"
+        return f"in {'[' if low[0] == 'ge' else '('}{low[1]}, {high[1]}{']' if high[0] == 'le' else ')'}"
+    if low == ("gt", 0):
+        return "positive"
+    one = low or high
+    return f"{_SYMBOLS[one[0]]} {one[1]}" if one else None
+
+
+def _members(tp) -> list:
+    return [a for a in get_args(tp) if a is not type(None)]
+
+
+def _is_union(tp) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and len(_members(tp)) > 1
+
+
+def _declared(tp, field: Any = None) -> tuple[Any, dict, str | None]:
+    """``tp`` without Optional and Annotated, and the bounds and ``description=`` that ``field`` (a FieldInfo) and
+    the Annotated metadata declare."""
+    metadata, description = list(getattr(field, "metadata", [])), getattr(field, "description", None)
+    while True:
+        if get_origin(tp) is Annotated:
+            tp, *extra = get_args(tp)
+            for item in extra:  # a Field(...) carries its constraints in .metadata; annotated_types' Ge(...) is one
+                metadata += getattr(item, "metadata", [item])
+                description = getattr(item, "description", None) or description
+        elif get_origin(tp) in (Union, types.UnionType) and len(_members(tp)) == 1:  # X | None
+            tp = _members(tp)[0]
+        else:
+            break
+    bounds = {k: getattr(m, k) for m in metadata for k in ("gt", "ge", "lt", "le") if getattr(m, k, None) is not None}
+    return tp, bounds, description
+
+
+class _Place(NamedTuple):
+    loc: tuple  # of the key the error is about
+    union: bool  # the key is a union, and the error is one of its branches' (under a label such as 'list[int]')
+    type: Any  # declared there (without Optional and Annotated), or None past what the types say
+    bounds: dict
+    description: str | None
+
+
+def _place(model: Any, loc: tuple) -> _Place:
+    """Follow an error's ``loc`` through ``model``'s declared types to the key it is about.
+
+    A union reports one error per branch, under the branch's label: those are about the union's key, which its
+    ``description=`` words as a whole (``stop``: "a non-empty string or a list of up to 4 non-empty strings").
+    """
+    tp, field = model, None
+    for n, part in enumerate(loc):
+        core, bounds, description = _declared(tp, field)
+        if _is_union(core):
+            return _Place(loc[:n], True, core, bounds, description)
+        fields = getattr(core, "__pydantic_fields__", None) if isinstance(core, type) else None
+        origin, args = get_origin(core), get_args(core)
+        if fields and isinstance(part, str) and part in fields:
+            tp, field = fields[part].annotation, fields[part]
+        elif isinstance(part, int) and origin in (list, tuple, set, frozenset) and args:
+            tp, field = args[0], None
+        elif isinstance(part, str) and origin is dict and len(args) == 2:
+            tp, field = args[1], None
+        else:
+            return _Place(loc, False, None, {}, None)
+    core, bounds, description = _declared(tp, field)
+    return _Place(loc, False, core, bounds, description)
+
+
+def error_key(err: dict, model: type[BaseModel] | None = None, where: str = "") -> str:
+    """The key a pydantic error is about, as a user writes it: ``training.steps``, ``messages[0].role``."""
+    loc = _place(model, tuple(err["loc"])).loc
+    return where + ".".join(f"[{x}]" if isinstance(x, int) else str(x) for x in loc).replace(".[", "[")
+
+
+def _requirement(kind: str, ctx: dict, bounds: dict) -> str | None:
+    """What a type, literal, bound or length error says the key must do ("be an integer"), else None."""
+    for prefix, word in _TYPE_WORDS.items():
+        if kind.startswith(prefix + "_") and kind.endswith(("_type", "_parsing", "_from_float")):
+            return f"be {word}"
+    if kind == "literal_error":
+        return f"be one of {ctx.get('expected', '').replace(chr(39), '').replace(' or ', ', ')}"
+    if kind == "finite_number":
+        return "be a finite number"
+    if kind in _BOUND_ERRORS:
+        return f"be {accepted_range({**ctx, **bounds})}"
+    if kind in _LENGTH_ERRORS:
+        n = ctx.get("min_length" if kind.endswith("short") else "max_length")
+        unit = "character" if kind.startswith("string") else "item"
+        return f"have {'at least' if kind.endswith('short') else 'at most'} {n} {unit}{'' if n == 1 else 's'}"
+    return None
+
+
 def describe_error(err: dict, model: type[BaseModel] | None = None, where: str = "") -> str:
-    """One pydantic error as a sentence that names the key (``where`` prefixes the key path)."""
-    loc = [str(x) if not isinstance(x, int) else f"[{x}]" for x in err["loc"]]
-    key = where + ".".join(loc).replace(".[", "[")
-    kind = err["type"]
+    """One pydantic error as a sentence that names the key (``where`` prefixes the key path) and says what it
+    accepts, from the error and ``model``'s own declarations (bounds, ``description=``), never restated:
+    ``'training.steps' must be an integer, got 'ten'``, ``'temperature' must be between 0 and 2, got 7``.
+
+    The one translator of pydantic errors, for config files (``parse``) and request bodies
+    (``actors.serve.openai.errors.body_error``) alike.
+    """
+    place = _place(model, tuple(err["loc"]))
+    key = error_key(err, model, where)
+    kind, ctx, got = err["type"], err.get("ctx", {}), _shown(err.get("input"))
+    if place.union:
+        if place.description:
+            return f"'{key}' must be {place.description}, got {got}"
+        return f"'{key}': {err['msg']}, got {got}"
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):  # a model's / a dataclass's unknown key
-        parent = _model_at(model, err["loc"][:-1]) if model is not None else None
-        valid = sorted(parent.__pydantic_fields__) if parent is not None else []
+        parent = _place(model, tuple(err["loc"][:-1])).type if model is not None else None
+        valid = sorted(getattr(parent, "__pydantic_fields__", None) or [])
         section = key.rsplit(".", 1)[0] if "." in key else ""
         under = f" under {section}" if section else ""
         return f"unknown key '{key}'{did_you_mean(str(err['loc'][-1]), valid)}; valid keys{under} are: " \
                f"{', '.join(valid)}"
     if kind == "missing":
         return f"missing required key '{key}'"
-    got = _shown(err.get("input"))
-    for prefix, word in _TYPE_WORDS.items():
-        if kind.startswith(prefix + "_") and kind.endswith(("_type", "_parsing")):
-            return f"'{key}' must be {word}, got {got}"
-    if kind == "literal_error":
-        expected = err.get("ctx", {}).get("expected", "")
-        return f"'{key}' must be one of {expected.replace(chr(39), '').replace(' or ', ', ')}, got {got}"
-    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
-        bound = next(iter(err.get("ctx", {}).values()), "?")
-        if op == ">" and bound == 0:
-            return f"'{key}' must be positive, got {got}"
-        return f"'{key}' must be {op} {bound}, got {got}"
+    requirement = _requirement(kind, ctx, place.bounds)
+    if requirement:
+        return f"'{key}' must {'be ' + place.description if place.description else requirement}, got {got}"
     message = str(err.get("msg", "")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if not key or message.startswith(("'", key.split(".")[0])):  # the message names its key already
         return message
@@ -84,23 +194,6 @@ def describe_error(err: dict, model: type[BaseModel] | None = None, where: str =
     if field:
         return f"'{key}.{field.group(1)}'{message[len(field.group(1)):]}"
     return f"'{key}': {message}"
-
-
-def _model_at(model: type, path) -> type | None:
-    """The pydantic model or dataclass found at ``path`` inside ``model`` (for the valid keys of a section)."""
-    current: Any = model
-    for part in path:
-        if isinstance(part, int):
-            continue
-        fields = getattr(current, "__pydantic_fields__", None)
-        if not fields or part not in fields:
-            return None
-        annotation = fields[part].annotation
-        current = next((a for a in (annotation, *getattr(annotation, "__args__", ()))
-                        if isinstance(a, type) and hasattr(a, "__pydantic_fields__")), None)
-        if current is None:
-            return None
-    return current
 
 
 def parse(model: type[M], raw: Any, error: type[ConfigError] = ConfigError, where: str = "",

@@ -238,11 +238,11 @@ BAD_INPUTS = [
     # (endpoint, body, status, words in the message)
     ("/v1/completions", b"{not json", 400, "not valid JSON"),
     ("/v1/completions", b"[1, 2]", 400, "must be a JSON object"),
-    ("/v1/completions", {"model": MODEL}, 400, "'prompt' is required"),
+    ("/v1/completions", {"model": MODEL}, 400, "missing required key 'prompt'"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt is empty"),
     ("/v1/completions", {"prompt": 5}, 400, "'prompt' must be"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "'max_tokens' must be an integer"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400, "'max_tokens' must be at least 1"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400, "'max_tokens' must be >= 1"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400, "more than this server allows"),
     ("/v1/completions", {"prompt": LONG}, 400, f"context is {CONTEXT} tokens"),
     ("/v1/completions", {"prompt": "x" * 500, "max_tokens": 100}, 400, "lower max_tokens"),
@@ -252,7 +252,8 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "'stream' must be true or false"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "up to 4"),
     ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "up to 4 non-empty strings"),
-    ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "'seed' must be a 64-bit integer"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400,
+     "'seed' must be between -9223372036854775808 and 18446744073709551615"),
     ("/v1/completions", {"prompt": "hi", "n": 9}, 400, "n=9 is more than this server decodes together (8)"),
     ("/v1/completions", {"prompt": "hi", "top_k": 5}, 400, "'top_k' is not a parameter this server supports"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"-1": 5}}, 400, "logit_bias keys must be token ids"),
@@ -265,9 +266,10 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "'gpt-4' does not exist"),
     ("/v1/chat/completions", {"messages": []}, 400, "'messages'"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages' must be"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400,
+     "'messages[0].role' must be one of system"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
-     "'max_completion_tokens' must be at least 1"),
+     "'max_completion_tokens' must be >= 1"),
 ]
 
 

@@ -13,17 +13,17 @@ import time
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from actors.serve.augment_client import LocalAugments
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.engine import DecodeEngine
+from actors.serve.openai import guard
 from actors.serve.openai.app import Limits, OpenAIFrontend, TextAssembler
-from actors.serve.openai.errors import install as install_error_handlers
 from actors.serve.openai.schemas import CompletionBody
 from composition.loading import load_tokenizer
-from tests.test_serving import free_port, wait_until
 from tests.fixtures import build_pair, load_in_process
+from tests.test_serving import free_port, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +37,11 @@ def served(tmp_path_factory):
     frontend = OpenAIFrontend(tok, "local", Limits(context=512, request_timeout_s=0.3),
                               open_stream=engine.generate)
     app = FastAPI()
-    install_error_handlers(app)
+    guard.install(app)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        return await frontend.completions(body)
+    async def completions(request: Request):
+        return await frontend.completions(await guard.read_body(request, CompletionBody))
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -1,9 +1,9 @@
 """What the server answers to hostile or broken requests, over real HTTP without Ray: no 5xx from input,
-bodies bounded (413), strict JSON (depth, integer size, finite numbers, valid Unicode), API keys (401), and
-500s that name a request id but no internals.
+bodies bounded (413), strict JSON as pydantic-core parses it (depth, number size, finite numbers, valid
+Unicode), API keys (401), and 500s that name a request id but no internals.
 
-The same ``OpenAIFrontend`` + ``errors.install`` (hence ``guard.RequestGuard``) that the Serve Ingress runs,
-in front of a local ``DecodeEngine``, served by uvicorn on 127.0.0.1.
+The same ``OpenAIFrontend`` + ``guard.install`` (hence ``guard.RequestGuard``) + ``guard.read_body`` that the
+Serve Ingress runs, in front of a local ``DecodeEngine``, served by uvicorn on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import openai
 import pytest
 import uvicorn
 import yaml
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from starlette.responses import StreamingResponse
 
 from actors.serve.augment_client import LocalAugments
@@ -28,10 +28,9 @@ from actors.serve.augment_rows import AugmentRows
 from actors.serve.config import ServeConfigError, ServingArgs
 from actors.serve.engine import DecodeEngine, RequestFailed
 from actors.serve.openai.app import Limits, OpenAIFrontend
-from actors.serve.openai.errors import install as install_error_handlers
-from actors.serve.openai.guard import API_KEY_ENV, load_api_keys
-from actors.serve.reasons import public_reason
+from actors.serve.openai.guard import API_KEY_ENV, configure, install, load_api_keys, read_body, settings_for
 from actors.serve.openai.schemas import ChatBody, CompletionBody
+from actors.serve.reasons import public_reason
 from composition.loading import load_tokenizer
 from tests.fixtures import build_pair, load_in_process
 from tests.test_serving import free_port, wait_until
@@ -74,7 +73,7 @@ def served(tmp_path_factory):
 
     broken = OpenAIFrontend(tok, MODEL, Limits(context=512), open_stream=failing_stream)
     app = FastAPI()
-    guard = install_error_handlers(app)
+    guard = install(app)
 
     @app.get("/health")
     async def health():
@@ -85,16 +84,16 @@ def served(tmp_path_factory):
         return frontend.models()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        return await frontend.completions(body)
+    async def completions(request: Request):
+        return await frontend.completions(await read_body(request, CompletionBody))
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
-        return await frontend.chat_completions(body)
+    async def chat(request: Request):
+        return await frontend.chat_completions(await read_body(request, ChatBody))
 
     @app.post("/broken/v1/completions")
-    async def broken_completions(body: CompletionBody):
-        return await broken.completions(body)
+    async def broken_completions(request: Request):
+        return await broken.completions(await read_body(request, CompletionBody))
 
     @app.get("/bug/stream")
     async def bug_stream():
@@ -156,37 +155,46 @@ def assert_serves(url, headers=None):
 
 
 # ---------------------------------------------------------------------- no 5xx from input
+# pydantic-core's JSON parser reads the body (guard.read_body): its own limits, and its words for where it stopped
 def _deep(levels: int) -> bytes:
     return b'{"prompt": "hi", "x": ' + b"[" * levels + b"]" * levels + b"}"
 
 
+def _deep_schema(levels: int) -> bytes:  # nested where any JSON is taken: response_format.json_schema
+    return (b'{"prompt": "hi", "response_format": {"type": "text", "json_schema": ' + b'{"a": ' * levels + b"1"
+            + b"}" * levels + b"}}")
+
+
 CHAT_SURROGATE = b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}'
 PART_SURROGATE = b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}'
+SURROGATE = 'a lone UTF-16 surrogate (such as "\\ud800"), which is not valid Unicode'
 BAD_BODIES = [
     # (test id, path, body, status, words in the message, error code, param)
-    ("json nested 1,500 deep", "/v1/completions", _deep(1500), 400, "nests more than 32 levels", "json_too_deep",
-     None),
-    ("json nested 40 deep", "/v1/completions", _deep(40), 400, "nests more than 32 levels", "json_too_deep", None),
+    ("json nested 1,500 deep", "/v1/completions", _deep(1500), 400,
+     "nests too deep (recursion limit exceeded at line 1 column", "json_too_deep", None),
+    ("json nested 300 deep where any JSON is taken", "/v1/completions", _deep_schema(300), 400, "nests too deep",
+     "json_too_deep", None),
     ("integer of 5,000 digits", "/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400,
-     "integer of 5000 digits; at most 32", "number_too_large", None),
+     "a number too large to read (number out of range at line 1 column", "number_too_large", None),
     ("float past 64 bits", "/v1/completions", b'{"prompt": "hi", "temperature": 1e999}', 400,
-     "too large for a 64-bit float", "number_too_large", None),
-    ("NaN", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400, "NaN is not a JSON number", None, None),
+     "'temperature' must be a finite number, got Infinity", None, "temperature"),
+    ("NaN", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400,
+     "'temperature' must be a finite number, got NaN", None, "temperature"),
+    ("-Infinity in logit_bias", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"5": -Infinity}}', 400,
+     "'logit_bias.5' must be a finite number", None, "logit_bias.5"),
     ("lone surrogate in prompt", "/v1/completions", b'{"prompt": "\\ud800"}', 400,
-     "'prompt' holds a lone UTF-16 surrogate", "invalid_unicode", "prompt"),
-    ("lone surrogate in a prompt list", "/v1/completions", b'{"prompt": ["ok", "\\udc00"]}', 400, "'prompt.1' holds",
-     "invalid_unicode", "prompt.1"),
-    ("lone surrogate in model", "/v1/completions", b'{"prompt": "hi", "model": "\\ud800"}', 400, "'model' holds",
-     "invalid_unicode", "model"),
-    ("lone surrogate in chat content", "/v1/chat/completions", CHAT_SURROGATE, 400, "'messages.0.content' holds",
-     "invalid_unicode", "messages.0.content"),
-    ("lone surrogate in a text part", "/v1/chat/completions", PART_SURROGATE, 400,
-     "'messages.0.content.0.text' holds", "invalid_unicode", "messages.0.content.0.text"),
-    ("lone surrogate in a key", "/v1/completions", b'{"prompt": "hi", "\\ud800": 1}', 400,
-     "the request body holds a lone", "invalid_unicode", None),
-    ("bytes that are not UTF-8", "/v1/completions", b'{"prompt": "\xff\xfe"}', 400, "not valid UTF-8 (byte 12)",
-     "invalid_encoding", None),
-    ("malformed JSON", "/v1/completions", b'{"prompt": ', 400, "not valid JSON", None, None),
+     f"{SURROGATE} (unexpected end of hex escape at line 1 column 19)", "invalid_unicode", None),
+    ("lone surrogate in a prompt list", "/v1/completions", b'{"prompt": ["ok", "\\udc00"]}', 400,
+     f"{SURROGATE} (lone leading surrogate in hex escape at line 1 column 25)", "invalid_unicode", None),
+    ("lone surrogate in model", "/v1/completions", b'{"prompt": "hi", "model": "\\ud800"}', 400, SURROGATE,
+     "invalid_unicode", None),
+    ("lone surrogate in chat content", "/v1/chat/completions", CHAT_SURROGATE, 400, SURROGATE, "invalid_unicode", None),
+    ("lone surrogate in a text part", "/v1/chat/completions", PART_SURROGATE, 400, SURROGATE, "invalid_unicode", None),
+    ("lone surrogate in a key", "/v1/completions", b'{"prompt": "hi", "\\ud800": 1}', 400, SURROGATE,
+     "invalid_unicode", None),
+    ("bytes that are not UTF-8", "/v1/completions", b'{"prompt": "\xff\xfe"}', 400,
+     "not valid UTF-8 (invalid unicode code point at line 1 column 13)", "invalid_encoding", None),
+    ("malformed JSON", "/v1/completions", b'{"prompt": ', 400, "not valid JSON (EOF while parsing a value", None, None),
     ("a 2 MiB body", "/v1/completions", json.dumps({"prompt": "x" * (2 * MIB)}).encode(), 413,
      f"larger than this server accepts ({MIB} bytes)", "request_too_large", None),
 ]
@@ -250,6 +258,44 @@ def test_a_body_with_another_content_type_is_still_bounded(url):
     assert_openai_error(r, 413, "larger than this server accepts")
 
 
+def test_a_body_sent_as_another_content_type_is_a_400_naming_it(url):
+    r = post(url, "/v1/completions", b'{"prompt": "hi"}', headers={"Content-Type": "text/plain"})
+    assert_openai_error(r, 400, "must be JSON sent as Content-Type: application/json, got Content-Type 'text/plain'")
+    assert post(url, "/v1/completions", b'{"prompt": "hi", "max_tokens": 2}',
+                headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
+
+
+SCHEMA_VIOLATIONS = [
+    # (body, words in the message, param): what the key accepts, read from the schema's own declarations
+    ({"prompt": "hi", "temperature": 7}, "'temperature' must be between 0 and 2, got 7", "temperature"),
+    ({"prompt": "hi", "top_p": 0}, "'top_p' must be in (0, 1], got 0", "top_p"),
+    ({"prompt": "hi", "n": 0}, "'n' must be between 1 and 128, got 0", "n"),
+    ({"prompt": "hi", "max_tokens": -3}, "'max_tokens' must be >= 1, got -3", "max_tokens"),
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, "'logit_bias.5' must be between -100 and 100, got 101",
+     "logit_bias.5"),
+    ({"prompt": "hi", "stop": ["a", ""]},
+     "'stop' must be a non-empty string or a list of up to 4 non-empty strings, got [\"a\", \"\"]", "stop"),
+    ({"prompt": "hi", "max_tokens": "5"}, "'max_tokens' must be an integer, got '5'", "max_tokens"),
+    ({"prompt": "hi", "metadata": {"k": 1}}, "'metadata.k' must be a string, got 1", "metadata.k"),
+    ({"prompt": "hi", "top_k": 5}, "'top_k' is not a parameter this server supports", "top_k"),
+    ({}, "missing required key 'prompt'", "prompt"),
+]
+
+
+@pytest.mark.parametrize("body, words, param", SCHEMA_VIOLATIONS, ids=[w[:40] for _, w, _ in SCHEMA_VIOLATIONS])
+def test_a_schema_violation_names_the_key_and_what_the_schema_accepts(url, body, words, param):
+    error = assert_openai_error(post(url, "/v1/completions", json.dumps(body).encode()), 400, words)
+    assert error["param"] == param
+
+
+def test_a_chat_message_is_named_by_its_index(url):
+    body = {"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "hi"}]}
+    error = assert_openai_error(post(url, "/v1/chat/completions", json.dumps(body).encode()), 400,
+                                "'messages[1].role' must be one of system, developer, user, assistant, tool, got "
+                                "'wizard'")
+    assert error["param"] == "messages[1].role"
+
+
 # ---------------------------------------------------------------------- unexpected failures
 def test_an_unexpected_exception_is_a_500_with_a_request_id_and_no_internals(url, caplog):
     caplog.set_level(logging.DEBUG)
@@ -309,7 +355,6 @@ def test_public_reason_drops_terminal_colour_codes_and_keeps_the_first_line_that
 # ---------------------------------------------------------------------- API keys
 def test_a_server_with_keys_declares_the_bearer_scheme_on_every_path_but_the_probes():
     from actors.serve import deployments
-    from actors.serve.openai.guard import settings_for
 
     guard = settings_for(deployments.INGRESS_GUARD)
     saved = guard.api_keys
@@ -410,6 +455,17 @@ def test_the_cli_check_names_a_missing_key_file(tmp_path, capsys):
 def test_serving_args_bound_bodies_to_one_mib_by_default():
     args = ServingArgs(anchor="a", augments=["b"], bridges="c")
     assert args.max_body_bytes == MIB and args.api_key_file is None
+    assert settings_for("a guard nothing configured").max_body_bytes == MIB
+
+
+def test_a_guard_configured_from_serving_args_takes_their_body_limit_and_key_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    (tmp_path / "keys").write_text("sk-file-1\n")
+    args = ServingArgs(anchor="a", augments=["b"], bridges="c", max_body_bytes=4096,
+                       api_key_file=str(tmp_path / "keys"))
+    settings = configure("configured from args", args)
+    assert (settings.max_body_bytes, settings.api_keys) == (4096, [b"sk-file-1"])
+    assert settings_for("configured from args") is settings
 
 
 def test_the_ray_token_file_is_made_private(tmp_path):
@@ -430,7 +486,6 @@ def test_the_ingress_guard_applies_the_keys_its_replica_sets_to_the_app_serve_pi
     from ray import cloudpickle
 
     from actors.serve.deployments import INGRESS_GUARD, api
-    from actors.serve.openai.guard import settings_for
 
     frozen = cloudpickle.loads(cloudpickle.dumps(api))
     with keys_required(settings_for(INGRESS_GUARD), KEY):

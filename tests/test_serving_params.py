@@ -2,7 +2,7 @@
 ``logprobs``/``top_logprobs``, ``echo``, ``logit_bias``, ``presence_penalty``, ``frequency_penalty``, and a clear
 400 for the ones this server cannot honour (``response_format``, ``tools``, unknown fields).
 
-The same ``OpenAIFrontend`` + ``errors.install`` the Serve Ingress runs, in front of a local ``DecodeEngine``,
+The same ``OpenAIFrontend`` + ``guard.install`` and ``guard.read_body`` the Serve Ingress runs, in front of a local ``DecodeEngine``,
 served by uvicorn on 127.0.0.1 (tests/test_serving.py runs the same parameters through Ray Serve). Every
 expected value comes from the in-process ``ComposedModel`` on the same files, decoded token by token here.
 """
@@ -17,13 +17,13 @@ import openai
 import pytest
 import torch
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from actors.serve.augment_client import LocalAugments
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.engine import DecodeEngine
+from actors.serve.openai import guard
 from actors.serve.openai.app import Limits, OpenAIFrontend
-from actors.serve.openai.errors import install as install_error_handlers
 from actors.serve.openai.schemas import ChatBody, CompletionBody
 from composition.loading import load_tokenizer
 from tests.fixtures import build_pair, load_in_process
@@ -45,15 +45,15 @@ def served(tmp_path_factory):
                           max_batch_size=BATCH, max_context=512)
     frontend = OpenAIFrontend(tok, MODEL, Limits(context=512, default_max_tokens=8), open_stream=engine.generate)
     app = FastAPI()
-    install_error_handlers(app)
+    guard.install(app)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        return await frontend.completions(body)
+    async def completions(request: Request):
+        return await frontend.completions(await guard.read_body(request, CompletionBody))
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
-        return await frontend.chat_completions(body)
+    async def chat(request: Request):
+        return await frontend.chat_completions(await guard.read_body(request, ChatBody))
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

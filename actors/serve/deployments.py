@@ -34,7 +34,7 @@ import time
 import uuid
 
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -53,9 +53,8 @@ from actors.serve.augment_rows import AugmentRows
 from actors.serve.batch_cache import check_batchable
 from actors.serve.config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
 from actors.serve.engine import DecodeEngine, GenerationRequest
-from actors.serve.openai import errors as openai_errors
+from actors.serve.openai import guard
 from actors.serve.openai.app import Limits, OpenAIFrontend
-from actors.serve.openai.guard import load_api_keys, settings_for
 from actors.serve.openai.schemas import (
     ChatBody,
     ChatCompletion,
@@ -64,6 +63,8 @@ from actors.serve.openai.schemas import (
     ErrorBody,
     Health,
     ModelList,
+    body_schemas,
+    request_body,
 )
 from actors.serve.reasons import public_reason
 from composition.alignment import TokenizerError
@@ -321,26 +322,28 @@ api = FastAPI(title="calm-ray", description="A composed model (anchor + augmenti
 INGRESS_GUARD = "calm-ray-ingress"
 READY_TIMEOUT_S = 2.0  # a readiness probe waits this long for the anchor (and through it the augmenting models)
 READY_FOR_S = 5.0  # and trusts a positive answer this long
-openai_errors.install(api, name=INGRESS_GUARD)
+guard.install(api, name=INGRESS_GUARD)
 
 
 def _openapi() -> dict:
-    """FastAPI's spec, plus what FastAPI does not write itself: the API-key scheme the guard enforces
-    (``Authorization: Bearer <key>``, as OpenAI) on every path but the health probes, when this server has
-    keys (a server without keys takes any key or none, and its spec says so by declaring none); and one
-    operation id per method of the probes, which answer GET and HEAD from one route."""
+    """FastAPI's spec, plus what FastAPI does not write itself: the request bodies' schemas (the routes read
+    their bodies themselves, ``guard.read_body``, and declare them with ``schemas.request_body``); the API-key
+    scheme the guard enforces (``Authorization: Bearer <key>``, as OpenAI) on every path but the health probes,
+    when this server has keys (a server without keys takes any key or none, and its spec says so by declaring
+    none); and one operation id per method of the probes, which answer GET and HEAD from one route."""
     if api.openapi_schema is None:
         import warnings
 
         with warnings.catch_warnings():  # the probes' GET and HEAD share a route, so FastAPI repeats its id
             warnings.filterwarnings("ignore", message="Duplicate Operation ID")
             spec = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        spec.setdefault("components", {}).setdefault("schemas", {}).update(body_schemas(CompletionBody, ChatBody))
         for path, operations in spec["paths"].items():
             for method, operation in operations.items():
                 if len(operations) > 1:
                     operation["operationId"] = f"{operation['operationId'].rsplit('_', 1)[0]}_{method}"
-        if settings_for(INGRESS_GUARD).api_keys:
-            spec.setdefault("components", {})["securitySchemes"] = {
+        if guard.settings_for(INGRESS_GUARD).api_keys:
+            spec["components"]["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer",
                            "description": "one of the server's API keys (docs/serving.md, API keys)"}}
             for path, operations in spec["paths"].items():
@@ -367,12 +370,11 @@ class Ingress:
 
     def __init__(self, settings: ServingArgs, anchor: DeploymentHandle):
         settings = settings.localized(anchor=False, augments=[], bridges=False)  # the tokenizer only
-        guard = settings_for(INGRESS_GUARD)  # what the (pickled) app's RequestGuard reads in this process
-        guard.max_body_bytes = settings.max_body_bytes
-        guard.api_keys = load_api_keys(settings.api_key_file)  # a missing file fails the replica, naming it
+        # what the (pickled) app's RequestGuard reads in this process; a missing key file fails the replica
+        admits = guard.configure(INGRESS_GUARD, settings)
         log.info("ingress: %s, request bodies up to %d bytes",
-                 f"{len(guard.api_keys)} API key(s) required" if guard.api_keys else "no API keys (open)",
-                 guard.max_body_bytes)
+                 f"{len(admits.api_keys)} API key(s) required" if admits.api_keys else "no API keys (open)",
+                 admits.max_body_bytes)
         tokenizer = load_tokenizer(settings.tokenizer or settings.anchor)
         limits = Limits(context=settings.max_context, default_max_tokens=settings.default_max_tokens,
                         max_tokens=settings.max_tokens_limit, request_timeout_s=settings.request_timeout_s,
@@ -414,13 +416,16 @@ class Ingress:
     async def models(self) -> dict:
         return self.frontend.models()
 
-    @api.post("/v1/completions", response_model=Completion, responses=_ANSWERS)
-    async def completions(self, body: CompletionBody):
-        return await self.frontend.completions(body)
+    # each route reads its body itself, so that pydantic-core parses it once (guard.read_body)
+    @api.post("/v1/completions", response_model=Completion, responses=_ANSWERS,
+              openapi_extra=request_body(CompletionBody))
+    async def completions(self, request: Request):
+        return await self.frontend.completions(await guard.read_body(request, CompletionBody))
 
-    @api.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ANSWERS)
-    async def chat_completions(self, body: ChatBody):
-        return await self.frontend.chat_completions(body)
+    @api.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ANSWERS,
+              openapi_extra=request_body(ChatBody))
+    async def chat_completions(self, request: Request):
+        return await self.frontend.chat_completions(await guard.read_body(request, ChatBody))
 
 
 def build_app(settings: ServingArgs, deployment_options: dict[str, dict] | None = None):

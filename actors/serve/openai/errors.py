@@ -1,15 +1,15 @@
 """Errors answered in OpenAI's JSON shape: ``{"error": {"message", "type", "param", "code"}}``.
 
-Every message says what is wrong and what is accepted; ``validation_message`` turns a pydantic error on a
-request body into such a sentence.
+Every message says what is wrong and what is accepted; ``body_error`` turns pydantic-core's verdict on a request
+body (its JSON parser's, or the schema's through ``actors.config.describe_error``) into such an error.
 """
 
 from __future__ import annotations
 
-import json
-
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse
+
+from actors.config import describe_error, error_key
 
 
 class ApiError(Exception):
@@ -22,7 +22,7 @@ class ApiError(Exception):
         self.headers = headers or {}
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
 
-    def of_request(self, request_id: str) -> "ApiError":
+    def of_request(self, request_id: str) -> ApiError:
         """This error with the request's id in its message (once), so a client's report finds the log line."""
         if request_id not in self.message:
             self.message = f"{self.message} (request id {request_id})"
@@ -37,102 +37,38 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-_EXPECTED = {
-    "prompt": "a non-empty string, a list holding one string, or a list of token ids",
-    "stop": "a string or a list of strings",
-    "messages": "a non-empty list of {\"role\": ..., \"content\": ...} objects",
-    "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts",
-    "max_tokens": "an integer", "max_completion_tokens": "an integer", "seed": "an integer", "n": "an integer",
-    "temperature": "a number", "top_p": "a number", "stream": "true or false", "model": "a string",
+_SURROGATE = ("invalid_unicode",
+              'the request body holds a lone UTF-16 surrogate (such as "\\ud800"), which is not valid Unicode',
+              "send well-formed text (pair each high surrogate with a low one)")
+# what pydantic-core's JSON parser says (the start of its message) -> (error code, the problem, the fix)
+_UNREADABLE = {
+    "recursion limit exceeded": ("json_too_deep", "the request body nests too deep", "flatten it"),
+    "number out of range": ("number_too_large", "the request body holds a number too large to read",
+                            "send a smaller number"),
+    "invalid unicode code point": ("invalid_encoding", "the request body is not valid UTF-8",
+                                   "send JSON encoded as UTF-8"),
+    "lone leading surrogate": _SURROGATE,
+    "unexpected end of hex escape": _SURROGATE,  # a high surrogate without its low one
 }
-# what the field constraints of schemas.py accept, in words
-_RANGES = {"temperature": "between 0 and 2", "top_p": "in (0, 1]", "max_tokens": "at least 1",
-           "max_completion_tokens": "at least 1", "seed": "a 64-bit integer", "stop": "up to 4 non-empty strings"}
-_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_long", "too_short",
-           "string_too_short")
-_BRANCH_LABELS = {"str", "int", "float", "bool", "none", "list", "dict"}
 
 
-def validation_message(e: ValidationError | list[dict]) -> tuple[str, str | None]:
-    """The first error on a request body as "'field' must be ..., got ..." (and the field's path).
-
-    Takes a pydantic ValidationError or FastAPI's ``RequestValidationError.errors()`` (whose locations
-    start with "body").
-    """
-    errors = e.errors() if isinstance(e, ValidationError) else e
-    # a union's branches each report an error: the one about a bound says most ("stop": [""] is a list of strings)
-    err = next((x for x in errors if x["type"] in _BOUNDS), errors[0])
-    raw_loc = list(err["loc"])
-    if raw_loc[:1] == ["body"]:
-        raw_loc = raw_loc[1:]
+def body_error(error: ValidationError, model: type[BaseModel]) -> ApiError:
+    """The first problem pydantic-core found in a request body for ``model``, as a 400 naming it and the fix:
+    where the JSON cannot be read (line and column), or the key (``param``) and what it accepts."""
+    err = error.errors()[0]
     if err["type"] == "json_invalid":
-        return f"the request body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])}): send a JSON " \
-               f"object", None
-    if not raw_loc and err["type"] in ("model_attributes_type", "dict_type", "model_type"):
-        return f"the request body must be a JSON object, got {type(err.get('input')).__name__}", None
-    # drop union-branch labels such as 'str' or 'list[int]' from the location
-    loc = [x for x in raw_loc if isinstance(x, int) or ("[" not in str(x) and str(x) not in _BRANCH_LABELS
-                                                       and not str(x).startswith("constrained-"))]
-    path = ".".join(str(x) for x in loc) or None
-    name = next((str(x) for x in reversed(loc) if isinstance(x, str)), None)
+        detail = err.get("ctx", {}).get("error", err["msg"])
+        code, problem, fix = next((v for k, v in _UNREADABLE.items() if detail.startswith(k)),
+                                  (None, "the request body is not valid JSON", "send a JSON object"))
+        return ApiError(400, f"{problem} ({detail}): {fix}", code=code)
+    if not err["loc"]:
+        return ApiError(400, f"the request body must be a JSON object, got {type(err['input']).__name__}")
+    key = error_key(err, model)
     if err["type"] == "extra_forbidden":
-        return (f"'{path}' is not a parameter this server supports, and it may change the answer, so it is "
-                f"refused rather than ignored: remove it (docs/serving.md lists the parameters)", path)
-    if err["type"] == "missing":
-        return (f"'{path}' is required", path) if path else ("send a JSON object as the request body", None)
-    got = err.get("input")
-    shown = json.dumps(got)[:60] if _jsonable(got) else type(got).__name__
-    if err["type"] in _BOUNDS and name in _RANGES:
-        return f"'{name}' must be {_RANGES[name]}, got {shown}", name
-    expected = _EXPECTED.get(name or "")
-    if expected and not err["type"].startswith(("too_short", "literal")):
-        return f"'{path}' must be {expected}, got {shown}", path
-    return f"'{path}': {err['msg']}, got {shown}", path
-
-
-def _jsonable(x) -> bool:
-    try:
-        json.dumps(x)
-        return True
-    except (TypeError, ValueError):
-        return False
+        return ApiError(400, f"'{key}' is not a parameter this server supports, and it may change the answer, so it "
+                             f"is refused rather than ignored: remove it (docs/serving.md lists the parameters)", key)
+    return ApiError(400, describe_error(err, model), key)
 
 
 class DeadlineExceeded(Exception):
     """The request ran past the server's request timeout."""
-
-
-def install(app, name: str | None = None):
-    """Answer every error of a FastAPI app in OpenAI's error JSON: invalid bodies (400), oversized ones (413),
-    missing or wrong API keys (401), unknown paths (404), wrong methods (405), and any unexpected exception
-    (500 with a request id; the traceback goes to the log at debug level, never to the client).
-
-    Returns the ``guard.GuardSettings`` (body limits, API keys; 1 MiB and none at first) that the app's
-    ``RequestGuard`` looks up by ``name`` on every request, so a server can fill them in once it knows them:
-    the Serve Ingress does so at replica start, through ``guard.settings_for(name)``.
-    """
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
-
-    from actors.serve.openai.guard import RequestGuard, settings_for
-
-    name = name or f"app-{id(app):x}"
-    # outside every route and handler: the guard checks keys and bodies first, and turns any exception into
-    # a 500 without re-raising it (Starlette's own catch-all would re-raise, and Serve would then answer
-    # its own plain-text 500)
-    app.add_middleware(RequestGuard, name=name)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc: RequestValidationError):
-        message, param = validation_message(list(exc.errors()))
-        return ApiError(400, message, param).response()
-
-    @app.exception_handler(HTTPException)
-    async def _http(request, exc: HTTPException):
-        words = {404: f"no route {request.url.path}: the API is under /v1 (GET /v1/models)",
-                 405: f"{request.method} is not allowed on {request.url.path}"}
-        return ApiError(exc.status_code, words.get(exc.status_code, str(exc.detail)),
-                        type_="invalid_request_error" if exc.status_code < 500 else None,
-                        headers=exc.headers).response()  # a 405's Allow header (RFC 9110)
-
-    return settings_for(name)

@@ -1,22 +1,23 @@
-"""What every request passes before FastAPI sees it: API keys, the body's size and a strict JSON check, and
-one catch-all that turns any unexpected exception into OpenAI's 500 JSON.
+"""What every request passes on its way to the frontend: API keys, the body's size, one parse of the body into
+its schema, and one catch-all that turns any unexpected exception into OpenAI's 500 JSON.
 
-``RequestGuard`` is plain ASGI middleware (``errors.install`` adds it to a FastAPI app, so the Serve
-Ingress and the tests' uvicorn app run the same code). For each HTTP request, in order:
+``install`` wires this into a FastAPI app (the Serve Ingress and the tests' uvicorn apps run the same code).
+For each HTTP request, in order:
 
-1. API keys (when any are configured): ``Authorization: Bearer <key>`` compared in constant time against
-   every key; ``/health`` and ``/health/live`` stay open (probes); anything else without a valid key is a
-   401 ``invalid_api_key``.
-2. The body is read here, never past ``max_body_bytes`` (a larger ``Content-Length`` is refused before
-   reading; a chunked body is counted while it arrives): 413.
-3. A body FastAPI would parse as JSON (no Content-Type, or a JSON one) must be UTF-8, nest at most
-   ``max_json_depth`` levels, hold no integer longer than ``max_int_digits`` digits, no NaN/Infinity and
-   no lone surrogate (``"\\ud800"``) in any string: otherwise 400, naming the problem and the fix.
-4. The checked body is replayed to the app. An exception the app raises is answered with a 500 naming a
-   request id (one log line; the traceback at debug level), and never re-raised: neither uvicorn nor
-   Serve's replica then logs a traceback or answers its own plain-text 500.
+1. ``RequestGuard`` (plain ASGI middleware), API keys (when any are configured): ``Authorization: Bearer <key>``
+   compared in constant time against every key; ``/health`` and ``/health/live`` stay open (probes); anything
+   else without a valid key is a 401 ``invalid_api_key``.
+2. ``RequestGuard`` reads the body, never past ``max_body_bytes`` (a larger ``Content-Length`` is refused before
+   reading; a chunked body is counted while it arrives): 413. The body is then replayed to the app.
+3. The route reads it once (``read_body``): pydantic-core parses the bytes straight into the request's model
+   (``model_validate_json``), with its parser's own limits (UTF-8, no lone surrogate, nesting up to its
+   recursion limit, integers up to 4,300 digits), and number fields take finite numbers only
+   (``allow_inf_nan=False`` on the models): a 400 naming the problem and the fix (``errors.body_error``).
+4. An exception the app raises is answered with a 500 naming a request id (one log line; the traceback at
+   debug level), and never re-raised: neither uvicorn nor Serve's replica then logs a traceback or answers its
+   own plain-text 500. An ``ApiError`` raised in a route is answered as it says; 404s and 405s in OpenAI's JSON.
 
-Plain Python + Starlette types; no Ray.
+Plain Python + Starlette/FastAPI types; no Ray.
 """
 
 from __future__ import annotations
@@ -28,25 +29,27 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from actors.serve.openai.errors import ApiError
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from actors.serve.config import ServingArgs
+from actors.serve.openai.errors import ApiError, body_error
 
 log = logging.getLogger("calm_ray.api")
 
 API_KEY_ENV = "CALM_RAY_API_KEY"
 OPEN_PATHS = frozenset({"/health", "/health/live"})  # readiness and liveness probes
-MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt of ~250k tokens' worth of text, far past any served context
-MAX_JSON_DEPTH = 32  # a chat body nests 4 levels ({"messages": [{"content": [{"text": ...}]}]})
-MAX_INT_DIGITS = 32  # 2**64 (the largest seed) has 20
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass
 class GuardSettings:
-    """The limits and keys ``RequestGuard`` applies; the Ingress fills them in at replica start."""
+    """What ``RequestGuard`` applies: the body limit (``ServingArgs``' default until ``configure``) and the keys."""
 
-    max_body_bytes: int = MAX_BODY_BYTES
-    max_json_depth: int = MAX_JSON_DEPTH
-    max_int_digits: int = MAX_INT_DIGITS
+    max_body_bytes: int = ServingArgs.model_fields["max_body_bytes"].default
     api_keys: list[bytes] = field(default_factory=list, repr=False)  # never printed
 
 
@@ -82,103 +85,76 @@ def settings_for(name: str) -> GuardSettings:
     return _SETTINGS.setdefault(name, GuardSettings())
 
 
+def configure(name: str, args: ServingArgs) -> GuardSettings:
+    """Apply a server's ``args`` to the guard named ``name`` in this process: its body limit, and the API keys of
+    ``args.api_key_file`` and ``$CALM_RAY_API_KEY`` (read now: a missing or empty file raises, naming it)."""
+    settings = settings_for(name)
+    settings.max_body_bytes = args.max_body_bytes
+    settings.api_keys = load_api_keys(args.api_key_file)
+    return settings
+
+
+def install(app, name: str | None = None) -> GuardSettings:
+    """Put the guard in front of a FastAPI app, and answer every error in OpenAI's error JSON: invalid bodies
+    (400, raised by ``read_body``), oversized ones (413), missing or wrong API keys (401), unknown paths (404),
+    wrong methods (405), and any unexpected exception (500 with a request id; the traceback goes to the log at
+    debug level, never to the client).
+
+    Returns the ``GuardSettings`` (body limit, API keys; 1 MiB and none at first) that the app's ``RequestGuard``
+    looks up by ``name`` on every request, so a server can fill them in once it knows them: the Serve Ingress
+    does so at replica start (``configure``).
+    """
+    name = name or f"app-{id(app):x}"
+    # outside every route and handler: the guard checks keys and bodies first, and turns any exception into
+    # a 500 without re-raising it (Starlette's own catch-all would re-raise, and Serve would then answer
+    # its own plain-text 500)
+    app.add_middleware(RequestGuard, name=name)
+    app.add_exception_handler(ApiError, _answer)
+    app.add_exception_handler(HTTPException, _http_error)
+    return settings_for(name)
+
+
+async def _answer(request, exc: ApiError):
+    return exc.response()
+
+
+async def _http_error(request, exc: HTTPException):
+    words = {404: f"no route {request.url.path}: the API is under /v1 (GET /v1/models)",
+             405: f"{request.method} is not allowed on {request.url.path}"}
+    return ApiError(exc.status_code, words.get(exc.status_code, str(exc.detail)),
+                    type_="invalid_request_error" if exc.status_code < 500 else None,
+                    headers=exc.headers).response()  # a 405's Allow header (RFC 9110)
+
+
+async def read_body(request: Request, model: type[M]) -> M:
+    """The request's JSON body as ``model``, parsed and validated in one pass by pydantic-core; ApiError (400)
+    naming the problem otherwise. A body without Content-Type is read as JSON (clients post it so)."""
+    content_type = request.headers.get("content-type")
+    if content_type and not _is_json(content_type):
+        raise ApiError(400, f"the request body must be JSON sent as Content-Type: application/json, got Content-Type "
+                            f"{content_type[:60]!r}")
+    raw = await request.body()
+    if not raw:
+        raise ApiError(400, "send a JSON object as the request body")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise body_error(e, model) from None
+
+
+def _is_json(content_type: str) -> bool:
+    """A json or +json Content-Type (``application/json; charset=utf-8``, ``application/vnd.api+json``)."""
+    subtype = content_type.split(";")[0].strip().lower().rpartition("/")[2]
+    return subtype == "json" or subtype.endswith("+json")
+
+
 class BodyRejected(Exception):
     def __init__(self, error: ApiError):
         self.error = error
 
 
-def check_json(body: bytes, settings: GuardSettings) -> None:
-    """Raise BodyRejected (400) unless ``body`` is UTF-8 JSON within the depth and integer limits, with finite
-    numbers only and no lone surrogate in any string or key."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BodyRejected(ApiError(400, f"the request body is not valid UTF-8 (byte {e.start}): send JSON "
-                                         f"encoded as UTF-8", code="invalid_encoding")) from None
-    too_deep = ApiError(400, f"the request body nests more than {settings.max_json_depth} levels deep: flatten it",
-                        code="json_too_deep")
-
-    def bounded_int(digits: str) -> int:
-        n = len(digits.lstrip("-"))
-        if n > settings.max_int_digits:
-            raise BodyRejected(ApiError(400, f"the request body holds an integer of {n} digits; at most "
-                                             f"{settings.max_int_digits} are accepted: send a smaller number",
-                                        code="number_too_large"))
-        return int(digits)
-
-    def finite(number: str) -> float:
-        value = float(number)
-        if value in (float("inf"), float("-inf")):
-            raise BodyRejected(ApiError(400, f"the number {number[:30]} in the request body is too large for a "
-                                             f"64-bit float: send a finite number", code="number_too_large"))
-        return value
-
-    def no_constant(name: str):
-        raise BodyRejected(ApiError(400, f"the request body is not valid JSON ({name} is not a JSON number): send "
-                                         f"a finite number"))
-
-    try:  # the C parser's nesting is bounded by the recursion limit (RecursionError), never the C stack
-        value = json.loads(text, parse_int=bounded_int, parse_float=finite, parse_constant=no_constant)
-    except BodyRejected:
-        raise
-    except RecursionError:
-        raise BodyRejected(too_deep) from None
-    except ValueError as e:
-        raise BodyRejected(ApiError(400, f"the request body is not valid JSON ({e}): send a JSON object")) from None
-    depth, bad = _walk(value)
-    if depth > settings.max_json_depth:
-        raise BodyRejected(too_deep)
-    if bad is not None:
-        where = f"'{bad}'" if bad else "the request body"
-        raise BodyRejected(ApiError(400, f"{where} holds a lone UTF-16 surrogate (such as \"\\ud800\"), which is "
-                                         f"not valid Unicode: send well-formed text (pair each high surrogate "
-                                         f"with a low one)", param=bad or None, code="invalid_unicode"))
-
-
-def _walk(value) -> tuple[int, str | None]:
-    """(nesting depth, dotted path of the first string or key holding a lone surrogate or None), iteratively."""
-    deepest, bad = 0, None
-    stack = [(value, "", 0)]
-    while stack:
-        item, path, depth = stack.pop()
-        if isinstance(item, str):
-            if bad is None and not _utf8(item):
-                bad = path
-            continue
-        if isinstance(item, dict):
-            children = list(item.items())
-        elif isinstance(item, list):
-            children = list(enumerate(item))
-        else:
-            continue
-        deepest = max(deepest, depth + 1)
-        for key, child in reversed(children):
-            sub = f"{path}.{key}" if path else str(key)
-            if isinstance(key, str) and bad is None and not _utf8(key):
-                bad = path
-            stack.append((child, sub, depth + 1))
-    return deepest, bad
-
-
-def _utf8(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _is_json(headers: dict[bytes, bytes]) -> bool:
-    """Whether FastAPI would parse the body as JSON: no Content-Type, or a json / +json one."""
-    content_type = headers.get(b"content-type")
-    if not content_type:
-        return True
-    subtype = content_type.split(b";")[0].strip().lower().rpartition(b"/")[2]
-    return subtype == b"json" or subtype.endswith(b"+json")
-
-
 class RequestGuard:
-    """ASGI middleware: API keys, body size and JSON checks, and the catch-all 500 (see the module docstring)."""
+    """ASGI middleware: API keys, the body size limit, and the catch-all 500 (see the module docstring)."""
 
     def __init__(self, app, name: str):
         self.app = app
@@ -191,9 +167,6 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope.get("method") == "POST" and not any(k.lower() == b"content-type" for k, _ in scope["headers"]):
-            # a body without Content-Type is JSON here (as it always was; FastAPI would not parse it)
-            scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
         started = ended = False
         streaming = False
 
@@ -211,7 +184,7 @@ class RequestGuard:
             error = self._unauthorized(scope)
             if error is None:
                 try:
-                    receive = await self._checked_body(scope, receive)
+                    receive = await self._bounded_body(scope, receive)
                 except BodyRejected as e:
                     error = e.error
             if error is not None:
@@ -253,8 +226,8 @@ class RequestGuard:
                                  "'Authorization: Bearer <key>'", code="invalid_api_key")
         return None
 
-    async def _checked_body(self, scope, receive):
-        """Read and check the whole body; a ``receive`` that replays it, then passes on (disconnects)."""
+    async def _bounded_body(self, scope, receive):
+        """Read the whole body, up to the limit; a ``receive`` that replays it, then passes on (disconnects)."""
         headers = dict(scope.get("headers") or [])
         limit = self.settings.max_body_bytes
         too_large = ApiError(413, f"the request body is larger than this server accepts ({limit} bytes): shorten "
@@ -279,10 +252,7 @@ class RequestGuard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        if body and _is_json(headers):
-            check_json(body, self.settings)
-        return _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
+        return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
 
 
 def _replay(messages: list[dict], receive):

@@ -1,8 +1,9 @@
 """The OpenAI endpoints' request and response bodies as pydantic models: what ``/openapi.json`` describes.
 
-Requests carry their constraints on the fields (FastAPI validates them; ``errors.install`` answers a
-violation with OpenAI's error JSON naming the field and the accepted range). Responses are models of the
-same JSON that OpenAI sends, dumped as they are.
+Requests carry their constraints on the fields, and a union field says in ``description=`` what it accepts:
+pydantic-core parses and validates a body in one pass (``guard.read_body``), and ``errors.body_error`` answers
+a violation with OpenAI's error JSON naming the field and what it accepts, read from these declarations.
+Responses are models of the same JSON that OpenAI sends, dumped as they are.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its completions API allows 5; vLLM 20)
@@ -21,14 +23,15 @@ Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
 class _Body(BaseModel):
-    # strict: "5" is not an int and true is not a number
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # strict: "5" is not an int and true is not a number; a number field takes finite numbers only (NaN,
+    # Infinity and 1e999, which pydantic-core's JSON parser reads as inf, are refused)
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class _RequestBody(_Body):
     # a request's top level: a field this server does not know is refused (400 naming it), never ignored, since
     # it might change the answer (top_k, min_p, guided_json, ...); the harmless ones are declared below
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
 
 class StreamOptions(_Body):
@@ -46,7 +49,8 @@ class _Sampling(_RequestBody):
     temperature: float | None = Field(None, ge=0, le=2)  # 0: greedy; any value above 0 samples (no NaN, no inf)
     top_p: float | None = Field(None, gt=0, le=1)
     # one string of any length, or a list of up to 4 (the bound is the list's, not the string's)
-    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None = Field(
+        None, description=f"a non-empty string or a list of up to {MAX_STOP_SEQUENCES} non-empty strings")
     seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -64,7 +68,8 @@ class _Sampling(_RequestBody):
 
 class CompletionBody(_Sampling):
     # lm-evaluation-harness sends a batch of one tokenised prompt: [[ids]]
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a non-empty string, a list holding one string, or a list of token ids")
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
@@ -78,7 +83,8 @@ class TextPart(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = Field(
+        None, description='a string or a list of {"type": "text", "text": ...} parts')
 
     def text(self) -> str:
         if self.content is None:
@@ -89,13 +95,27 @@ class ChatMessage(_Body):
 
 
 class ChatBody(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(
+        min_length=1, description='a non-empty list of {"role": ..., "content": ...} objects')
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
+    tool_choice: str | dict | None = Field(None, description='"none", "auto", "required" or a {"type": ...} object')
     parallel_tool_calls: bool | None = None  # only means something with tools
+
+
+def request_body(model: type[BaseModel]) -> dict:
+    """The ``openapi_extra`` of a route that reads ``model`` from the raw body itself (``guard.read_body``): FastAPI
+    declares only the bodies it parses. Its schema goes into the spec's components (``body_schemas``)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"content": {"application/json": {"schema": schema}}, "required": True}}
+
+
+def body_schemas(*models: type[BaseModel]) -> dict[str, dict]:
+    """The JSON schemas of ``models`` and of the models they nest, by name, as FastAPI writes components."""
+    _, schema = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+    return schema.get("$defs", {})
 
 
 # ---------------------------------------------------------------------- responses (OpenAI's JSON)
