@@ -204,7 +204,8 @@ def parse(model: type[M], raw: Any, error: type[ConfigError] = ConfigError, wher
     try:
         return model.model_validate(raw, context=context)
     except ValidationError as e:
-        raise error("; ".join(describe_error(err, model, where) for err in e.errors())) from None
+        sentences = [describe_error(err, model, where) for err in e.errors()]
+        raise error("; ".join(dict.fromkeys(sentences))) from None  # a union's branches may say the same thing
 
 
 def load_yaml(path: str | Path, error: type[ConfigError] = ConfigError) -> dict:

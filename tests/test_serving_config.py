@@ -68,7 +68,7 @@ MISTAKES = [
     (["http_options", "hots"], "0.0.0.0", "did you mean 'host'?"),
     (["proxy_locaton"], "EveryNode", "did you mean 'proxy_location'?"),
     (ANCHOR + ["autoscaling_config", "min_replicas"], "one", "min_replicas"),
-    (["applications", 0, "args", "model_thread"], "sometimes", "model_thread is true, false or auto"),
+    (["applications", 0, "args", "model_thread"], "sometimes", "'args.model_thread' must be true, false or auto"),
 ]
 
 
@@ -121,7 +121,7 @@ def test_model_thread_is_auto_unless_set(given, expected):
 
 @pytest.mark.parametrize("bad", ["sometimes", 2, 0.5])
 def test_a_model_thread_that_is_not_true_false_or_auto_is_refused(bad):
-    with pytest.raises(ServeConfigError, match="model_thread is true, false or auto"):
+    with pytest.raises(ServeConfigError, match="'args.model_thread' must be true, false or auto"):
         ServingArgs.from_dict({"anchor": "a", "augments": ["b"], "bridges": "d", "model_thread": bad})
 
 

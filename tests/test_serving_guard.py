@@ -176,6 +176,8 @@ BAD_BODIES = [
      "json_too_deep", None),
     ("integer of 5,000 digits", "/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400,
      "a number too large to read (number out of range at line 1 column", "number_too_large", None),
+    ("max_tokens of 4,000 digits", "/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"9" * 4000 + b"}", 400,
+     "max_tokens=999999999999... (4000 digits) is more than this server allows", None, "max_tokens"),
     ("float past 64 bits", "/v1/completions", b'{"prompt": "hi", "temperature": 1e999}', 400,
      "'temperature' must be a finite number, got Infinity", None, "temperature"),
     ("NaN", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400,

@@ -67,7 +67,7 @@ class ServingArgs(StrictModel):
     torch_threads: int | None = None  # torch.set_num_threads in each replica (None: torch's default)
     # anchor model calls in a worker thread, so each step's augmenting call runs during the anchor's layers
     # below its first bridge; "auto": when there are such layers (the first bridge above the anchor's input)
-    model_thread: bool | Literal["auto"] = "auto"
+    model_thread: bool | Literal["auto"] = Field("auto", description="true, false or auto")
 
     @field_validator("augments", mode="before")
     @classmethod
@@ -99,13 +99,8 @@ class ServingArgs(StrictModel):
     @field_validator("model_thread", mode="before")
     @classmethod
     def _model_thread(cls, v):
-        words = {"auto": "auto", **dict.fromkeys(("true", "yes", "on", "1"), True),
-                 **dict.fromkeys(("false", "no", "off", "0"), False)}
-        if isinstance(v, bool):
-            return v
-        if isinstance(v, (str, int)) and str(v).lower() in words:  # also `serve run ... model_thread=1`
-            return words[str(v).lower()]
-        raise ValueError(f"model_thread is true, false or auto, got {v!r}")
+        # pydantic reads true/yes/on/1 and false/no/off/0 as booleans (`serve run ... model_thread=1`); "AUTO" too
+        return v.lower() if isinstance(v, str) else v
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> "ServingArgs":

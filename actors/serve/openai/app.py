@@ -142,7 +142,7 @@ class OpenAIFrontend:
         return ModelList(data=[card]).model_dump()
 
     async def completions(self, body: CompletionBody) -> Response:
-        """``body`` is validated already (FastAPI, against the field constraints of schemas.py)."""
+        """``body`` is validated already (``guard.read_body``: pydantic-core, against the schemas of schemas.py)."""
         return await self._handle(body, "completion")
 
     async def chat_completions(self, body: ChatBody) -> Response:
@@ -202,7 +202,9 @@ class OpenAIFrontend:
         if max_tokens is None:
             max_tokens = min(self.limits.default_max_tokens, limit, context - len(prompt_ids))
         elif max_tokens > limit:
-            raise ApiError(400, f"{param}={max_tokens} is more than this server allows ({limit})", param)
+            digits = str(max_tokens)
+            shown = digits if len(digits) <= 12 else f"{digits[:12]}... ({len(digits)} digits)"
+            raise ApiError(400, f"{param}={shown} is more than this server allows ({limit})", param)
         elif len(prompt_ids) + max_tokens > context:
             raise ApiError(400, f"the model's context is {context} tokens, but the prompt ({len(prompt_ids)} tokens) "
                                 f"plus {param} ({max_tokens}) needs {len(prompt_ids) + max_tokens}: lower {param}",
