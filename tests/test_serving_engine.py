@@ -150,6 +150,7 @@ def test_requests_beyond_the_batch_size_wait_for_a_free_row(model, tok):
     (dict(prompt_ids=[5], max_tokens=3, top_p=0.0), "top_p"),
     (dict(prompt_ids=[5], max_tokens=3, n=9), "more than this server decodes together"),
     (dict(prompt_ids=[5], max_tokens=3, logit_bias={10**6: 1.0}), "outside the vocabulary"),
+    (dict(prompt_ids=[5, 10**6], max_tokens=3), r"prompt token ids \[1000000\] are outside the vocabulary"),
 ])
 def test_invalid_requests_are_refused_with_the_reason(model, bad, message):
     engine, _ = make_engine(model)
@@ -311,7 +312,8 @@ def test_the_augmenting_side_holds_copies_as_rows_of_their_own(model, tok):
     prompt = tok(PROMPTS[0])["input_ids"]
     rows.prefill(Prefill([("a", prompt)], copies={"a": ["a#1", "a#2"]}))
     assert rows.ids == ["a", "a#1", "a#2"] and rows.attention_mask.shape[0] == 3
-    stepped = rows.extend(Extend(["a#2", "a"], [[5], [5]], [len(prompt)] * 2))  # a copy steps on its own, and can outlive "a"
+    # a copy steps on its own, and can outlive "a"
+    stepped = rows.extend(Extend(["a#2", "a"], [[5], [5]], [len(prompt)] * 2))
     assert isinstance(stepped, States) and rows.ids == ["a#2", "a"]
     with pytest.raises(ValueError, match="not in this prefill"):
         rows.prefill(Prefill([("b", prompt)], copies={"c": ["c#1"]}))

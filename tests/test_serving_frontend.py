@@ -34,7 +34,7 @@ def served(tmp_path_factory):
     tok = load_tokenizer(pair.anchor)
     engine = DecodeEngine(model, LocalAugments([AugmentRows(model.encoders[0], 0, 0, threading.Lock())]),
                           max_batch_size=4, max_context=512)
-    frontend = OpenAIFrontend(tok, "local", Limits(context=512, request_timeout_s=0.3),
+    frontend = OpenAIFrontend(tok, "local", Limits(context=512, vocab_size=len(tok), request_timeout_s=0.3),
                               open_stream=engine.generate)
     app = FastAPI()
     guard.install(app)

@@ -65,13 +65,14 @@ def served(tmp_path_factory):
     tok = load_tokenizer(pair.anchor)
     engine = DecodeEngine(model, LocalAugments([AugmentRows(model.encoders[0], 0, 0, threading.Lock())]),
                           max_batch_size=4, max_context=512)
-    frontend = OpenAIFrontend(tok, MODEL, Limits(context=512, default_max_tokens=4), open_stream=engine.generate)
+    frontend = OpenAIFrontend(tok, MODEL, Limits(context=512, vocab_size=len(tok), default_max_tokens=4),
+                              open_stream=engine.generate)
 
     async def failing_stream(request):  # the anchor replica raised: what a handle gives back
         raise _ray_task_error(RequestFailed("generation failed: the decode engine stopped"))
         yield  # pragma: no cover
 
-    broken = OpenAIFrontend(tok, MODEL, Limits(context=512), open_stream=failing_stream)
+    broken = OpenAIFrontend(tok, MODEL, Limits(context=512, vocab_size=len(tok)), open_stream=failing_stream)
     app = FastAPI()
     guard = install(app)
 

@@ -43,7 +43,8 @@ def served(tmp_path_factory):
     tok = load_tokenizer(pair.anchor)
     engine = DecodeEngine(model, LocalAugments([AugmentRows(model.encoders[0], 0, 0, threading.Lock())]),
                           max_batch_size=BATCH, max_context=512)
-    frontend = OpenAIFrontend(tok, MODEL, Limits(context=512, default_max_tokens=8), open_stream=engine.generate)
+    frontend = OpenAIFrontend(tok, MODEL, Limits(context=512, vocab_size=len(tok), default_max_tokens=8),
+                              open_stream=engine.generate)
     app = FastAPI()
     guard.install(app)
 

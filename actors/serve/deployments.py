@@ -124,20 +124,25 @@ def anchor_model_thread(setting: bool | str, model) -> bool:
     return min((link.anchor_index for link in model.links), default=0) > 0
 
 
-def model_context(paths: list[str]) -> int:
-    """The smallest max_position_embeddings (or n_positions) among the models' configs."""
+def text_config(path: str):
+    """A model's (text) config from its folder, hub id or URI: config.json only, never the weights."""
     from transformers import AutoConfig
 
     from actors.storage import is_uri, read_member
 
+    if is_uri(path):
+        raw = json.loads(read_member(path, "config.json"))
+        cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    else:
+        cfg = AutoConfig.from_pretrained(path)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def model_context(paths: list[str]) -> int:
+    """The smallest max_position_embeddings (or n_positions) among the models' configs."""
     sizes = []
     for p in paths:
-        if is_uri(p):  # only config.json is read, not the weights
-            raw = json.loads(read_member(p, "config.json"))
-            cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
-        else:
-            cfg = AutoConfig.from_pretrained(p)
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        cfg = text_config(p)
         size = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         if size:
             sizes.append(int(size))
@@ -376,7 +381,9 @@ class Ingress:
                  f"{len(admits.api_keys)} API key(s) required" if admits.api_keys else "no API keys (open)",
                  admits.max_body_bytes)
         tokenizer = load_tokenizer(settings.tokenizer or settings.anchor)
-        limits = Limits(context=settings.max_context, default_max_tokens=settings.default_max_tokens,
+        # the vocabulary is the anchor's (its config's vocab_size), as the engine's: one definition of a valid id
+        limits = Limits(context=settings.max_context, vocab_size=text_config(settings.anchor).vocab_size,
+                        default_max_tokens=settings.default_max_tokens,
                         max_tokens=settings.max_tokens_limit, request_timeout_s=settings.request_timeout_s,
                         max_retries=settings.max_retries)
         self.anchor = anchor

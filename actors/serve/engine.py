@@ -34,9 +34,10 @@ forward starts at once and waits for the states only at that bridge).
 chunk, then "stop" for an end-of-sequence token, or "length"); closing it early (a client that went away)
 frees the request's rows at the next step. A request with ``n`` > 1 runs as n rows admitted together; their
 prompt is computed once (rows with equal prompts in one prefill share it: the others copy the first one's
-cache rows, here and on the augmenting side), and ``index`` says which of them a chunk is. What a row's next token is drawn from: the model's
-logits, plus ``logit_bias``, minus the presence and frequency penalties of the tokens it generated, then
-greedy or sampled; its logprobs are those of the model's own distribution (log-softmax of the raw logits).
+cache rows, here and on the augmenting side), and ``index`` says which of them a chunk is.
+What a row's next token is drawn from: the model's logits, plus ``logit_bias``, minus the presence and
+frequency penalties of the tokens it generated, then greedy or sampled; its logprobs are those of the model's
+own distribution (log-softmax of the raw logits).
 Works without Ray: give it ``actors.serve.augment_client.LocalAugments``.
 """
 
@@ -260,7 +261,10 @@ class DecodeEngine:
         """What only this engine knows; the request checked its own invariants when it was made."""
         if r.n > self.max_batch_size:
             raise ValueError(f"n={r.n} is more than this server decodes together ({self.max_batch_size}): lower n")
-        vocab = self.model.anchor.config.vocab_size
+        vocab = self.model.anchor_info.vocab_size  # the anchor's config, as the HTTP frontend's ``Limits.vocab_size``
+        outside = [t for t in r.prompt_ids if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(f"prompt token ids {outside[:5]} are outside the vocabulary (0..{vocab - 1})")
         bad = [t for t in r.logit_bias if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"logit_bias names token ids {bad[:5]} outside the vocabulary (0..{vocab - 1})")

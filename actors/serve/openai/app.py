@@ -56,6 +56,7 @@ from actors.serve.openai.schemas import (
 @dataclass
 class Limits:
     context: int  # longest prompt + completion, in tokens
+    vocab_size: int  # token ids are 0..vocab_size-1: the anchor model's vocabulary (its config), as the engine's
     default_max_tokens: int = 256
     max_tokens: int | None = None  # largest max_tokens a request may ask for (None: the context)
     request_timeout_s: float = 120.0
@@ -228,7 +229,7 @@ class OpenAIFrontend:
         return _Prepared(kind, generation, stop, req.stream, usage, echo=echo, prompt_text=prompt_text)
 
     def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
-        vocab = len(self.tokenizer)
+        vocab = self.limits.vocab_size
         out = {}
         for key, value in (bias or {}).items():
             if not key.isdecimal() or not 0 <= int(key) < vocab:
@@ -245,7 +246,7 @@ class OpenAIFrontend:
             if not prompt:
                 raise ApiError(400, "the prompt is empty: send at least one token id", "prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            vocab = len(self.tokenizer)
+            vocab = self.limits.vocab_size
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise ApiError(400, f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "prompt")
