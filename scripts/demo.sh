@@ -61,7 +61,8 @@ import torch
 from openai import OpenAI
 
 from composition import load_causal_lm, load_tokenizer
-from experiments.language.run import SHOTS, stop_ids, translation_prompt
+from experiments.language.config import SHOTS, translation_prompt
+from experiments.language.evaluation import stop_ids
 
 spanish = sys.argv[1]
 prompt = translation_prompt(spanish, list(SHOTS))

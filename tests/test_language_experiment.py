@@ -11,13 +11,13 @@ import pytest
 
 from actors.config import parse
 from composition.config import CompositionConfig, ConfigError
-from experiments.language.run import (LANGUAGES, SHOTS, LanguageConfig, build_mix, check_heldout, eval_sets,
-                                      find_shots, packed, translation_prompt)
+from experiments.language.config import LANGUAGES, SHOTS, LanguageConfig, find_shots, translation_prompt
+from experiments.language.mix import build_mix, check_heldout, eval_sets, packed
 
 
 def splits() -> dict:
     rng = random.Random(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
 
     def text(n):
         return " ".join(rng.choice(words) for _ in range(n)) + "."

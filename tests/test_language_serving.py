@@ -35,7 +35,7 @@ def config_app() -> dict:
 
 
 def prompt(spanish: str) -> str:
-    from experiments.language.run import SHOTS, translation_prompt
+    from experiments.language.config import SHOTS, translation_prompt
 
     return translation_prompt(spanish, list(SHOTS))
 

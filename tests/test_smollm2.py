@@ -13,15 +13,8 @@ import pytest
 import torch
 
 from composition import ComposedModel, CompositionConfig, LayerMapping, load_causal_lm, load_tokenizer
+from composition.gguf import MANIFEST, SMOLLM2, GGUFNotFound, convert_smollm2, find_smollm2_gguf, is_complete
 from composition.model import positions_from_mask
-from jobs.convert_smollm2 import (
-    INSTALL_COMMAND,
-    MANIFEST,
-    SmolLM2NotFound,
-    convert,
-    find_smollm2_gguf,
-    is_complete,
-)
 from tests.fixtures import tiny
 
 pytestmark = pytest.mark.slow
@@ -91,9 +84,9 @@ def randomise_bridges(model: ComposedModel, seed: int = 0) -> None:
 
 # ---------------------------------------------------------------- the converter
 def test_missing_package_error_names_the_pip_command(tmp_path):
-    with pytest.raises(SmolLM2NotFound) as info:
+    with pytest.raises(GGUFNotFound) as info:
         find_smollm2_gguf(search_paths=[tmp_path])
-    assert INSTALL_COMMAND in str(info.value)
+    assert SMOLLM2.install_command in str(info.value)
     assert str(tmp_path) in str(info.value)
 
 
@@ -111,7 +104,7 @@ def test_converted_folder_is_a_complete_bf16_llama(smollm2_folder):
 def test_converting_again_leaves_a_complete_folder_untouched(smollm2_folder):
     before = {p.name: p.stat().st_mtime_ns for p in smollm2_folder.iterdir()}
     messages = []
-    assert convert(smollm2_folder, log=messages.append) == smollm2_folder
+    assert convert_smollm2(smollm2_folder, log=messages.append) == smollm2_folder
     assert {p.name: p.stat().st_mtime_ns for p in smollm2_folder.iterdir()} == before
     assert "nothing to do" in messages[0]
 

@@ -17,10 +17,10 @@ import random
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from composition.checkpoint import atomic_file
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 OPS = ("+", "-")
+TASKS = ("sub", "num", "kvar")  # KV-substitution, numeric arithmetic, KV-arithmetic
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class KVWorld:
     heldout_keys: list[str]
 
     @classmethod
-    def create(cls, settings: KVSettings) -> "KVWorld":
+    def create(cls, settings: KVSettings) -> KVWorld:
         rng = random.Random(settings.seed)
         keys: set[str] = set()
         while len(keys) < settings.num_keys:
@@ -51,7 +51,7 @@ class KVWorld:
         ordered = sorted(keys)
         rng.shuffle(ordered)
         values = {k: rng.randint(1, settings.max_value) for k in ordered}
-        n_compose = int(round(settings.compose_fraction * len(ordered)))
+        n_compose = round(settings.compose_fraction * len(ordered))
         return cls(settings, values, sorted(ordered[:n_compose]), sorted(ordered[n_compose:]))
 
     # ---------------------------------------------------------------- expressions
@@ -72,7 +72,7 @@ class KVWorld:
         result = nums[0]
         for op, x in zip(ops, nums[1:]):
             result = result + x if op == "+" else result - x
-        join = lambda items: " ".join([items[0]] + [w for pair in zip(ops, items[1:]) for w in pair])  # noqa: E731
+        join = lambda items: " ".join([items[0]] + [w for pair in zip(ops, items[1:]) for w in pair])
         return join(terms), join([str(x) for x in nums]), str(result)
 
     def example(self, task: str, rng: random.Random, keys: list[str] | None = None,
@@ -116,7 +116,7 @@ class KVWorld:
             "compose_keys": self.compose_keys, "heldout_keys": self.heldout_keys}))
 
     @classmethod
-    def load(cls, folder: Path) -> "KVWorld":
+    def load(cls, folder: Path) -> KVWorld:
         d = json.loads((folder / "keys.json").read_text())
         return cls(KVSettings(**d["settings"]), d["values"], d["compose_keys"], d["heldout_keys"])
 
@@ -133,12 +133,3 @@ def build_tokenizer(world: KVWorld):
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS, bos_token=BOS,
                                   unk_token=UNK, padding_side="left")
     return tok
-
-
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,28 +1,21 @@
-"""Building blocks of the key-value experiment: encoding, model builders, evaluation.
+"""Building blocks of the key-value experiment: the model builder, the systems it compares and their evaluation.
 
-The training loop, batching and the plain-LM wrapper it shares with the language experiment are in
-``experiments/common.py``.
+The training loop, batching, row encoding and the plain-LM wrapper it shares with the language experiment are
+in ``experiments/common.py``.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
 from composition.generate import generate
-from experiments.common import PlainLM, batches, collate, fmt_time, train  # noqa: F401 (the experiment's API)
+from experiments.common import PlainLM
+from experiments.kv_arithmetic.config import ExperimentConfig
 
 
-# ---------------------------------------------------------------- batching
-def encode_rows(tok, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids + eos) per row."""
-    prompts = tok([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
-    completions = tok([r["completion"] for r in rows], add_special_tokens=False)["input_ids"]
-    return [(p, c + [tok.eos_token_id]) for p, c in zip(prompts, completions)]
-
-
-# ---------------------------------------------------------------- models
 def llama(vocab: int, hidden: int, layers: int, heads: int, seed: int, pad_id: int, eos_id: int, bos_id: int):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -33,13 +26,6 @@ def llama(vocab: int, hidden: int, layers: int, heads: int, seed: int, pad_id: i
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
 
 
-# ---------------------------------------------------------------- training with progress and resume
-def compose_warmup(steps: int) -> int:
-    """Warmup steps of a bridge (or LoRA) training run of ``steps`` steps: the experiment's one rule."""
-    return min(50, steps // 10)
-
-
-# ---------------------------------------------------------------- evaluation
 @torch.no_grad()
 def exact_match(model, tok, rows: list[dict], batch_size: int = 256, max_new_tokens: int = 16,
                 label: str = "eval", device: str | torch.device = "cpu") -> float:
@@ -56,3 +42,30 @@ def exact_match(model, tok, rows: list[dict], batch_size: int = 256, max_new_tok
     acc = correct / max(1, len(rows))
     print(f"[{label}] exact match {acc:.4f} on {len(rows)}", file=sys.stderr, flush=True)
     return acc
+
+
+def systems(cfg: ExperimentConfig, out: Path) -> dict:
+    """name -> (folders whose weights define it, loader)."""
+    from composition import ComposedModel, load_causal_lm
+
+    def calm(augment: Path, bridges: Path):
+        return lambda: ComposedModel.from_pretrained(bridges, load_causal_lm(str(out / "anchor")),
+                                                     [load_causal_lm(str(augment))])
+
+    def lora():
+        from peft import PeftModel
+
+        return PlainLM(PeftModel.from_pretrained(load_causal_lm(str(out / "anchor")), str(out / "ablation_lora")))
+
+    table = {
+        "m_A": ([out / "augment"], lambda: PlainLM(load_causal_lm(str(out / "augment")))),
+        "m_B": ([out / "anchor"], lambda: PlainLM(load_causal_lm(str(out / "anchor")))),
+        "CALM": ([out / "anchor", out / "augment", out / "bridges"], calm(out / "augment", out / "bridges")),
+    }
+    if cfg.random_augment_ablation:
+        rnd = out / "ablation_random"
+        table["CALM, random m_A"] = ([out / "anchor", rnd / "augment", rnd / "bridges"],
+                                     calm(rnd / "augment", rnd / "bridges"))
+    if cfg.lora_ablation:
+        table["LoRA on m_B"] = ([out / "anchor", out / "ablation_lora"], lora)
+    return table

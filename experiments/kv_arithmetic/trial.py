@@ -2,7 +2,7 @@
 
 The full experiment (``experiments.kv_arithmetic``) spends most of its hour on the base models and the
 ablations; choosing the bridge only needs its compose stage. This runs that stage with the same
-training loop (``experiments.kv_arithmetic.lib.train`` -> ``BridgeTrainer``) on a pair the experiment already trained,
+training loop (``experiments.common.train`` -> ``BridgeTrainer``) on a pair the experiment already trained,
 and evaluates KV-arithmetic on held-out keys, numeric arithmetic, and KV-arithmetic on new
 expressions over the composition keys::
 
@@ -28,13 +28,14 @@ import yaml
 
 from composition import ComposedModel, CompositionConfig, load_causal_lm
 from composition.training import TrainSettings
+from experiments.common import encode_rows, train, warmup
 from experiments.kv_arithmetic.data import KVWorld
-from experiments.kv_arithmetic.lib import compose_warmup, encode_rows, exact_match, train
+from experiments.kv_arithmetic.lib import exact_match
 
 DEFAULT_COMPOSITION = "{mappings: [{pairs: [[0, 0]]}], window: 1, proj_hidden: 256, gate: retrieved}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.kv_arithmetic.trial", description=__doc__.split("\n")[0])
     p.add_argument("--pair", required=True, help="an output folder of experiments.kv_arithmetic (anchor/, augment/, data/)")
     p.add_argument("--composition", default=DEFAULT_COMPOSITION, help="CompositionConfig as YAML or JSON")
@@ -56,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: two trials fit on two cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", help="append the result as one JSON line to this file")
-    args = p.parse_args(argv)
+    return p
 
+
+def checked(p: argparse.ArgumentParser, args) -> tuple[KVWorld, CompositionConfig, TrainSettings]:
+    """The pair's keys, the composition and the training settings, every argument checked before any model is
+    loaded (``p.error`` names the one that is wrong)."""
     pair = Path(args.pair)
     for part in ("anchor", "augment", "data/keys.json", "data/tokenizer"):
         if not (pair / part).exists():
@@ -74,15 +79,36 @@ def main(argv: list[str] | None = None) -> int:
         composition = CompositionConfig.from_dict(yaml.safe_load(args.composition))
     except (ValueError, TypeError, yaml.YAMLError) as e:
         p.error(f"--composition: {e}")
-    try:  # checked before any model is loaded
-        settings = TrainSettings(lr=args.lr, steps=args.steps, warmup_steps=compose_warmup(args.steps),
+    try:
+        settings = TrainSettings(lr=args.lr, steps=args.steps, warmup_steps=warmup(args.steps),
                                  weight_decay=args.weight_decay)
     except ValueError as e:
         p.error(str(e).replace("weight_decay", "--weight-decay"))
+    return world, composition, settings
+
+
+def accuracies(model, tok, world: KVWorld, args, compose_keys: list[str], eval_keys: list[str]) -> dict:
+    """Exact match on KV-arithmetic over held-out keys, numeric arithmetic, and KV-arithmetic on new expressions
+    over the composition keys (how much of the held-out gap is memorising)."""
+    n, seed, device = args.eval_examples, args.data_seed, args.device
+    return {
+        "kvar_heldout": exact_match(model, tok, world.evaluation_examples("kvar", n, seed, eval_keys),
+                                    label="held-out keys", device=device),
+        "num": exact_match(model, tok, world.evaluation_examples("num", n, seed), label="numeric", device=device),
+        "kvar_seen_keys": exact_match(model, tok, world.evaluation_examples("kvar", n, seed + 1, compose_keys),
+                                      label="seen keys", device=device),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    world, composition, settings = checked(p, args)
     torch.set_num_threads(args.threads)
 
     from transformers import AutoTokenizer
 
+    pair = Path(args.pair)
     tok = AutoTokenizer.from_pretrained(pair / "data" / "tokenizer")
     compose_keys = world.compose_keys + world.heldout_keys[: args.extra_keys]
     eval_keys = world.heldout_keys[args.extra_keys:]
@@ -97,17 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     history = train(model, encode_rows(tok, rows), settings, args.batch_size, tok.pad_token_id, args.seed,
                     label="trial", log_every=100, device=args.device)
     train_s = time.monotonic() - start
-    n = args.eval_examples
-    accuracy = {
-        "kvar_heldout": exact_match(model, tok, world.evaluation_examples("kvar", n, args.data_seed, eval_keys),
-                                    label="held-out keys", device=args.device),
-        "num": exact_match(model, tok, world.evaluation_examples("num", n, args.data_seed), label="numeric",
-                           device=args.device),
-        # new expressions over the composition keys: how much of the held-out gap is memorising
-        "kvar_seen_keys": exact_match(
-            model, tok, world.evaluation_examples("kvar", n, args.data_seed + 1, compose_keys), label="seen keys",
-            device=args.device),
-    }
+    accuracy = accuracies(model, tok, world, args, compose_keys, eval_keys)
     tail = history[-100:]
     result = {"pair": str(pair), "composition": composition.to_dict(), "steps": args.steps, "lr": args.lr,
               "weight_decay": args.weight_decay, "batch_size": args.batch_size, "seed": args.seed,

@@ -37,13 +37,14 @@ import tarfile
 import time
 import unicodedata
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
 from tqdm import tqdm
 
-from composition.checkpoint import file_sha256
+from composition.checkpoint import atomic_file, file_sha256
+from experiments.common import as_json, changed_settings, read_jsonl, write_jsonl
 
 from . import fortunes as fortune_files_mod
 from .bible import AlignmentSettings, align
@@ -112,11 +113,6 @@ class DataSettings:
             both = set(self.test_files.get(lang, [])) & set(self.valid_files.get(lang, []))
             if both:
                 raise SystemExit(f"error: fortune files {sorted(both)} ({lang}) are in both test_files and valid_files")
-
-
-def _plain(value):
-    """Settings as JSON gives them back (tuples -> lists), for comparing with a recorded copy."""
-    return json.loads(json.dumps(asdict(value) if hasattr(value, "__dataclass_fields__") else value))
 
 
 # ------------------------------------------------------------------------------------------- text keys
@@ -323,91 +319,91 @@ def read_fortunes(root: Path, settings: DataSettings) -> tuple[dict, dict, list[
 
 
 # ------------------------------------------------------------------------------------------- stage
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _sizes(rows: list[dict], *fields: str) -> dict:
     return {"rows": len(rows), **{f"{f}_chars": sum(len(r[f]) for r in rows) for f in fields}}
 
 
-def prepare(out: Path, settings: DataSettings | None = None, cache: Path | None = None,
-            from_dir: Path | None = None) -> dict:
-    """Run the data stage into ``out`` and return its summary (data.json). Resumes: a finished ``out``
-    with the same settings is left untouched; one with other settings is refused (SystemExit).
+def _pair_keys(row: dict) -> tuple[str, ...]:
+    return normalise(row["en"]), normalise(row["es"])
 
-    ``from_dir`` is a folder holding the packages' files already extracted (``usr/share/sword``,
-    ``usr/share/games/fortunes``), e.g. after ``dpkg -x`` of each .deb into it, or ``/`` where the
-    packages are installed. Without it the packages are fetched into ``cache`` (default
-    ``<out>/../debs``) with ``apt-get download``."""
-    settings = settings or DataSettings()
-    settings.check()
-    out = Path(out)
+
+def _kjv_keys(row: dict) -> tuple[str, ...]:
+    return (normalise(row["text"]),)
+
+
+def _fortune_keys(row: dict) -> tuple[str, ...]:
+    return (fortune_key(row["text"]),)
+
+
+def _finished(out: Path, settings: DataSettings) -> dict | None:
+    """The summary of a finished stage in ``out`` made with ``settings``; None where there is none yet.
+    Refuses (SystemExit) one made with other settings, naming what changed."""
     summary_path = out / "data.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        recorded, now = summary.get("settings", {}), _plain(settings)
-        if recorded != now:
-            changed = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
-            raise SystemExit(f"error: {out} holds data made with other settings ({', '.join(changed)} changed). "
-                             f"Delete {out} to make it again with these settings, or pass another --out.")
-        print(f"data: {out} already holds this data (same settings), nothing to do", flush=True)
-        return summary
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    recorded, now = summary.get("settings", {}), as_json(settings)
+    if recorded != now:
+        raise SystemExit(f"error: {out} holds data made with other settings "
+                         f"({', '.join(changed_settings(recorded, now))} changed). "
+                         f"Delete {out} to make it again with these settings, or pass another --out.")
+    print(f"data: {out} already holds this data (same settings), nothing to do", flush=True)
+    return summary
 
-    started = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
-    if from_dir is not None:
-        root = Path(from_dir)
-        for sub in (SWORD_ROOT, FORTUNES_ROOT):
-            if not (root / sub).is_dir():
-                raise SystemExit(f"error: --from-dir {root} has no {sub}/: extract each package there "
-                                 f"(dpkg -x FILE.deb {root}) first")
-        packages = [{"package": name, "version": "unknown (--from-dir)"} for name in settings.packages()]
-    else:
+
+def _package_root(settings: DataSettings, out: Path, cache: Path | None, from_dir: Path | None) -> tuple[Path, list]:
+    """The folder the packages' files are under (``from_dir``, checked, or where they were fetched and unpacked)
+    and a record per package."""
+    if from_dir is None:
         root, packages = fetch_packages(settings.packages(), Path(cache) if cache else out.parent / "debs")
+        return Path(root).resolve(), packages
+    root = Path(from_dir)
+    for sub in (SWORD_ROOT, FORTUNES_ROOT):
+        if not (root / sub).is_dir():
+            raise SystemExit(f"error: --from-dir {root} has no {sub}/: extract each package there "
+                             f"(dpkg -x FILE.deb {root}) first")
+    return root.resolve(), [{"package": name, "version": "unknown (--from-dir)"} for name in settings.packages()]
 
-    root = Path(root).resolve()
-    fortune_rows, fortune_info, fortune_paths = read_fortunes(root, settings)
-    bible_data, alignment_report, bible_paths = read_bible(root, settings)
 
-    # held-out texts leave the lower splits: test first, then valid, then train
+def _drop_heldout_texts(bible_data: dict, fortune_rows: dict, settings: DataSettings) -> dict:
+    """Held-out texts leave the lower splits, in place: test first, then valid, then train. Returns how many
+    rows each file lost per split."""
     bible, kjv = bible_data["bible"], bible_data["kjv"]
-    pair_keys = lambda r: (normalise(r["en"]), normalise(r["es"]))
-    kjv_keys = lambda r: (normalise(r["text"]),)
-    fortune_keys = lambda r: (fortune_key(r["text"]),)
     removed: dict = {"bible_pairs": {}, "kjv": {}, **{f"fortunes_{lang}": {} for lang in settings.languages}}
     held: set[str] = set()
     held_fortunes: dict[str, set[str]] = {lang: set() for lang in settings.languages}
     for s in reversed(SPLITS):
-        for name, rows, keys in (("bible_pairs", bible, pair_keys), ("kjv", kjv, kjv_keys)):
+        for name, rows, keys in (("bible_pairs", bible, _pair_keys), ("kjv", kjv, _kjv_keys)):
             before = len(rows[s])
             rows[s] = drop_heldout(rows[s], keys, held, settings.min_contained_chars)
             removed[name][s] = before - len(rows[s])
         held |= bible_data["texts"][s]
         for lang in settings.languages:
             rows, before = fortune_rows[lang], len(fortune_rows[lang][s])
-            rows[s] = dedupe(drop_heldout(rows[s], fortune_keys, held_fortunes[lang], settings.min_contained_chars),
-                             fortune_keys)
+            rows[s] = dedupe(drop_heldout(rows[s], _fortune_keys, held_fortunes[lang], settings.min_contained_chars),
+                             _fortune_keys)
             removed[f"fortunes_{lang}"][s] = before - len(rows[s])
             held_fortunes[lang] |= {fortune_key(r["text"]) for r in rows[s]}
+    return removed
 
-    # the proof, from what the files will hold: the Bible's pairs and KJV verses together, so that no
-    # held-out English verse (bits per character) is in a lower split's pairs either
-    checks = {"bible": check_disjoint({s: [(r["ref"], pair_keys(r)) for r in bible[s]]
-                                       + [(r["ref"], kjv_keys(r)) for r in kjv[s]] for s in SPLITS},
+
+def _proof(bible: dict, kjv: dict, fortune_rows: dict, settings: DataSettings) -> dict:
+    """:func:`check_disjoint` of what the files will hold (SystemExit unless every count is 0): the Bible's pairs
+    and KJV verses together, so that no held-out English verse (bits per character) is in a lower split's pairs
+    either; each language's fortunes."""
+    checks = {"bible": check_disjoint({s: [(r["ref"], _pair_keys(r)) for r in bible[s]]
+                                       + [(r["ref"], _kjv_keys(r)) for r in kjv[s]] for s in SPLITS},
                                       settings.min_contained_chars)}
     for lang in settings.languages:
         checks[f"fortunes_{lang}"] = check_disjoint(
-            {s: [(None, fortune_keys(r)) for r in fortune_rows[lang][s]] for s in SPLITS}, settings.min_contained_chars)
+            {s: [(None, _fortune_keys(r)) for r in fortune_rows[lang][s]] for s in SPLITS}, settings.min_contained_chars)
     if any(n for per in checks.values() for counts in per.values() for n in counts.values()):
         raise SystemExit(f"error: held-out data reaches a lower split: {json.dumps(checks)}")
+    return checks
 
+
+def _write_splits(out: Path, bible: dict, kjv: dict, fortune_rows: dict, settings: DataSettings) -> dict:
+    """Every split's files; returns their sizes (SystemExit when the test books give too few translation pairs)."""
     sizes: dict = {"bible": {}, "kjv": {}, "fortunes": {}}
     for s in SPLITS:
         write_jsonl(bible[s], out / f"bible_{s}.jsonl")
@@ -425,9 +421,36 @@ def prepare(out: Path, settings: DataSettings | None = None, cache: Path | None 
         raise SystemExit(f"error: the test books give {test_pairs} translation pairs of "
                          f"{settings.translation_chars} characters, fewer than min_test_pairs={settings.min_test_pairs}: "
                          "hold out more books")
+    return sizes
 
+
+def prepare(out: Path, settings: DataSettings | None = None, cache: Path | None = None,
+            from_dir: Path | None = None) -> dict:
+    """Run the data stage into ``out`` and return its summary (data.json). Resumes: a finished ``out``
+    with the same settings is left untouched; one with other settings is refused (SystemExit).
+
+    ``from_dir`` is a folder holding the packages' files already extracted (``usr/share/sword``,
+    ``usr/share/games/fortunes``), e.g. after ``dpkg -x`` of each .deb into it, or ``/`` where the
+    packages are installed. Without it the packages are fetched into ``cache`` (default
+    ``<out>/../debs``) with ``apt-get download``."""
+    settings = settings or DataSettings()
+    settings.check()
+    out = Path(out)
+    summary = _finished(out, settings)
+    if summary is not None:
+        return summary
+
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    root, packages = _package_root(settings, out, cache, from_dir)
+    fortune_rows, fortune_info, fortune_paths = read_fortunes(root, settings)
+    bible_data, alignment_report, bible_paths = read_bible(root, settings)
+    removed = _drop_heldout_texts(bible_data, fortune_rows, settings)
+    bible, kjv = bible_data["bible"], bible_data["kjv"]
+    checks = _proof(bible, kjv, fortune_rows, settings)
+    sizes = _write_splits(out, bible, kjv, fortune_rows, settings)
     summary = {
-        "settings": _plain(settings),
+        "settings": as_json(settings),
         "heldout": {"test_books": [BOOK_NAMES[b] for b in settings.test_books],
                     "valid_books": [BOOK_NAMES[b] for b in settings.valid_books],
                     "fortune_files": {lang: fortune_info[lang]["files"] for lang in settings.languages}},
@@ -441,9 +464,8 @@ def prepare(out: Path, settings: DataSettings | None = None, cache: Path | None 
         "not_utf8": {lang: fortune_info[lang]["not_utf8"] for lang in settings.languages},
         "seconds": round(time.monotonic() - started, 1),
     }
-    tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(summary_path)
+    with atomic_file(out / "data.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"data: written to {out} in {summary['seconds']} s", flush=True)
     return summary
 

@@ -24,8 +24,11 @@ from pathlib import Path
 import torch
 
 from experiments.common import PlainLM
+from experiments.language.config import LANGUAGES, LanguageConfig
 from experiments.language.data import load_splits
-from experiments.language.run import LANGUAGES, LanguageConfig, bits_per_char, eval_sets, random_augment
+from experiments.language.evaluation import bits_per_char
+from experiments.language.mix import eval_sets
+from experiments.language.models import random_augment
 
 
 def bridge_check_args(module: str, doc: str, out: str, argv: list[str] | None):

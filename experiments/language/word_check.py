@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from experiments.common import PlainLM
-from experiments.language.run import LANGUAGES
+from experiments.language.config import LANGUAGES
 from experiments.language.swap_check import bridge_check_args
 
 CLASSES = ("word_initial", "continuation")

@@ -1,0 +1,96 @@
+"""What the language experiment is set up with: its config (``LanguageConfig``), the languages, and the one
+fixed prompt every system translates with."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from actors.config import DType, StrictModel
+from experiments.common import ExperimentSettings
+
+LANGUAGES = ("de", "es", "it", "ru", "en")
+LANGUAGE_NAMES = {"de": "German", "es": "Spanish", "it": "Italian", "ru": "Russian", "en": "English (KJV)"}
+# The prompt every system translates with: one fixed shot (a verse of a training book, checked against the data)
+# and the source verse. One shot, not more: Spanish costs SmolLM2 about 2 tokens a word, and every training row
+# carries the prompt. Serving clients prompt the same way (configs/serve_language.yaml, scripts/demo.sh).
+SHOTS = ({"ref": "Genesis 1:3", "es": "Y dijo Dios: Sea la luz: y fué la luz.",
+          "en": "And God said, Let there be light: and there was light."},)
+INSTRUCTION = "Translate Spanish to English."
+
+
+class Mix(StrictModel):
+    """Shares of the training rows (they need not sum to 1: they are normalised). English is small: every
+    translation row's completion is English verse already."""
+
+    translation: float = Field(0.55, ge=0)
+    de: float = Field(0.1, ge=0)
+    es: float = Field(0.1, ge=0)
+    it: float = Field(0.1, ge=0)
+    ru: float = Field(0.1, ge=0)
+    en: float = Field(0.05, ge=0)
+
+
+# characters of plain text per training row, per language: about ``max_length`` (192) SmolLM2 tokens
+PACK_CHARS = {"de": 450, "es": 450, "it": 450, "ru": 330, "en": 700}
+
+
+class LanguageConfig(ExperimentSettings):
+    output: str = "runs/language/quick"
+    results: str = "results/language_quick.json"
+    data: str = "runs/language/data"  # the data stage's folder (shared by every configuration)
+    anchor: str = "models/smollm2-135m"
+    augment: str = "models/gemma3-270m"
+    # the recipe since trials 12-13 (experiments/language/README.md): Gemma-3's layers 5, 9, 14, 18 into SmolLM2's
+    # 5, 10, 15, 20 (the paper's "every 4th layer of m_A"), read through the robust norm (Gemma's massive channels)
+    composition: dict = Field(default_factory=lambda: {
+        "mappings": [{"pairs": [[5, 5], [9, 10], [14, 15], [18, 20]]}], "gate": True, "augment_norm": "robust"})
+    mix: Mix = Field(default_factory=Mix)
+    pack_chars: dict[str, int] = Field(default_factory=lambda: dict(PACK_CHARS))
+    max_length: int = Field(192, ge=16)  # tokens of the anchor per training row
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lora_lr: float = Field(1e-3, gt=0)
+    train_dtype: DType = "bfloat16"  # the frozen models while training (bridges and LoRA stay float32)
+    eval_dtype: DType = "float32"
+    eval_verses: int = Field(440, ge=1)  # held-out verse pairs translated per system
+    bpc_texts: int = Field(24, ge=1)  # held-out texts per language for bits per character
+    bpc_chars: tuple[int, int] = (200, 900)
+    eval_batch_size: int = Field(16, ge=1)
+    random_augment_ablation: bool = True
+    lora_ablation: bool = True
+    export_bridges: str | None = None  # write the trained bridges here in bfloat16 (e.g. assets/language_pair/bridges)
+    seed: int = 0
+    ray_address: str | None = "local"  # "local": a Ray started for the run; or a cluster's address
+    # "cuda": every stage on one GPU (the Ray job's worker and Gemma actor take half of it each)
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if sum(self.mix.model_dump().values()) <= 0:
+            raise ValueError("mix: every share is 0; give at least one positive share")
+        if sorted(self.pack_chars) != sorted(LANGUAGES) or min(self.pack_chars.values()) < 1:
+            raise ValueError(f"pack_chars needs a positive character count for each of {list(LANGUAGES)}")
+        if not 0 < self.bpc_chars[0] <= self.bpc_chars[1]:
+            raise ValueError(f"bpc_chars must be [min, max] with 0 < min <= max, got {list(self.bpc_chars)}")
+        return self
+
+
+def translation_prompt(spanish: str, shots: list[dict]) -> str:
+    lines = [INSTRUCTION, ""]
+    for shot in shots:
+        lines += [f"Spanish: {shot['es']}", f"English: {shot['en']}", ""]
+    return "\n".join(lines + [f"Spanish: {spanish}", "English:"])
+
+
+def find_shots(train_pairs: list[dict]) -> list[dict]:
+    """The prompt's shots, checked to be training verse pairs with the texts the prompt gives."""
+    by_ref = {r["ref"]: r for r in train_pairs}
+    for shot in SHOTS:
+        found = by_ref.get(shot["ref"])
+        if found is None or (found["es"], found["en"]) != (shot["es"], shot["en"]):
+            raise SystemExit(f"error: the prompt's shot {shot['ref']} is not a training verse pair with the text "
+                             f"the prompt gives ({found}); was the data stage run with other settings?")
+    return list(SHOTS)
