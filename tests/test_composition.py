@@ -214,8 +214,8 @@ def test_loss_on_labelled_positions_only_equals_the_full_loss_and_its_gradients(
 
 
 def test_loss_on_labelled_positions_of_a_plain_lm_equals_its_own_loss():
-    """The KV experiment's PlainLM (m_A, m_B and the LoRA ablation train through it) uses the same path."""
-    from experiments.kv_arithmetic.lib import PlainLM
+    """The experiments' PlainLM (their plain models and LoRA baselines train through it) uses the same path."""
+    from experiments.common import PlainLM
 
     ids = tokens(2, 10)
     labels = torch.full_like(ids, -100)
