@@ -14,9 +14,17 @@ padding (see ``cross_model_mask``).
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# dtypes in which ``F.rms_norm`` gives the composite's exact values and gradients (in half precisions
+# it computes in float32, which rounds differently); tests/test_bridge_fastpath.py checks this
+_FUSED_RMS_DTYPES = (torch.float32, torch.float64)
 
 
 class RMSNorm(nn.Module):
@@ -26,6 +34,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in _FUSED_RMS_DTYPES and x.dtype == self.weight.dtype:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one call instead of six
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
@@ -51,14 +61,54 @@ class RobustNorm(nn.Module):
         return self.clip * torch.tanh(x / (scale * self.clip)) * self.weight
 
 
+@functools.lru_cache(maxsize=16)
+def _inverse_frequencies(half: int, theta: float, device: torch.device) -> torch.Tensor:
+    return theta ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+
+
+# the rotary tables of the last positions seen, kept while that tensor lives: within one forward every bridge
+# rotates its queries and keys at the same positions, so the tables are made once, not once per call
+_last_tables: tuple | None = None
+
+
+def _forget_tables(positions_ref: weakref.ref) -> None:
+    global _last_tables
+    memo = _last_tables
+    if memo is not None and memo[0] is positions_ref:
+        _last_tables = None
+
+
+def _rotary_tables(positions: torch.Tensor, half: int, theta: float, dtype: torch.dtype):
+    """``[cos, cos]`` and ``[-sin, sin]`` [batch, 1, seq, 2 * half] at ``positions`` [batch, seq].
+
+    Reused while the same ``positions`` tensor, unchanged in place (its version counter), comes back with the
+    same settings; freed with it. Inference-mode tables are not reused outside inference mode (autograd
+    cannot save them).
+    """
+    global _last_tables
+    settings = (half, theta, dtype, torch.is_inference_mode_enabled())
+    memo = _last_tables
+    if memo is not None and memo[0]() is positions and memo[1] == positions._version and memo[2] == settings:
+        return memo[3], memo[4]
+    angles = positions.to(torch.float32)[:, None, :, None] * _inverse_frequencies(half, theta, positions.device)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    cos2, sin2 = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+    _last_tables = (weakref.ref(positions, _forget_tables), positions._version, settings, cos2, sin2)
+    return cos2, sin2
+
+
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate ``x`` [batch, heads, seq, head_dim] by ``positions`` [batch, seq] (the rotate-half form)."""
+    """Rotate ``x`` [batch, heads, seq, head_dim] by ``positions`` [batch, seq] (the rotate-half form).
+
+    ``x * [cos, cos] + [x2, x1] * [-sin, sin]``: the values of ``[x1 cos - x2 sin, x2 cos + x1 sin]``
+    bit for bit (``a + b * -s`` rounds as ``a - b * s``) in four kernels instead of nine.
+    """
     half = x.shape[-1] // 2
-    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[:, None, :, None] * freqs  # [batch, 1, seq, half]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    cos2, sin2 = _rotary_tables(positions, half, theta, x.dtype)
     x1, x2 = x[..., :half], x[..., half : 2 * half]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    rotated = x[..., : 2 * half] * cos2 + torch.cat([x2, x1], dim=-1) * sin2
+    if 2 * half == x.shape[-1]:
+        return rotated
     return torch.cat([rotated, x[..., 2 * half :]], dim=-1)
 
 
@@ -77,9 +127,13 @@ def cross_model_mask(
             (``window=1``: each anchor token reads the augmenting states of the same token).
     Returns:
         [batch, 1, num_queries, seq_keys] bool, True where attention is allowed:
-        key index <= query index (and > query index - window) and the key is not padding.
+        key index <= query index (and > query index - window) and the key is not padding. When no key
+        lies after the first query (a decode step) and there is no window, a broadcast view of ``key_valid``.
     """
-    key_idx = torch.arange(key_valid.shape[1], device=key_valid.device)
+    num_keys = key_valid.shape[1]
+    if window is None and query_start >= num_keys - 1:  # every key at or before the first query: no causal cut
+        return key_valid[:, None, None, :].expand(-1, 1, num_queries, -1)
+    key_idx = torch.arange(num_keys, device=key_valid.device)
     query_idx = torch.arange(query_start, query_start + num_queries, device=key_valid.device)
     causal = key_idx[None, :] <= query_idx[:, None]  # [queries, keys]
     if window is not None:
@@ -201,9 +255,15 @@ class Bridge(nn.Module):
         q = self._heads(self.q(query))
         if self.rotary:
             q = apply_rotary(q, positions, self.rope_theta)
-        has_key = mask.any(dim=-1, keepdim=True)  # [b, 1, seq, 1]; False on rows of only padding
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask | ~has_key)
-        attn = attn * has_key
+        if mask.device.type == "cpu" and mask.all():
+            # every query sees every key (a decode step without padding): SDPA's mask-free kernel gives the
+            # same values without building an additive mask of [seq, seq_keys] (on an accelerator the check
+            # would stall on a host sync, so there the mask is always applied)
+            attn = F.scaled_dot_product_attention(q, keys, values)
+        else:
+            has_key = mask.any(dim=-1, keepdim=True)  # [b, 1, seq, 1]; False on rows of only padding
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask | ~has_key)
+            attn = attn * has_key
         if self.gate is not None:
             attn = attn * torch.sigmoid(self.gate(query)).transpose(1, 2)[..., None]  # [b, heads, seq, 1]
         elif self.gate_retrieved is not None:
