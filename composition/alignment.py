@@ -69,9 +69,10 @@ class AugmentInputs:
         visible: [batch, seq] long, per anchor position (of the new anchor tokens): how many real
             augmenting tokens, counted from the start of the sequence (cached ones included), it may
             attend to. Non-decreasing along each row.
-        identity: these are the anchor's own tokens (one shared tokenizer): token j is visible from anchor
-            token j on, and positions are the anchor's, so ``ComposedModel`` may take the masks and key
-            positions straight from the anchor's (the same values, fewer operations per decode step).
+        identity: these are the anchor's own tokens, mask and positions (one shared tokenizer): token j is
+            visible from anchor token j on, so ``ComposedModel`` may take the masks and key positions straight
+            from the anchor's (the same values at every real position, fewer operations per decode step; with a
+            ``window`` it takes the general rule, which counts real tokens where the anchor's mask counts columns).
     """
 
     input_ids: torch.Tensor
@@ -187,16 +188,17 @@ class Aligner:
     """
 
     @classmethod
-    def shared(cls, num_augments: int) -> "Aligner":
+    def shared(cls, num_augments: int) -> Aligner:
         """The alignment of models that read the anchor's own token ids (no tokenizers needed)."""
-        self = cls.__new__(cls)
-        self.anchor_fingerprint, self.augment_fingerprints = None, [None] * num_augments
-        self.identity = [True] * num_augments
-        self._anchor, self._special, self._augments, self._prefix = None, set(), [None] * num_augments, []
-        self.augment_pad_ids = [0] * num_augments
-        return self
+        return cls(None, [None] * num_augments)
 
     def __init__(self, anchor_tokenizer, augment_tokenizers: list, identity_when_shared: bool = True):
+        if anchor_tokenizer is None:  # ``Aligner.shared``: every model reads the anchor's ids; nothing to tokenise
+            n = len(augment_tokenizers)
+            self.anchor_fingerprint, self.augment_fingerprints, self.identity = None, [None] * n, [True] * n
+            self._anchor, self._special, self._augments, self._prefix = None, set(), [None] * n, [[]] * n
+            self.augment_pad_ids = [0] * n
+            return
         self.anchor_fingerprint = tokenizer_fingerprint(anchor_tokenizer, "anchor")
         self.augment_fingerprints = [tokenizer_fingerprint(t, f"augmenting model {i}")
                                      for i, t in enumerate(augment_tokenizers)]

@@ -144,7 +144,8 @@ def save_bridges(model, folder: str | os.PathLike) -> None:
         "augments": [fingerprint(m) for m in model.augments],
     }
     if model.aligner.has_tokenizers:
-        meta["tokenizers"] = {"anchor": model.aligner.anchor_fingerprint, "augments": model.aligner.augment_fingerprints}
+        aligner = model.aligner
+        meta["tokenizers"] = {"anchor": aligner.anchor_fingerprint, "augments": aligner.augment_fingerprints}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.bridges.state_dict().items()}
     with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
@@ -181,7 +182,7 @@ def check_tokenizers(folder, saved: dict | None, tokenizers: list | None) -> Non
                 f"bridges in {folder} were trained with different tokenizers for the anchor and the augmenting "
                 f"models: pass tokenizers=[anchor_tokenizer, augment_tokenizer, ...] to load them"
             )
-        return  # one shared tokenizer: the shared-tokenizer path is the same composition
+        return  # one shared tokenizer: the identity alignment, with or without tokenizers given
     if len(tokenizers) != len(saved["augments"]) + 1:
         raise ValueError(f"bridges in {folder} need {len(saved['augments']) + 1} tokenizers, got {len(tokenizers)}")
     roles = ["the anchor"] + [f"augmenting model {i}" for i in range(len(saved["augments"]))]

@@ -150,8 +150,9 @@ def load_composition(
                 f"[anchor_tokenizer, one per augmenting model] or tokenizers=True (each model's own folder)"
             )
         anchor_tok, given = (anchor, None) if tokenizers is True else (tokenizers[0], list(tokenizers[1:]))
-        loaded = resolve_tokenizers(anchor_tok, augments, given,
-                                    lambda path, augment: load_tokenizer(path, trust_remote_code)).for_composition()
+        resolved = resolve_tokenizers(anchor_tok, augments, given,
+                                      lambda path, augment: load_tokenizer(path, trust_remote_code))
+        loaded = [resolved.anchor, *resolved.augments]  # given tokenizers are recorded in checkpoints, shared or not
     if bridges is not None:
         return ComposedModel.from_pretrained(bridges, anchor_model, augment_models, tokenizers=loaded)
     return ComposedModel(anchor_model, augment_models, config, tokenizers=loaded)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from composition.alignment import AugmentInputs, Aligner, key_positions, visible_mask
+from composition.alignment import Aligner, AugmentInputs, key_positions, visible_mask
 from composition.augment import AugmentEncoder
 from composition.bridge import Bridge, cross_model_mask
 from composition.cache import CompositionCache
@@ -308,7 +308,7 @@ class ComposedModel(nn.Module):
         elif len(augment_inputs) != n:
             raise ValueError(f"augment_inputs has {len(augment_inputs)} entries for {n} augmenting models")
 
-        masks, key_pos, full_augment_masks, new_lengths = [], [], [], []
+        masks, key_pos, full_augment_masks, new_lengths, augment_positions = [], [], [], [], []
         anchor_mask = None  # the identity alignment's mask: the anchor's own causal mask over its tokens
         for m, inp in enumerate(augment_inputs):
             if inp.visible.shape != input_ids.shape:
@@ -316,16 +316,25 @@ class ComposedModel(nn.Module):
                     f"augment_inputs[{m}].visible has shape {tuple(inp.visible.shape)}, expected one count per anchor "
                     f"token {tuple(input_ids.shape)}"
                 )
-            full = inp.attention_mask if cache is None else torch.cat([cache.augment_masks[m], inp.attention_mask], 1)
             new = inp.input_ids.shape[1]
-            if inp.identity:  # the same mask and positions as the text rule gives, with fewer operations
+            # The identity alignment's shortcut: its tokens, mask and positions are the anchor's, so the anchor's
+            # causal mask is the text rule's mask, and the anchor positions its key positions (at every real key;
+            # tests/test_cross_tokenizer.py checks it bit for bit). A window counts columns in the causal mask
+            # and real tokens in the rule, which differ where a row holds padding inside it: windows take the rule.
+            if inp.identity and self.config.window is None:
+                full = full_mask  # the augmenting mask is the anchor's
                 if anchor_mask is None:
-                    anchor_mask = cross_model_mask(full_mask.bool(), past, seq, self.config.window)
+                    anchor_mask = cross_model_mask(full_mask.bool(), past, seq)
                 masks.append(anchor_mask)
                 key_pos.append(positions)
+                augment_positions.append(positions)
             else:
+                full = inp.attention_mask
+                if cache is not None:
+                    full = torch.cat([cache.augment_masks[m], full], 1)
                 masks.append(visible_mask(full, inp.visible, self.config.window))
                 key_pos.append(key_positions(full, new, inp.visible, positions))
+                augment_positions.append(None)  # from its own mask, if the model runs here
             full_augment_masks.append(full)
             new_lengths.append(new)
 
@@ -340,9 +349,10 @@ class ComposedModel(nn.Module):
                                            for i in encoder.indices})
                     augment_caches[m] = previous
                     continue
-                full = full_augment_masks[m]
-                aug_positions = positions if inp.identity else positions_from_mask(full)[:, full.shape[1] - new_lengths[m]:]
-                s, c = encoder(inp.input_ids, full, aug_positions, previous, use_cache)
+                full, pos = full_augment_masks[m], augment_positions[m]
+                if pos is None:
+                    pos = positions_from_mask(full)[:, full.shape[1] - new_lengths[m]:]
+                s, c = encoder(inp.input_ids, full, pos, previous, use_cache)
                 augment_states.append(s)
                 augment_caches[m] = c
         elif not callable(augment_states):

@@ -7,6 +7,7 @@ byte-level BPE, SentencePiece-style BPE with byte fallback, and character level.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,10 +15,18 @@ import torch
 from composition import ComposedModel, CompositionConfig, LayerMapping, load_composition
 from composition.alignment import Aligner, RowText, TokenizerError, align, align_text, collate
 from composition.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from composition.padding import to_left_padding
 from composition.model import positions_from_mask
-from tests.fixtures_xtok import (MIXED, TOKENIZERS, byte_bpe, char_level, cycling, randomise_bridges,
-                                 sentencepiece_bpe, tiny_llama)
+from composition.padding import to_left_padding
+from tests.fixtures_xtok import (
+    MIXED,
+    TOKENIZERS,
+    byte_bpe,
+    char_level,
+    cycling,
+    randomise_bridges,
+    sentencepiece_bpe,
+    tiny_llama,
+)
 
 # (anchor tokenizer, augmenting tokenizer): each kind is an anchor once and an augmenting model once
 PAIRS = [("byte_bpe", "sentencepiece"), ("sentencepiece", "char"), ("char", "byte_bpe")]
@@ -229,6 +238,31 @@ def test_precomputed_alignment_gives_the_logits_of_the_derived_one():
 
 
 # ---------------------------------------------------------------- one shared tokenizer
+@pytest.mark.parametrize("rotary", [True, False])
+def test_the_identity_shortcut_gives_the_text_rules_masks_and_positions_bit_for_bit(rotary):
+    # one path: a shared tokenizer's AugmentInputs take the anchor's own mask and positions (identity=True);
+    # the same inputs through the general rule (visible counts, key positions) must give the same logits, with
+    # left padding, and cached steps after it
+    cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(0, 0), (2, 2), (4, 4)])], rotary=rotary)
+    model = randomise_bridges(ComposedModel(anchor_for("byte_bpe"), [augment_for("byte_bpe")], cfg))
+    ids, mask = to_left_padding(*batch("byte_bpe", PROMPTS), 0)
+    _, inputs = model.aligner.step(ids, mask, None, None)
+    assert inputs[0].identity
+    general = [replace(inputs[0], identity=False)]
+    with torch.no_grad():
+        short, rule = model(ids, mask, use_cache=True), model(ids, mask, augment_inputs=general, use_cache=True)
+        assert torch.equal(short.logits, rule.logits)
+        for _ in range(3):
+            step = short.logits[:, -1:].argmax(-1)
+            ones = torch.ones_like(step)
+            seen = [m.sum(-1) for m in rule.cache.augment_masks]
+            _, inputs = model.aligner.step(step, ones, None, seen)
+            short = model(step, ones, cache=short.cache, use_cache=True)
+            rule = model(step, ones, augment_inputs=[replace(inputs[0], identity=False)], cache=rule.cache,
+                         use_cache=True)
+            assert torch.equal(short.logits, rule.logits)
+
+
 def test_a_shared_tokenizer_through_the_new_path_gives_the_old_logits_bit_for_bit_and_the_same_checkpoint(tmp_path):
     cfg = CompositionConfig(mappings=[LayerMapping(pairs=[(0, 0), (2, 2), (4, 4)])], rotary=True)
     old = randomise_bridges(ComposedModel(anchor_for("byte_bpe"), [augment_for("byte_bpe")], cfg))

@@ -390,7 +390,7 @@ def test_an_augmenting_model_with_another_tokenizer_gets_its_own_tokens_and_alig
             read = anchor_tok.decode(ids[r][: t + 1], skip_special_tokens=True)
             sees = augment_tok.decode(aug_ids[r][: seen[t]], skip_special_tokens=True)
             assert read.startswith(sees) and text.startswith(sees), (read, sees)
-    # the same tokenizer on both sides: no extra columns, the shared-tokenizer path as before
+    # the same tokenizer on both sides: no extra columns (the identity alignment needs none)
     _, _, shared = prepare(str(write_config(tmp_path, pair[1], "shared")))
     assert sorted(shared) == ["attention_mask", "input_ids", "labels"]
 

@@ -43,9 +43,9 @@ from actors.serve.batch_cache import (
     merge_hf_caches,
     select_rows_hf_cache,
 )
-from composition.padding import pad_left
 from composition.augment import AugmentEncoder
 from composition.model import positions_from_mask
+from composition.padding import pad_left
 
 
 class AugmentRows:
@@ -73,13 +73,14 @@ class AugmentRows:
         # the batch fits in it (``_extend``)
         self.window = check_batchable(encoder.model, f"augmenting model {augment}")
         self.counters = {"grouped_extends": 0, "gaps_closed": 0}
+        self._gappy = False  # a step of mixed counts ran as one forward: rows may hold padding inside them
 
     # ------------------------------------------------------------------ bookkeeping
     def __len__(self) -> int:
         return len(self.ids)
 
     def clear(self) -> None:
-        self.ids, self.attention_mask, self.cache = [], None, None
+        self.ids, self.attention_mask, self.cache, self._gappy = [], None, None, False
 
     def __del__(self):  # called by Serve's multiplexing when it evicts this engine's rows
         self.clear()
@@ -215,17 +216,19 @@ class AugmentRows:
         with self.lock:
             states, self.cache = self.encoder(new, full_mask, positions, self.cache, True)
         self.attention_mask = full_mask
+        self._gappy |= len(counts) > 1  # rows that got fewer tokens now hold padding inside them
         return self._encode(states)
 
     def _close_gaps_before(self, width: int) -> None:
         """Keep the rule that a batch as wide as a sliding window holds no padding inside a row: before the batch
         grows to ``width`` columns, close the gaps that steps of mixed counts left while it was narrower (then
         every layer still holds every column, which ``close_gaps`` needs)."""
-        if self.window is None or width < self.window or self.cache is None:
+        if self.window is None or width < self.window or self.cache is None or not self._gappy:
             return
         if has_gaps(self.attention_mask):
             self.attention_mask = close_gaps(self.cache, self.attention_mask)
             self.counters["gaps_closed"] += 1
+        self._gappy = False
 
     def _extend_grouped(self, ids: list[str], tokens: list[list[int]]) -> dict[int, torch.Tensor]:
         """``_extend`` for rows given different numbers of tokens, on a model with sliding-window layers, once the

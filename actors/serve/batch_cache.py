@@ -32,7 +32,6 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from composition.cache import CompositionCache
 from composition.padding import pad_left_to
 
-
 BATCHABLE = (DynamicLayer, DynamicSlidingWindowLayer)  # full attention, sliding window
 
 

@@ -373,7 +373,7 @@ _ANSWERS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}
 class Ingress:
     """OpenAI-shaped HTTP front: /v1/completions, /v1/chat/completions, /v1/models, /health."""
 
-    def __init__(self, settings: ServingArgs, anchor: DeploymentHandle):
+    def __init__(self, settings: ServingArgs, anchor: DeploymentHandle, vocab_size: int):
         settings = settings.localized(anchor=False, augments=[], bridges=False)  # the tokenizer only
         # what the (pickled) app's RequestGuard reads in this process; a missing key file fails the replica
         admits = guard.configure(INGRESS_GUARD, settings)
@@ -381,8 +381,7 @@ class Ingress:
                  f"{len(admits.api_keys)} API key(s) required" if admits.api_keys else "no API keys (open)",
                  admits.max_body_bytes)
         tokenizer = load_tokenizer(settings.tokenizer or settings.anchor)
-        # the vocabulary is the anchor's (its config's vocab_size), as the engine's: one definition of a valid id
-        limits = Limits(context=settings.max_context, vocab_size=text_config(settings.anchor).vocab_size,
+        limits = Limits(context=settings.max_context, vocab_size=vocab_size,
                         default_max_tokens=settings.default_max_tokens,
                         max_tokens=settings.max_tokens_limit, request_timeout_s=settings.request_timeout_s,
                         max_retries=settings.max_retries)
@@ -452,6 +451,8 @@ def build_app(settings: ServingArgs, deployment_options: dict[str, dict] | None 
     # decided once, here
     if settings.max_context is None:
         settings = settings.model_copy(update={"max_context": model_context([settings.anchor, *settings.augments])})
+    # the vocabulary is the anchor's (its config's vocab_size), as the engine's: one definition of a valid id
+    vocab_size = text_config(settings.anchor).vocab_size
 
     def opts(name: str, **defaults) -> dict:
         return {"name": name, **defaults, **options.get(name, {})}
@@ -462,4 +463,4 @@ def build_app(settings: ServingArgs, deployment_options: dict[str, dict] | None 
     ]
     anchor_options = opts(ANCHOR, max_ongoing_requests=settings.max_batch_size)
     anchor = AnchorDeployment.options(**anchor_options).bind(settings, *augments)
-    return Ingress.options(**opts(INGRESS)).bind(settings, anchor)
+    return Ingress.options(**opts(INGRESS)).bind(settings, anchor, vocab_size)

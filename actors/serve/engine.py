@@ -509,7 +509,8 @@ class DecodeEngine:
         self.counters["max_rows_in_step"] = max(self.counters["max_rows_in_step"], len(rows))
         t0 = time.perf_counter()
         new = torch.tensor(tokens, dtype=torch.long)[:, None]
-        seen = [m.sum(-1).cpu() for m in self._cache.augment_masks]
+        # what each augmenting cache of each row holds: counted here, no device sync
+        seen = [torch.tensor([len(r.augment_tokens[m]) for r in rows]) for m in range(len(self._cache.augment_masks))]
         texts, inputs = self.aligner.step(new, torch.ones_like(new), self._cache.texts, seen)
         closed = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per row: 0, 1 or more tokens
         states = self._augment_states(ids, closed)

@@ -157,8 +157,8 @@ class TrainJobConfig(StrictModel):
     data: DataSettings
     name: str = "calm-train"
     tokenizer: str | None = None  # the anchor's tokenizer (default: the anchor's folder)
-    # one per augmenting model (default: each model's folder); one that differs from the anchor's gets the
-    # cross-tokenizer path (composition/alignment.py), one equal to it the shared-tokenizer path
+    # one per augmenting model (default: each model's folder; composition.loading.resolve_tokenizers): one that
+    # differs from the anchor's reads its own tokens (composition/alignment.py), one equal to it the anchor's
     augment_tokenizers: list[str | None] | None = None
     composition: CompositionConfig | None = None  # None: the paper's default mapping for each augmenting model
     training: TrainingSettings = Field(default_factory=TrainingSettings)

@@ -220,7 +220,7 @@ class OpenAIFrontend:
         if echo or (kind == "completion" and logprobs is not None):  # echoed, or where the text offsets start
             prompt_text = req.prompt if isinstance(req.prompt, str) else (
                 req.prompt[0] if isinstance(req.prompt[0], str) else self.tokenizer.decode(prompt_ids))
-        generation = GenerationRequest(
+        generation = GenerationRequest(  # every check it makes was made above: a ValueError here is a bug
             prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=req.seed,
             eos_ids=[] if req.ignore_eos else self.eos_ids, n=req.n or 1, logprobs=logprobs,
             prompt_logprobs=echo and logprobs is not None, logit_bias=self._logit_bias(req.logit_bias),
@@ -274,7 +274,11 @@ class OpenAIFrontend:
             text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. role order)
             raise ApiError(400, f"the chat template refused these messages: {e}", "messages") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ApiError(400, "the chat template made an empty prompt of these messages: send some content",
+                           "messages")
+        return ids
 
     # ------------------------------------------------------------------ generation
     def _usage(self, p: _Prepared, completion_tokens: int) -> Usage:
