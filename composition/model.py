@@ -63,6 +63,17 @@ class _Running:
             self.keys, self.values, self.buffers = self.make_keys_values()
 
 
+@dataclass
+class _AugmentSide:
+    """One augmenting model's side of a forward pass (``ComposedModel._augment_sides``)."""
+
+    full_mask: torch.Tensor  # [batch, its tokens so far] (cached + new), 0 at padding
+    mask: torch.Tensor  # [batch, 1, anchor queries, its tokens] bool: which of them each anchor query sees
+    key_positions: torch.Tensor  # [batch, new] rotary positions of its new tokens' bridge keys
+    new: int  # how many new tokens (columns) it has in this pass
+    positions: torch.Tensor | None = None  # its new tokens' own positions when known (None: from full_mask)
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Token positions [batch, seq] that skip padding (left padding starts real tokens at 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -120,8 +131,9 @@ class ComposedModel(nn.Module):
             if tokenizers is None and info.vocab_size != self.anchor_info.vocab_size:
                 warnings.warn(
                     f"augmenting model {i} ({info.architecture}) has vocab size {info.vocab_size}, the anchor "
-                    f"{self.anchor_info.vocab_size}: both models read the same token ids, so they must share a tokenizer "
-                    f"(pass tokenizers=[anchor_tokenizer, augment_tokenizer, ...] to compose different tokenizers)",
+                    f"{self.anchor_info.vocab_size}: both models read the same token ids, so they must share a "
+                    f"tokenizer (pass tokenizers=[anchor_tokenizer, augment_tokenizer, ...] to compose different "
+                    f"tokenizers)",
                     stacklevel=2,
                 )
             pairs = mapping.resolve(info.num_layers, self.anchor_info.num_layers)
@@ -308,66 +320,73 @@ class ComposedModel(nn.Module):
         elif len(augment_inputs) != n:
             raise ValueError(f"augment_inputs has {len(augment_inputs)} entries for {n} augmenting models")
 
-        masks, key_pos, full_augment_masks, new_lengths, augment_positions = [], [], [], [], []
-        anchor_mask = None  # the identity alignment's mask: the anchor's own causal mask over its tokens
         for m, inp in enumerate(augment_inputs):
             if inp.visible.shape != input_ids.shape:
                 raise ValueError(
                     f"augment_inputs[{m}].visible has shape {tuple(inp.visible.shape)}, expected one count per anchor "
                     f"token {tuple(input_ids.shape)}"
                 )
+        sides = self._augment_sides(augment_inputs, cache, full_mask, positions)
+        new_lengths = [side.new for side in sides]
+        augment_caches = [None] * n
+        if augment_states is None:
+            augment_states, augment_caches = self._run_augments(augment_inputs, sides, cache, use_cache)
+        elif not callable(augment_states):
+            self._check_external_states(augment_states, batch, new_lengths)
+
+        key_pos = [side.key_positions for side in sides]
+        run = _Running(lambda: self._bridge_keys_values(augment_states, key_pos, cache, batch, new_lengths),
+                       [side.mask for side in sides], positions)
+        out = self._run_anchor(run, input_ids, attention_mask, full_mask, positions, labels, cache, use_cache,
+                               logits_to_keep, labelled_logits_only)
+        new_cache = None
+        if use_cache:
+            new_cache = CompositionCache(full_mask, out.cache, augment_caches, run.keys, run.values, run.buffers,
+                                         augment_masks=[side.full_mask for side in sides], texts=texts)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, cache=new_cache)
+
+    def _augment_sides(self, augment_inputs: list[AugmentInputs], cache: CompositionCache | None,
+                       full_mask: torch.Tensor, positions: torch.Tensor) -> list[_AugmentSide]:
+        """Per augmenting model: its mask over all its tokens, which of them each anchor query sees, and the
+        rotary positions of its new tokens' bridge keys (composition/alignment.py)."""
+        past, seq = full_mask.shape[1] - positions.shape[1], positions.shape[1]
+        sides, anchor_mask = [], None  # the identity alignment's mask: the anchor's own causal mask
+        for m, inp in enumerate(augment_inputs):
             new = inp.input_ids.shape[1]
             # The identity alignment's shortcut: its tokens, mask and positions are the anchor's, so the anchor's
             # causal mask is the text rule's mask, and the anchor positions its key positions (at every real key;
             # tests/test_cross_tokenizer.py checks it bit for bit). A window counts columns in the causal mask
             # and real tokens in the rule, which differ where a row holds padding inside it: windows take the rule.
             if inp.identity and self.config.window is None:
-                full = full_mask  # the augmenting mask is the anchor's
                 if anchor_mask is None:
                     anchor_mask = cross_model_mask(full_mask.bool(), past, seq)
-                masks.append(anchor_mask)
-                key_pos.append(positions)
-                augment_positions.append(positions)
-            else:
-                full = inp.attention_mask
-                if cache is not None:
-                    full = torch.cat([cache.augment_masks[m], full], 1)
-                masks.append(visible_mask(full, inp.visible, self.config.window))
-                key_pos.append(key_positions(full, new, inp.visible, positions))
-                augment_positions.append(None)  # from its own mask, if the model runs here
-            full_augment_masks.append(full)
-            new_lengths.append(new)
+                sides.append(_AugmentSide(full_mask, anchor_mask, positions, new, positions))
+                continue
+            full = inp.attention_mask if cache is None else torch.cat([cache.augment_masks[m], inp.attention_mask], 1)
+            sides.append(_AugmentSide(full, visible_mask(full, inp.visible, self.config.window),
+                                      key_positions(full, new, inp.visible, positions), new))
+        return sides
 
-        augment_caches = [None] * n
-        if augment_states is None:
-            augment_states = []
-            for m, (encoder, inp) in enumerate(zip(self.encoders, augment_inputs)):
-                previous = cache.augments[m] if cache is not None else None
-                if new_lengths[m] == 0:  # no augmenting token closed: nothing to run
-                    empty = inp.input_ids.new_zeros(batch, 0).float()
-                    augment_states.append({i: empty[..., None].expand(batch, 0, encoder.info.hidden_size)
-                                           for i in encoder.indices})
-                    augment_caches[m] = previous
-                    continue
-                full, pos = full_augment_masks[m], augment_positions[m]
-                if pos is None:
-                    pos = positions_from_mask(full)[:, full.shape[1] - new_lengths[m]:]
-                s, c = encoder(inp.input_ids, full, pos, previous, use_cache)
-                augment_states.append(s)
-                augment_caches[m] = c
-        elif not callable(augment_states):
-            self._check_external_states(augment_states, batch, new_lengths)
-
-        run = _Running(
-            lambda: self._bridge_keys_values(augment_states, key_pos, cache, batch, new_lengths), masks, positions
-        )
-        out = self._run_anchor(run, input_ids, attention_mask, full_mask, positions, labels, cache, use_cache,
-                               logits_to_keep, labelled_logits_only)
-        new_cache = None
-        if use_cache:
-            new_cache = CompositionCache(full_mask, out.cache, augment_caches, run.keys, run.values, run.buffers,
-                                         augment_masks=full_augment_masks, texts=texts)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, cache=new_cache)
+    def _run_augments(self, augment_inputs: list[AugmentInputs], sides: list[_AugmentSide],
+                      cache: CompositionCache | None, use_cache: bool) -> tuple[list, list]:
+        """Run each augmenting model on its new tokens (with its cache); returns (per model {index: states},
+        per model its cache). A model with no new token (no piece closed) is not run."""
+        states, caches = [], []
+        for m, (encoder, inp, side) in enumerate(zip(self.encoders, augment_inputs, sides)):
+            previous = cache.augments[m] if cache is not None else None
+            if side.new == 0:
+                batch = inp.input_ids.shape[0]
+                empty = inp.input_ids.new_zeros(batch, 0, encoder.info.hidden_size).float()
+                states.append({i: empty for i in encoder.indices})
+                caches.append(previous)
+                continue
+            full = side.full_mask
+            positions = side.positions if side.positions is not None else (
+                positions_from_mask(full)[:, full.shape[1] - side.new:])
+            s, c = encoder(inp.input_ids, full, positions, previous, use_cache)
+            states.append(s)
+            caches.append(c)
+        return states, caches
 
     def _run_anchor(self, run, input_ids, attention_mask, full_mask, positions, labels, cache, use_cache,
                     logits_to_keep, labelled_logits_only):
