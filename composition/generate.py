@@ -27,13 +27,14 @@ def sample_next(
     one is <= 0, and any positive Python float stays positive in float64 (in float32, 2.4e-78 rounds to 0),
     so no temperature > 0, however small, overflows to inf or makes a NaN. As the
     temperature goes to 0 the distribution goes to the argmax (uniform over exact ties), which is what
-    such a temperature means. Logits that are not finite (NaN, +-inf in a row) raise ``ValueError``:
-    no token can be drawn from them, and a caller serving several rows fails that row alone.
+    such a temperature means. A -inf logit is a token ruled out (a grammar's mask); a row with NaN or +inf, or
+    with no finite logit, raises ``ValueError``: no token can be drawn from it, and a caller serving several
+    rows fails that row alone.
     """
     if not do_sample or temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.double()
-    bad = ~torch.isfinite(logits).all(dim=-1)
+    bad = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | ~torch.isfinite(logits).any(dim=-1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(f"the model produced non-finite logits (NaN or inf) in row(s) {rows}: no token can be sampled")

@@ -173,3 +173,89 @@ def test_edge_requests_among_running_streams_leave_every_stream_its_solo_answer(
     edge_requests_leave_streams_alone(url, model_name, reference[1], streams,
                                       [solo(reference, p, n) for p, n in streams],
                                       prompt(SPANISH[0]), solo(reference, prompt(SPANISH[0]), 12))
+
+
+# ---------------------------------------------------------------------- structured outputs on the real pair
+TRANSLATION = {"type": "object", "additionalProperties": False, "required": ["english", "confident"], "properties": {
+    "english": {"type": "string", "maxLength": 80}, "confident": {"type": "boolean"}}}
+LOOKUP = {"type": "function", "function": {"name": "translate", "description": "Translate a Spanish sentence",
+                                           "parameters": {"type": "object", "additionalProperties": False,
+                                                          "required": ["text", "target"], "properties": {
+                                                              "text": {"type": "string", "maxLength": 60},
+                                                              "target": {"enum": ["en", "fr", "de"]}}}}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city"],
+    "properties": {"city": {"type": "string", "maxLength": 30}}}}}
+
+
+def _chat(spanish: str) -> list[dict]:
+    return [{"role": "user", "content": f"Translate into English and answer in JSON: {spanish}"}]
+
+
+def test_json_answers_of_the_real_pair_parse_and_validate_greedy_and_sampled(server):
+    import json
+
+    import jsonschema
+    from openai import OpenAI
+
+    url, model_name = server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300, max_retries=0)
+    fmt = {"type": "json_schema", "json_schema": {"name": "translation", "schema": TRANSLATION, "strict": True}}
+    for spanish, temperature, seed in [(SPANISH[0], 0, None), (SPANISH[1], 0.8, 1), (SPANISH[2], 0.8, 2)]:
+        out = client.chat.completions.create(model=model_name, messages=_chat(spanish), max_tokens=80,
+                                             temperature=temperature, seed=seed, response_format=fmt)
+        answer = out.choices[0]
+        assert answer.finish_reason == "stop", answer.message.content
+        jsonschema.validate(json.loads(answer.message.content), TRANSLATION)
+    mode = client.chat.completions.create(model=model_name, max_tokens=80, temperature=0,
+                                          messages=[{"role": "user", "content": 'Reply with {"ok": true}'}],
+                                          response_format={"type": "json_object"})
+    assert mode.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(mode.choices[0].message.content), dict)
+
+
+def test_forced_tool_calls_on_the_real_pair_parse_validate_and_stream_to_the_same_call(server):
+    import json
+
+    import jsonschema
+    from openai import OpenAI
+
+    url, model_name = server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300, max_retries=0)
+    for choice in ["required", {"type": "function", "function": {"name": "translate"}}]:
+        kwargs = dict(model=model_name, messages=_chat(SPANISH[1]), max_tokens=60, temperature=0,
+                      tools=[WEATHER, LOOKUP], tool_choice=choice)
+        out = client.chat.completions.create(**kwargs)
+        answer = out.choices[0]
+        assert answer.finish_reason == "tool_calls", answer
+        (call,) = answer.message.tool_calls
+        parameters = {"translate": LOOKUP, "get_weather": WEATHER}[call.function.name]["function"]["parameters"]
+        jsonschema.validate(json.loads(call.function.arguments), parameters)
+        name, arguments = None, ""
+        for chunk in client.chat.completions.create(**kwargs, stream=True):
+            for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                name = delta.function.name or name
+                arguments += delta.function.arguments or ""
+        assert (name, arguments) == (call.function.name, call.function.arguments)
+
+
+def test_the_compile_limit_counts_cpu_time_over_the_real_vocabulary(folders):
+    """An object of 500 properties compiles over SmolLM2's 49,152 tokens in about 50 ms of CPU on this project's
+    machine: past a 5 ms limit it is a GrammarError (the frontend's 400), and nothing is cached. The token tables
+    all grammars share are built in ``Grammars()``, so a process's first small schema passes the 1 s default."""
+    import random
+    import string
+
+    from actors.serve.grammar import MAX_COMPILE_S, GrammarError, Grammars, json_grammar
+
+    rng = random.Random(0)
+    big = json_grammar({"type": "object", "properties": {
+        "".join(rng.choices(string.ascii_lowercase, k=6)): {"type": "string"} for _ in range(500)}})
+    grammars = Grammars(load_tokenizer(str(folders[0])), 49152, max_compile_s=0.005)
+    with pytest.raises(GrammarError, match=r"compiling it took \d+\.\d+ s, more than this server allows \(0.005 s\)"):
+        grammars.compile(big)
+    assert not grammars.is_compiled(big)
+    # the first grammar of a process would take about 1.8 s (the shared tables) were they not built at start-up
+    fresh = Grammars(load_tokenizer(str(folders[0])), 49152)
+    assert fresh.max_compile_s == MAX_COMPILE_S == 1.0
+    fresh.compile(json_grammar({"enum": ["yes", "no"]}))

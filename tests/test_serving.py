@@ -258,10 +258,14 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "top_k": 5}, 400, "'top_k' is not a parameter this server supports"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"-1": 5}}, 400, "logit_bias keys must be token ids"),
     ("/v1/completions", {"prompt": "hi", "frequency_penalty": 9}, 400, "'frequency_penalty'"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
-     400, "response_format 'json_object' is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}}, 400,
+     'Unimplemented keys: ["not"]'),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
-     "tools (function calling) are not supported"),
+     "missing required key 'tools[0].function'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     'tool_choice "auto" (the default when tools are given) is not supported'),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt per request"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "'gpt-4' does not exist"),
     ("/v1/chat/completions", {"messages": []}, 400, "'messages'"),
@@ -479,8 +483,10 @@ def edge_requests_leave_streams_alone(url: str, model: str, tok, streams: list[t
                                       edge_prompt: str, greedy: str, edge_tokens: int = 12) -> None:
     """Greedy ``streams`` (prompt, max_tokens) decode while edge requests on ``edge_prompt`` share their batch:
     near-zero temperatures (must give ``greedy``, the limit of sampling), a +100 logit_bias (forces its
-    token), -100 on many tokens, penalties at both ends, and three refused ones (a token id outside the
-    vocabulary, max_tokens past the context, temperature 3). Each stream must get ``want``; nothing a 5xx."""
+    token), -100 on many tokens, penalties at both ends, constrained rows (a JSON Schema enum, greedy and
+    sampled; JSON mode against a +100 bias), and four refused ones (a token id outside the vocabulary, max_tokens
+    past the context, temperature 3, a schema keyword no grammar enforces). Each stream must get ``want``;
+    nothing a 5xx."""
     forced = tok(" yes", add_special_tokens=False)["input_ids"][-1]
     banned = range(3, min(400, len(tok) // 2))
     edge = [({"temperature": t}, "greedy") for t in (3e-38, 5e-324)]
@@ -488,6 +494,12 @@ def edge_requests_leave_streams_alone(url: str, model: str, tok, streams: list[t
              ({"presence_penalty": 2, "frequency_penalty": 2}, "ok"),
              ({"presence_penalty": -2, "frequency_penalty": -2, "temperature": 2, "seed": 1}, "ok"),
              ({"logit_bias": {str(10**6): 5}}, 400), ({"max_tokens": 10**6}, 400), ({"temperature": 3}, 400)]
+    # constrained rows among them: a schema its answer must match, one forced past its end, a schema refused
+    yes_no = {"type": "json_schema", "json_schema": {"name": "yes_no", "schema": {"enum": ["yes", "no"]}}}
+    edge += [({"response_format": yes_no}, "yes_no"),
+             ({"response_format": yes_no, "temperature": 1.5, "seed": 3}, "yes_no"),
+             ({"response_format": {"type": "json_object"}, "logit_bias": {str(forced): 100}}, "object"),
+             ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}}, 400)]
 
     async def main():
         async with httpx.AsyncClient(timeout=300) as http:
@@ -512,6 +524,10 @@ def edge_requests_leave_streams_alone(url: str, model: str, tok, streams: list[t
             assert text == greedy, extra
         elif expect == "forced":
             assert text == tok.decode([forced] * edge_tokens), extra
+        elif expect == "yes_no":
+            assert json.loads(text) in ("yes", "no"), (extra, text)
+        elif expect == "object":
+            assert text.startswith("{"), (extra, text)  # +100 on a token rules nothing the grammar rules out
 
 
 def test_edge_requests_among_running_streams_leave_every_stream_its_solo_answer(server, reference):

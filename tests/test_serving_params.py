@@ -1,6 +1,7 @@
 """The OpenAI parameters that change the answer, through the official ``openai`` client over real HTTP: ``n``,
 ``logprobs``/``top_logprobs``, ``echo``, ``logit_bias``, ``presence_penalty``, ``frequency_penalty``, and a clear
-400 for the ones this server cannot honour (``response_format``, ``tools``, unknown fields).
+400 for the ones this server cannot honour (unknown fields; ``response_format`` and ``tools`` here, where the engine
+has no grammars: tests/test_serving_structured.py serves them).
 
 The same ``OpenAIFrontend`` + ``guard.install`` and ``guard.read_body`` the Serve Ingress runs, in front of a local ``DecodeEngine``,
 served by uvicorn on 127.0.0.1 (tests/test_serving.py runs the same parameters through Ray Serve). Every

@@ -53,6 +53,7 @@ from actors.serve.augment_rows import AugmentRows
 from actors.serve.batch_cache import check_batchable
 from actors.serve.config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
 from actors.serve.engine import DecodeEngine, GenerationRequest
+from actors.serve.grammar import grammars_for
 from actors.serve.openai import guard
 from actors.serve.openai.app import Limits, OpenAIFrontend
 from actors.serve.openai.schemas import (
@@ -295,8 +296,10 @@ class AnchorDeployment:
         log.info("anchor engine %s: model calls %s", self.engine_id,
                  "in a worker thread (augmenting calls overlap the anchor's layers below its first bridge)"
                  if model_thread else "on the replica's event loop")
+        grammars = grammars_for(load_tokenizer(settings.tokenizer or settings.anchor), model.anchor_info.vocab_size)
         self.engine = DecodeEngine(model, client, settings.max_batch_size, settings.max_context,
-                                   pad_id=anchor.config.pad_token_id or 0, model_thread=model_thread)
+                                   pad_id=anchor.config.pad_token_id or 0, model_thread=model_thread,
+                                   grammars=grammars)
 
     async def generate(self, request: GenerationRequest):
         """Stream ``{"token_ids": [...], "finish_reason": ...}`` chunks for one request."""
@@ -391,7 +394,7 @@ class Ingress:
         self.frontend = OpenAIFrontend(
             tokenizer, settings.model_name, limits,
             open_stream=lambda request: streaming.generate.remote(request),
-            retryable=TRANSIENT, overloaded=(BackPressureError,),
+            retryable=TRANSIENT, overloaded=(BackPressureError,), grammars=grammars_for(tokenizer, vocab_size),
         )
 
     @api.api_route("/health", methods=["GET", "HEAD"], response_model=Health, responses={503: {"model": Health}})

@@ -35,9 +35,10 @@ chunk, then "stop" for an end-of-sequence token, or "length"); closing it early 
 frees the request's rows at the next step. A request with ``n`` > 1 runs as n rows admitted together; their
 prompt is computed once (rows with equal prompts in one prefill share it: the others copy the first one's
 cache rows, here and on the augmenting side), and ``index`` says which of them a chunk is.
-What a row's next token is drawn from: the model's logits, plus ``logit_bias``, minus the presence and
-frequency penalties of the tokens it generated, then greedy or sampled; its logprobs are those of the model's
-own distribution (log-softmax of the raw logits).
+What a row's next token is drawn from: the model's logits, masked to the tokens its grammar allows next (a
+request with ``grammar``: ``actors.serve.grammar``), plus ``logit_bias``, minus the presence and frequency
+penalties of the tokens it generated, then greedy or sampled; its logprobs are those of the model's own
+distribution (log-softmax of the raw logits). A row whose grammar is complete finishes with "stop".
 Works without Ray: give it ``actors.serve.augment_client.LocalAugments``.
 """
 
@@ -55,6 +56,7 @@ import torch
 
 from actors.serve.augment_client import AugmentClient
 from actors.serve.batch_cache import check_batchable, merge_composition_caches, select_rows
+from actors.serve.grammar import GrammarError, Grammars, consume
 from actors.serve.reasons import public_reason
 from composition.alignment import AugmentInputs
 from composition.cache import CompositionCache
@@ -83,6 +85,10 @@ class GenerationRequest:
         logit_bias: token id -> value added to its logit before choosing (greedy or sampled).
         presence_penalty: subtracted from the logit of every token generated at least once so far.
         frequency_penalty: times the number of times a token was generated so far, subtracted from its logit.
+        grammar: an llguidance grammar (``actors.serve.grammar``) the generated text must match: each row's
+            logits are masked to the tokens it allows; the row finishes ("stop") once the text is complete.
+        grammar_generated: tokens already generated under ``grammar`` (a resume: they end ``prompt_ids``); the
+            row's matcher consumes them first.
     """
 
     prompt_ids: list[int]
@@ -98,6 +104,8 @@ class GenerationRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    grammar: str | None = None
+    grammar_generated: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         """The request's own invariants (the OpenAI schema states the same bounds for HTTP bodies); what only the
@@ -136,6 +144,7 @@ class _Row:
     generated: int = 0
     # per augmenting model, the tokens its cache of this row holds (closed ones only)
     augment_tokens: list[list[int]] = field(default_factory=list)
+    matcher: object | None = None  # the row's grammar state (an llguidance matcher), with a grammar
     done: bool = False
     cancelled: bool = False
 
@@ -152,6 +161,7 @@ class DecodeEngine:
         max_batch_size: most rows decoded together; further requests wait for a free row.
         max_context: longest sequence (prompt + new tokens) a request may reach.
         pad_id: token id in padding slots.
+        grammars: the anchor tokenizer's grammar engine; None refuses requests with a grammar.
     """
 
     def __init__(
@@ -162,6 +172,7 @@ class DecodeEngine:
         max_context: int | None = None,
         pad_id: int = 0,
         model_thread: bool = True,
+        grammars: Grammars | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -172,6 +183,7 @@ class DecodeEngine:
         self.max_context = max_context
         self.pad_id = pad_id
         self.model_thread = model_thread
+        self.grammars = grammars
         self.device = next(model.anchor.parameters()).device
         self.aligner = model.aligner  # each augmenting model's tokens of the anchor's (the identity when shared)
         self._bridge_augments = [link.augment for link in model.links]
@@ -208,6 +220,9 @@ class DecodeEngine:
         first one None.
         """
         self._check(request)
+        if request.grammar is not None and not self.grammars.is_compiled(request.grammar):
+            # a new grammar compiles in a worker thread: the batch decodes on meanwhile
+            await asyncio.to_thread(self.grammars.compile, request.grammar)
         if not request.request_id:
             request.request_id = f"r{next(_ids)}"
         queue: asyncio.Queue = asyncio.Queue()
@@ -221,7 +236,11 @@ class DecodeEngine:
                 generator = torch.Generator(device=self.device)
                 seed = torch.seed() if request.seed is None else (request.seed + i) % 2**64
                 generator.manual_seed(seed)
-            rows.append(_Row(request, list(request.prompt_ids), queue, generator, id=row_id, index=i))
+            matcher = None
+            if request.grammar is not None:  # compiled once per grammar, then copied: bounded by llguidance's fuel
+                matcher = self.grammars.matcher(request.grammar, request.grammar_generated)
+            rows.append(_Row(request, list(request.prompt_ids), queue, generator, id=row_id, index=i,
+                             matcher=matcher))
         for row in rows:
             self._by_id[row.id] = row
             self._waiting.append(row)
@@ -259,6 +278,9 @@ class DecodeEngine:
     # ------------------------------------------------------------------ checks
     def _check(self, r: GenerationRequest) -> None:
         """What only this engine knows; the request checked its own invariants when it was made."""
+        if r.grammar is not None and self.grammars is None:
+            raise ValueError("this server was started without constrained decoding: leave out response_format "
+                             "and tools")
         if r.n > self.max_batch_size:
             raise ValueError(f"n={r.n} is more than this server decodes together ({self.max_batch_size}): lower n")
         vocab = self.model.anchor_info.vocab_size  # the anchor's config, as the HTTP frontend's ``Limits.vocab_size``
@@ -382,7 +404,9 @@ class DecodeEngine:
             if isinstance(picked, Exception):
                 log.warning("request %s failed: %s", row.id, picked)
                 row.done = True
-                row.queue.put_nowait(RequestFailed(f"generation failed: {public_reason(picked)}"))
+                # a grammar that cannot go on is the request's own problem (a 400), anything else the server's
+                row.queue.put_nowait(picked if isinstance(picked, GrammarError)
+                                     else RequestFailed(f"generation failed: {public_reason(picked)}"))
                 self._by_id.pop(row.id, None)
                 self.counters["failed"] += 1
                 continue
@@ -391,8 +415,8 @@ class DecodeEngine:
             row.generated += 1
             self.counters["tokens"] += 1
             finish = None
-            if token in row.request.eos_ids:
-                finish = "stop"
+            if token in row.request.eos_ids or (row.matcher is not None and row.matcher.is_stopped()):
+                finish = "stop"  # an end-of-sequence token, or a grammar whose text is complete
             elif row.generated >= row.request.max_tokens:
                 finish = "length"
             row.queue.put_nowait({"index": row.index, "token_ids": [token], "finish_reason": finish,
@@ -403,7 +427,8 @@ class DecodeEngine:
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, dict | None] | Exception]:
         """(next token, its logprobs or None) per row from last-position logits [rows, vocab]; each row uses its
-        own settings (logit bias, penalties, temperature, top_p, seed, logprobs).
+        own settings (grammar, logit bias, penalties, temperature, top_p, seed, logprobs). A row's grammar masks
+        its logits first, and its matcher consumes the chosen token.
 
         A row whose logits are not finite, or whose sampler fails, gets the exception instead of a token:
         one request's failure never reaches the other rows of the batch.
@@ -418,11 +443,18 @@ class DecodeEngine:
             try:
                 if not finite[i]:
                     raise ValueError("the model produced non-finite logits (NaN or inf) for this request")
-                row_logits = self._processed(row, logits[i]) if r.processes_logits else logits[i]
+                row_logits = logits[i]
+                if row.matcher is not None:
+                    allowed = self.grammars.allowed(row.matcher).to(row_logits.device)
+                    row_logits = row_logits.masked_fill(~allowed, float("-inf"))
+                if r.processes_logits:
+                    row_logits = self._processed(row, row_logits)
                 if r.temperature > 0:
                     token = int(sample_next(row_logits[None], True, r.temperature, 0, r.top_p, row.generator)[0])
                 else:
                     token = greedy[i] if row_logits is logits[i] else int(row_logits.argmax())
+                if row.matcher is not None:
+                    consume(row.matcher, token)
                 entry = None
                 if r.logprobs is not None:
                     entry = _logprob_entry(logp[wants.index(i)], token, r.logprobs)

@@ -12,7 +12,8 @@ says what is wrong and what is accepted. Streaming answers are ``data: {chunk}\\
 ending with ``data: [DONE]``. Stop strings and detokenisation happen here; the engine only sees
 token ids. Plain Python + FastAPI/Starlette types; no Ray (the deployment wraps it). Beside this file:
 ``schemas`` (request bodies), ``errors`` (OpenAI's error JSON), ``detokenize`` (text deltas and stop
-strings), ``resume`` (timeouts, resuming after a replica died).
+strings), ``resume`` (timeouts, resuming after a replica died), ``structured`` (``response_format`` and
+``tools``: the grammar and the tool-call answer).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from actors.serve.openai.schemas import (
     TopLogprob,
     Usage,
 )
+from actors.serve.openai.structured import Structured, ToolCallText, compile_structured, structured_output
 
 
 # ---------------------------------------------------------------------- the frontend
@@ -75,6 +77,14 @@ class _Prepared:
     include_usage: bool
     echo: bool = False  # completions: the answer's text (and logprobs) start with the prompt's
     prompt_text: str = ""  # completions with echo or logprobs: the prompt's text (echoed; text offsets start after)
+    structured: Structured | None = None  # response_format / tools: the output's grammar and the answer's shape
+
+    @property
+    def tool_call(self) -> bool:
+        return self.structured is not None and self.structured.tool_call
+
+    def tool_text(self) -> ToolCallText:
+        return ToolCallText(self.structured.function)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -118,6 +128,8 @@ class OpenAIFrontend:
         limits: context and max_tokens limits, timeout, retries.
         open_stream: ``GenerationRequest -> async iterator of {"token_ids", "finish_reason"}`` (the
             engine's own request type, the one shape a request has from here to the engine).
+        grammars: the anchor tokenizer's grammar engine (``actors.serve.grammar.Grammars``), which checks
+            ``response_format`` and ``tools`` before any work; None refuses them with a 400.
         retryable: exceptions meaning "the replica serving the request died": the request is
             resumed (prompt + tokens so far) on another replica, up to ``limits.max_retries`` times.
         overloaded: exceptions meaning "queue full": answered 503.
@@ -125,8 +137,10 @@ class OpenAIFrontend:
 
     def __init__(self, tokenizer, model_name: str, limits: Limits,
                  open_stream: Callable[[GenerationRequest], AsyncIterator[dict]],
-                 retryable: tuple[type[BaseException], ...] = (), overloaded: tuple[type[BaseException], ...] = ()):
+                 retryable: tuple[type[BaseException], ...] = (), overloaded: tuple[type[BaseException], ...] = (),
+                 grammars=None):
         self.tokenizer = tokenizer
+        self.grammars = grammars
         self.model_name = model_name
         self.limits = limits
         self.open_stream = open_stream
@@ -152,6 +166,8 @@ class OpenAIFrontend:
     async def _handle(self, body: CompletionBody | ChatBody, kind: str) -> Response:
         try:
             prepared = self._prepare(body, kind)
+            if prepared.structured is not None:
+                await compile_structured(prepared.structured, self.grammars)
         except ApiError as e:
             return e.response()
         rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex[:24]
@@ -183,12 +199,15 @@ class OpenAIFrontend:
                                 f"(GET /v1/models)", param="model", type_="invalid_request_error",
                            code="model_not_found")
         _refuse_unsupported(req, kind)
+        structured = structured_output(req, kind, self.grammars)
         if kind == "completion":
             prompt_ids = self._completion_prompt(req.prompt)
             max_tokens = req.max_tokens
             logprobs = req.logprobs
         else:
-            prompt_ids = self._chat_prompt(req.messages)
+            calls = structured is not None and structured.tool_call  # the template shows the tools it may call
+            prompt_ids = self._chat_prompt(req.messages, [t.model_dump(exclude_none=True) for t in req.tools]
+                                           if calls else None)
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             if req.top_logprobs is not None and not req.logprobs:
                 raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
@@ -224,9 +243,11 @@ class OpenAIFrontend:
             prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=req.seed,
             eos_ids=[] if req.ignore_eos else self.eos_ids, n=req.n or 1, logprobs=logprobs,
             prompt_logprobs=echo and logprobs is not None, logit_bias=self._logit_bias(req.logit_bias),
-            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0)
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            grammar=structured.grammar if structured else None)
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _Prepared(kind, generation, stop, req.stream, usage, echo=echo, prompt_text=prompt_text)
+        return _Prepared(kind, generation, stop, req.stream, usage, echo=echo, prompt_text=prompt_text,
+                         structured=structured)
 
     def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
         vocab = self.limits.vocab_size
@@ -262,7 +283,8 @@ class OpenAIFrontend:
             raise ApiError(400, "the prompt encodes to no tokens", "prompt")
         return ids
 
-    def _chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+    def _chat_prompt(self, messages: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
+        """The chat template's prompt of ``messages`` (with ``tools`` where the template shows them)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(400, f"the model '{self.model_name}' has no chat template, so it cannot take chat "
                                 f"messages: use POST /v1/completions with a plain prompt", "messages",
@@ -271,7 +293,8 @@ class OpenAIFrontend:
         if not any(t["content"] for t in turns):
             raise ApiError(400, "every message is empty: send some content", "messages")
         try:
-            text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False,
+                                                      **({"tools": tools} if tools else {}))
         except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. role order)
             raise ApiError(400, f"the chat template refused these messages: {e}", "messages") from None
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -294,8 +317,22 @@ class OpenAIFrontend:
                                  logprobs=self._completion_logprobs(p, c.prompt_logprobs, c.logprobs)[0])
                 for i, c in enumerate(choices)]).model_dump()
         return ChatCompletion(**head, choices=[
-            ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish,
-                       logprobs=self._chat_logprobs(p, c.logprobs)) for i, c in enumerate(choices)]).model_dump()
+            ChatChoice(index=i, **self._message(p, c), logprobs=self._chat_logprobs(p, c.logprobs))
+            for i, c in enumerate(choices)]).model_dump()
+
+    def _message(self, p: _Prepared, c: _Choice) -> dict:
+        """A whole chat choice's message and finish reason: content, or a tool call (finish "tool_calls" once
+        complete; a call cut by max_tokens keeps "length" and its arguments as far as they got)."""
+        if not p.tool_call:
+            return {"message": AssistantMessage(content=c.text), "finish_reason": c.finish}
+        text = p.tool_text()
+        text.add(c.text)
+        text.finish(complete=c.finish == "stop")
+        call = text.call()
+        if call is None:  # cut before the function's name was complete: no call to give
+            return {"message": AssistantMessage(content=c.text), "finish_reason": c.finish}
+        return {"message": AssistantMessage(content=None, tool_calls=[call]),
+                "finish_reason": "tool_calls" if c.finish == "stop" else c.finish}
 
     # ------------------------------------------------------------------ logprobs in OpenAI's two formats
     def _token_text(self, token: int) -> str:
@@ -340,7 +377,8 @@ class OpenAIFrontend:
         return ChatLogprobs(content=content)
 
     def _chunk(self, p: _Prepared, rid: str, created: int, delta: str | None, finish: str | None,
-               first: bool = False, usage: Usage | None = None, index: int = 0, logprobs=None) -> dict:
+               first: bool = False, usage: Usage | None = None, index: int = 0, logprobs=None,
+               tool_calls: list[dict] | None = None) -> dict:
         """One streamed event; with ``usage`` the closing usage event (no choices)."""
         head = dict(id=rid, created=created, model=self.model_name, usage=usage)
         if p.kind == "completion":
@@ -348,12 +386,13 @@ class OpenAIFrontend:
                                                          logprobs=logprobs)]
             chunk = Completion(**head, choices=choices).model_dump(exclude_none=False)
         else:
-            d = ChatDelta(role="assistant" if first else None, content=(delta or "") if (delta or first) else None)
+            d = ChatDelta(role="assistant" if first else None, content=(delta or "") if (delta or first) else None,
+                          tool_calls=tool_calls)
             choices = [] if usage else [ChatChunkChoice(index=index, delta=d, finish_reason=finish,
                                                         logprobs=logprobs)]
             chunk = ChatCompletionChunk(**head, choices=choices).model_dump()
             for choice in chunk["choices"]:  # OpenAI sends only the fields a delta has
-                choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+                choice["delta"] = ChatDelta.model_validate(choice["delta"]).model_dump(exclude_none=True)
         if usage is None:
             chunk.pop("usage")
         return chunk
@@ -362,6 +401,7 @@ class OpenAIFrontend:
         created = int(time.time())
         tokens = [0] * p.n  # per choice: completion tokens so far
         offsets: list[int | None] = [None] * p.n  # per choice: text offset of its next token (completions)
+        calls = [p.tool_text() for _ in range(p.n)] if p.tool_call else None  # per choice: its tool call so far
 
         def event(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
@@ -377,11 +417,29 @@ class OpenAIFrontend:
                 logprobs, offsets[i] = self._completion_logprobs(p, piece.prompt_logprobs, piece.logprobs, offsets[i])
                 if not piece.logprobs and not piece.prompt_logprobs:
                     logprobs = None
+            if calls is not None:
+                yield from call_events(piece, logprobs)
+                return
             text = (p.prompt_text if opening and p.echo else "") + piece.text
             if text or logprobs is not None:
                 yield event(self._chunk(p, rid, created, text, None, index=i, logprobs=logprobs))
             if piece.finish is not None:
                 yield event(self._chunk(p, rid, created, None, piece.finish, index=i))
+
+        def call_events(piece: Piece, logprobs):  # a tool call's text streams as delta.tool_calls
+            i, call, finish = piece.index, calls[piece.index], piece.finish
+            deltas = call.add(piece.text)
+            if finish is not None:
+                deltas += call.finish(complete=finish == "stop")
+            if deltas or logprobs is not None:
+                yield event(self._chunk(p, rid, created, None, None, index=i, logprobs=logprobs,
+                                        tool_calls=deltas or None))
+            if finish is not None:
+                if call.call() is None:  # cut before the function's name was complete: the text as content
+                    yield event(self._chunk(p, rid, created, call.text, None, index=i))
+                elif finish == "stop":
+                    finish = "tool_calls"
+                yield event(self._chunk(p, rid, created, None, finish, index=i))
 
         try:
             for e in events(first, True):
@@ -408,13 +466,4 @@ def _refuse_unsupported(req: CompletionBody | ChatBody, kind: str) -> None:
                            "suffix")
         if req.best_of not in (None, 1):
             raise ApiError(400, "best_of is not supported: ask for n choices and pick one yourself", "best_of")
-    else:
-        if req.tools:
-            raise ApiError(400, "tools (function calling) are not supported by this server: describe the tools "
-                                "in the messages and parse the answer yourself", "tools")
-        if req.tool_choice not in (None, "none"):
-            raise ApiError(400, "tool_choice is not supported (this server has no tool calling): leave it out or "
-                                "send \"none\"", "tool_choice")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise ApiError(400, f"response_format {req.response_format.type!r} is not supported (no constrained "
-                            f"decoding here): leave it out or send {{\"type\": \"text\"}}", "response_format")
+

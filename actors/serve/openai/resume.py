@@ -43,6 +43,7 @@ async def token_pieces(frontend, p, rid: str):
             prompt_ids=p.prompt_ids + generated[0],
             max_tokens=p.generation.max_tokens - len(generated[0]),
             prompt_logprobs=p.generation.prompt_logprobs and not generated[0],
+            grammar_generated=list(generated[0]) if p.generation.grammar is not None else [],
         )
         stream = None
         settled = False  # the stream ended or failed by itself: nothing to cancel

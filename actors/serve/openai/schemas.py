@@ -16,6 +16,8 @@ from pydantic.json_schema import models_json_schema
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its completions API allows 5; vLLM 20)
 MAX_N = 128  # the schema's bound; a server decodes at most its max_batch_size rows of one request
+MAX_TOOLS = 128  # as OpenAI
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and json_schema names
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 StopString = Annotated[str, Field(min_length=1)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
@@ -38,9 +40,37 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    schema_: dict | bool | None = Field(None, alias="schema")  # a JSON Schema; absent: any JSON value
+    strict: bool | None = None  # the output always matches the schema here (a keyword that cannot be enforced: 400)
+
+
 class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema of the arguments object; absent: no arguments ({})
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class _Sampling(_RequestBody):
@@ -100,9 +130,10 @@ class ChatBody(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = Field(None, description='"none", "auto", "required" or a {"type": ...} object')
-    parallel_tool_calls: bool | None = None  # only means something with tools
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+    parallel_tool_calls: bool | None = None  # a forced call is one call (docs/serving.md)
 
 
 def request_body(model: type[BaseModel]) -> dict:
@@ -119,7 +150,7 @@ def body_schemas(*models: type[BaseModel]) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------- responses (OpenAI's JSON)
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Usage(BaseModel):
@@ -156,9 +187,21 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -193,9 +236,22 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
