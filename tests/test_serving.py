@@ -10,6 +10,7 @@ from configs/serve.yaml (tests/test_serving_autoscale.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import httpx
 import openai
 import pytest
 import torch
+from starlette.requests import Request  # module level: the routes' annotations are strings
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -65,6 +67,41 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.2):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+@contextlib.contextmanager
+def serve_frontend(frontend):
+    """``frontend`` (an ``OpenAIFrontend``) behind ``guard``, as the Serve Ingress runs it, served by uvicorn on
+    127.0.0.1 in a thread: yields its base URL."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from actors.serve.openai import guard
+    from actors.serve.openai.schemas import ChatBody, CompletionBody
+
+    app = FastAPI()
+    guard.install(app)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await frontend.completions(await guard.read_body(request, CompletionBody))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await frontend.chat_completions(await guard.read_body(request, ChatBody))
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 30, "uvicorn to start", interval=0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,14 @@ import time
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
 
 from actors.serve.augment_client import LocalAugments
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.engine import DecodeEngine
-from actors.serve.openai import guard
 from actors.serve.openai.app import Limits, OpenAIFrontend, TextAssembler
-from actors.serve.openai.schemas import CompletionBody
 from composition.loading import load_tokenizer
 from tests.fixtures import build_pair, load_in_process
-from tests.test_serving import free_port, wait_until
+from tests.test_serving import serve_frontend, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +32,8 @@ def served(tmp_path_factory):
                           max_batch_size=4, max_context=512)
     frontend = OpenAIFrontend(tok, "local", Limits(context=512, vocab_size=len(tok), request_timeout_s=0.3),
                               open_stream=engine.generate)
-    app = FastAPI()
-    guard.install(app)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await frontend.completions(await guard.read_body(request, CompletionBody))
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 30, "uvicorn to start", interval=0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_frontend(frontend) as url:
+        yield url, engine
 
 
 def test_a_request_past_the_timeout_gets_a_504_and_frees_its_row(served):

@@ -23,20 +23,16 @@ import jsonschema
 import openai
 import pytest
 import torch
-import uvicorn
-from fastapi import FastAPI, Request
 
 from actors.serve.augment_client import LocalAugments
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.engine import DecodeEngine, GenerationRequest
 from actors.serve.grammar import GrammarError, Grammars, json_grammar
-from actors.serve.openai import guard
 from actors.serve.openai.app import Limits, OpenAIFrontend
-from actors.serve.openai.schemas import ChatBody, CompletionBody
 from actors.serve.openai.structured import ToolCallText
 from composition.loading import load_tokenizer
 from tests.fixtures import build_pair, load_in_process
-from tests.test_serving import free_port, wait_until
+from tests.test_serving import serve_frontend
 
 MODEL = "structured"
 BATCH = 8
@@ -80,25 +76,8 @@ def served(tmp_path_factory):
                           max_batch_size=BATCH, max_context=512, grammars=grammars)
     frontend = OpenAIFrontend(tok, MODEL, Limits(context=512, vocab_size=len(tok), default_max_tokens=8),
                               open_stream=engine.generate, grammars=grammars)
-    app = FastAPI()
-    guard.install(app)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await frontend.completions(await guard.read_body(request, CompletionBody))
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await frontend.chat_completions(await guard.read_body(request, ChatBody))
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 30, "uvicorn to start", interval=0.05)
-    yield f"http://127.0.0.1:{port}", engine, model, tok, grammars
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_frontend(frontend) as url:
+        yield url, engine, model, tok, grammars
 
 
 @pytest.fixture(scope="module")
