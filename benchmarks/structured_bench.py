@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     matcher, logits = grammars.matcher(grammar), torch.randn(engine.model.anchor_info.vocab_size)
     start = time.perf_counter()
     for token in sample:
-        logits.masked_fill(~grammars.allowed(matcher), float("-inf"))
+        logits.masked_fill(~grammars.masks([matcher])[0][0], float("-inf"))
         matcher.consume_token(token)
     grammar_us = (time.perf_counter() - start) / len(sample) * 1e6
     ratio = statistics.median(ratios)

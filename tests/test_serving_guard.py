@@ -161,9 +161,9 @@ def _deep(levels: int) -> bytes:
     return b'{"prompt": "hi", "x": ' + b"[" * levels + b"]" * levels + b"}"
 
 
-def _deep_schema(levels: int) -> bytes:  # nested where any JSON is taken: response_format.json_schema
-    return (b'{"prompt": "hi", "response_format": {"type": "text", "json_schema": ' + b'{"a": ' * levels + b"1"
-            + b"}" * levels + b"}}")
+def _deep_schema(levels: int) -> bytes:  # nested where any JSON is taken: response_format.json_schema.schema
+    return (b'{"prompt": "hi", "response_format": {"type": "text", "json_schema": {"name": "x", "schema": '
+            + b'{"a": ' * levels + b"1" + b"}" * levels + b"}}}")
 
 
 CHAT_SURROGATE = b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}'

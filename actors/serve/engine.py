@@ -220,9 +220,9 @@ class DecodeEngine:
         first one None.
         """
         self._check(request)
-        if request.grammar is not None and not self.grammars.is_compiled(request.grammar):
-            # a new grammar compiles in a worker thread: the batch decodes on meanwhile
-            await asyncio.to_thread(self.grammars.compile, request.grammar)
+        compiled = None
+        if request.grammar is not None:  # a new grammar compiles on its own thread: the batch decodes on meanwhile
+            compiled = await self.grammars.compile_async(request.grammar)
         if not request.request_id:
             request.request_id = f"r{next(_ids)}"
         queue: asyncio.Queue = asyncio.Queue()
@@ -236,9 +236,7 @@ class DecodeEngine:
                 generator = torch.Generator(device=self.device)
                 seed = torch.seed() if request.seed is None else (request.seed + i) % 2**64
                 generator.manual_seed(seed)
-            matcher = None
-            if request.grammar is not None:  # compiled once per grammar, then copied: bounded by llguidance's fuel
-                matcher = self.grammars.matcher(request.grammar, request.grammar_generated)
+            matcher = None if compiled is None else self.grammars.matcher(compiled, request.grammar_generated)
             rows.append(_Row(request, list(request.prompt_ids), queue, generator, id=row_id, index=i,
                              matcher=matcher))
         for row in rows:
@@ -437,22 +435,28 @@ class DecodeEngine:
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         wants = [i for i, row in enumerate(rows) if row.request.logprobs is not None]
         logp = torch.log_softmax(logits[wants].float(), dim=-1) if wants else None
+        # the constrained rows' masks, filled together and moved to the logits' device once
+        constrained = {i: k for k, i in enumerate(i for i, row in enumerate(rows) if row.matcher is not None)}
+        if constrained:
+            allowed, grammar_errors = self.grammars.masks([rows[i].matcher for i in constrained])
+            allowed = allowed.to(logits.device)
         picked: list[tuple[int, dict | None] | Exception] = []
         for i, row in enumerate(rows):
             r = row.request
             try:
                 if not finite[i]:
                     raise ValueError("the model produced non-finite logits (NaN or inf) for this request")
-                row_logits = logits[i]
-                if row.matcher is not None:
-                    allowed = self.grammars.allowed(row.matcher).to(row_logits.device)
-                    row_logits = row_logits.masked_fill(~allowed, float("-inf"))
+                raw = row_logits = logits[i]
+                if i in constrained:
+                    if grammar_errors[constrained[i]] is not None:
+                        raise grammar_errors[constrained[i]]
+                    row_logits = row_logits.masked_fill(~allowed[constrained[i]], float("-inf"))
                 if r.processes_logits:
                     row_logits = self._processed(row, row_logits)
                 if r.temperature > 0:
                     token = int(sample_next(row_logits[None], True, r.temperature, 0, r.top_p, row.generator)[0])
                 else:
-                    token = greedy[i] if row_logits is logits[i] else int(row_logits.argmax())
+                    token = greedy[i] if row_logits is raw else int(row_logits.argmax())
                 if row.matcher is not None:
                     consume(row.matcher, token)
                 entry = None

@@ -8,9 +8,9 @@ anchor's tokens, the ones emitted; across tokenizers the augmenting side never s
     grammars = Grammars(anchor_tokenizer, vocab_size)    # once per process (about 0.5 s for a 49k vocabulary)
     grammar = json_grammar(schema)                      # text: travels in GenerationRequest.grammar
     grammars.check(grammar)                             # GrammarError naming the problem (the frontend: a 400)
-    grammars.compile(grammar)                           # GrammarError past max_compile_s (a worker thread's job)
-    matcher = grammars.matcher(grammar)                 # per row: compiled once per grammar, copied per row
-    allowed = grammars.allowed(matcher)                 # bool [vocab]: the row's acceptable next tokens
+    compiled = await grammars.compile_async(grammar)    # GrammarError past max_compile_s; cached, refusals too
+    matcher = grammars.matcher(compiled)                # per row: a copy of the compiled grammar
+    allowed, errors = grammars.masks([matcher, ...])    # bool [rows, vocab]: each row's acceptable next tokens
     matcher.consume_token(token)
 
 Why llguidance rather than xgrammar (both are what vLLM and SGLang use):
@@ -28,9 +28,12 @@ Why llguidance rather than xgrammar (both are what vLLM and SGLang use):
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -63,8 +66,10 @@ def json_grammar(schema: dict | bool) -> str:
     JSON mode). Raises GrammarError for what is not a schema; unknown keywords are found by ``Grammars.check``."""
     from llguidance import LLMatcher
 
+    if schema is False:
+        raise GrammarError("the schema is false, which no value matches: send a schema some JSON satisfies")
     try:
-        return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        return LLMatcher.grammar_from_json_schema({} if schema is True else schema, defaults=JSON_OPTIONS)
     except (ValueError, TypeError) as e:
         raise GrammarError(f"not a JSON Schema: {e}") from None
 
@@ -72,10 +77,16 @@ def json_grammar(schema: dict | bool) -> str:
 class Grammars:
     """The anchor tokenizer's view for llguidance, and the compiled grammars of this process.
 
+    Compiled grammars are cached by their text (LRU, ``CACHED_GRAMMARS``), and so are refusals (a client that
+    resends a schema slow to compile pays nothing the second time). Compiles run on one dedicated thread
+    (``compile_async``), never on the thread pool the model calls use, so a burst of new schemas queues behind
+    itself instead of delaying decode steps. The cache is shared by that thread and the event loop: a lock
+    guards it.
+
     Args:
         tokenizer: the anchor's Hugging Face (fast) tokenizer: grammars match the text of its tokens.
         vocab_size: the width of the model's logits (its config's vocab_size; may exceed the tokenizer's).
-        max_compile_s: the longest a grammar may take to compile and give its first mask.
+        max_compile_s: the most CPU seconds a grammar may take to compile and give its first mask.
     """
 
     def __init__(self, tokenizer, vocab_size: int, max_compile_s: float = MAX_COMPILE_S):
@@ -90,6 +101,9 @@ class Grammars:
         self.limits = _limits()
         self.max_compile_s = max_compile_s
         self._compiled: OrderedDict[str, object] = OrderedDict()
+        self._refused: OrderedDict[str, GrammarError] = OrderedDict()
+        self._lock = threading.Lock()
+        self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
         self._bits = torch.arange(32, dtype=torch.int32)
         # the first mask over a vocabulary builds llguidance's token tables once per process (1.8 s for 49,152
         # tokens): paid here, at start-up, not by the first request's compile limit
@@ -104,27 +118,44 @@ class Grammars:
         if is_error:
             raise GrammarError(_clean(messages[0]))
 
-    def is_compiled(self, grammar: str) -> bool:
-        return grammar in self._compiled
+    def cached(self, grammar: str):
+        """The compiled matcher of ``grammar`` if this process has it (GrammarError if it was refused), else None."""
+        with self._lock:
+            if grammar in self._refused:
+                raise self._refused[grammar]
+            template = self._compiled.get(grammar)
+            if template is not None:
+                self._compiled.move_to_end(grammar)
+            return template
 
     def compile(self, grammar: str):
-        """The compiled matcher of ``grammar``, its first mask computed (which builds its lexer): cached, so later
-        rows of it start at once. Raises GrammarError for a grammar in error or slower than ``max_compile_s``.
-        Slow for large grammars: call it from a worker thread (llguidance releases the GIL)."""
-        template = self._compiled.get(grammar)
+        """The compiled matcher of ``grammar``, its first mask computed (which builds its lexer), cached. Raises
+        GrammarError for a grammar in error or slower than ``max_compile_s``. Slow for large grammars: from the
+        event loop, ``await compile_async``."""
+        template = self.cached(grammar)
         if template is not None:
-            self._compiled.move_to_end(grammar)
             return template
         start = time.thread_time()  # CPU time of this thread: what the grammar costs, however loaded the machine
-        template = self._first(grammar)
-        took = time.thread_time() - start
-        if took > self.max_compile_s:
-            raise GrammarError(f"compiling it took {took:.2f} s, more than this server allows "
-                               f"({self.max_compile_s:g} s): simplify it (fewer enum values or alternatives)")
-        self._compiled[grammar] = template
-        if len(self._compiled) > CACHED_GRAMMARS:
-            self._compiled.popitem(last=False)
+        try:
+            template = self._first(grammar)
+            took = time.thread_time() - start
+            if took > self.max_compile_s:
+                raise GrammarError(f"compiling it took {took:.2f} s, more than this server allows "
+                                   f"({self.max_compile_s:g} s): simplify it (fewer enum values or alternatives)")
+        except GrammarError as e:
+            with self._lock:
+                _remember(self._refused, grammar, e)
+            raise
+        with self._lock:
+            _remember(self._compiled, grammar, template)
         return template
+
+    async def compile_async(self, grammar: str):
+        """``compile`` on the dedicated compile thread (llguidance releases the GIL), unless it is cached."""
+        template = self.cached(grammar)
+        if template is not None:
+            return template
+        return await asyncio.get_running_loop().run_in_executor(self._compiler, self.compile, grammar)
 
     def _first(self, grammar: str):
         """A matcher of ``grammar`` whose first mask was computed."""
@@ -133,26 +164,39 @@ class Grammars:
         matcher = LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
         if matcher.is_error():
             raise GrammarError(_clean(matcher.get_error()))
-        self.allowed(matcher)
+        self.masks([matcher])
         return matcher
 
-    def matcher(self, grammar: str, generated: list[int] = ()):
-        """A new matcher of ``grammar`` that has consumed ``generated`` (a resumed row's tokens so far)."""
-        matcher = self.compile(grammar).deep_copy()
+    def matcher(self, compiled, generated: list[int] = ()):
+        """A new matcher of a grammar (its text, or what ``compile`` returned) that has consumed ``generated`` (a
+        resumed row's tokens so far)."""
+        template = self.compile(compiled) if isinstance(compiled, str) else compiled
+        matcher = template.deep_copy()
         if generated and not matcher.consume_tokens(list(generated)):
             raise GrammarError(f"the tokens generated so far do not match the grammar: {_clean(matcher.get_error())}")
         return matcher
 
-    def allowed(self, matcher) -> torch.Tensor:
-        """bool [vocab_size]: the tokens ``matcher`` accepts next (the end-of-sequence token once the text is
-        complete). Raises GrammarError for a matcher in an error state (it accepts nothing)."""
+    def masks(self, matchers: list) -> tuple[torch.Tensor, list[GrammarError | None]]:
+        """bool [len(matchers), vocab_size]: the tokens each matcher accepts next (the end-of-sequence token once
+        its text is complete), filled once for all of them; and per matcher None, or the GrammarError of one in
+        an error state (it accepts nothing)."""
         from llguidance.torch import fill_next_token_bitmask
 
-        words = torch.zeros(1, (self.vocab_size + 31) // 32, dtype=torch.int32)
-        fill_next_token_bitmask(matcher, words, 0)
-        if matcher.is_error():
-            raise GrammarError(f"the output cannot continue under its grammar: {_clean(matcher.get_error())}")
-        return ((words[0, :, None] >> self._bits) & 1).view(-1)[: self.vocab_size].bool()
+        words = torch.zeros(len(matchers), (self.vocab_size + 31) // 32, dtype=torch.int32)
+        errors: list[GrammarError | None] = []
+        for i, matcher in enumerate(matchers):
+            fill_next_token_bitmask(matcher, words, i)
+            errors.append(GrammarError(f"the output cannot continue under its grammar: {_clean(matcher.get_error())}")
+                          if matcher.is_error() else None)
+        bits = (words[:, :, None] >> self._bits) & 1
+        return bits.view(len(matchers), -1)[:, : self.vocab_size].bool(), errors
+
+
+def _remember(cache: OrderedDict, key: str, value) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    if len(cache) > CACHED_GRAMMARS:
+        cache.popitem(last=False)
 
 
 class _DecodedTokens:

@@ -40,7 +40,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(_RequestBody):  # a misspelt "schema" would mean "any JSON": refused, never ignored
     name: str = Field(pattern=NAME_PATTERN)
     description: str | None = None
     schema_: dict | bool | None = Field(None, alias="schema")  # a JSON Schema; absent: any JSON value
@@ -52,7 +52,7 @@ class ResponseFormat(_Body):
     json_schema: JsonSchemaFormat | None = None
 
 
-class FunctionDefinition(_Body):
+class FunctionDefinition(_RequestBody):
     name: str = Field(pattern=NAME_PATTERN)
     description: str | None = None
     parameters: dict | None = None  # a JSON Schema of the arguments object; absent: no arguments ({})

@@ -12,14 +12,13 @@
 
 The grammar is llguidance's (``actors.serve.grammar``), checked before any work: a keyword it cannot enforce,
 a bad reference, a schema past the size or nesting limits (here), or one slower to compile than the server
-allows (``compile_structured``, in a worker thread) is a 400 naming it. The engine masks each constrained
-row's logits with it (``DecodeEngine._sample``). ``ToolCallText`` turns the constrained text into OpenAI's
-``tool_calls``, streamed or whole, from the same pieces.
+allows (``compile_structured``, on the grammar engine's compile thread) is a 400 naming it. The engine masks
+each constrained row's logits with it (``DecodeEngine._sample``). ``ToolCallText`` turns the constrained text
+into OpenAI's ``tool_calls``, streamed or whole, from the same pieces.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import uuid
@@ -76,8 +75,6 @@ def structured_output(req, kind: str, grammars: Grammars | None) -> Structured |
                             "leave out response_format and tools", param if tool is None else "tools")
     if tool is not None:
         functions = {t.function.name: t.function.parameters for t in req.tools}
-        for name, parameters in functions.items():
-            _check_size(parameters if parameters is not None else NO_PARAMETERS, f"tools ({name}).parameters")
         if tool != "required":
             schema, param = _parameters(functions[tool]), "tools"
         else:
@@ -89,8 +86,7 @@ def structured_output(req, kind: str, grammars: Grammars | None) -> Structured |
         if req.stop:
             raise ApiError(400, "stop cannot be combined with a forced tool call: the call ends where its JSON "
                                 "does", "stop")
-    else:
-        _check_size(schema, param)
+    _check_size(schema, param)  # the whole schema: every offered function's parameters together for "required"
     try:
         grammar = json_grammar(schema)
         grammars.check(grammar)
@@ -102,10 +98,10 @@ def structured_output(req, kind: str, grammars: Grammars | None) -> Structured |
 
 
 async def compile_structured(structured: Structured, grammars: Grammars) -> None:
-    """Compile the grammar in a worker thread (this process's cache; the engine compiles its own copy, as
-    fast or faster): ApiError (400) where it is slower than the server allows."""
+    """Compile the grammar on the grammar engine's compile thread, in this process (the anchor replica compiles
+    its own copy, against the same limit): ApiError (400) where it is slower than the server allows."""
     try:
-        await asyncio.to_thread(grammars.compile, structured.grammar)
+        await grammars.compile_async(structured.grammar)
     except GrammarError as e:
         raise ApiError(400, f"{structured.param}: the schema cannot be enforced: {e}", structured.param) from None
 
