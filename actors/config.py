@@ -192,7 +192,7 @@ def describe_error(err: dict, model: type[BaseModel] | None = None, where: str =
         return message
     field = re.match(r"(\w+) must ", message)  # a section's own check naming one of its keys ("lr must be ...")
     if field:
-        return f"'{key}.{field.group(1)}'{message[len(field.group(1)):]}"
+        return f"'{key.rstrip('.')}.{field.group(1)}'{message[len(field.group(1)):]}"
     return f"'{key}': {message}"
 
 

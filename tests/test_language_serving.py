@@ -175,6 +175,42 @@ def test_edge_requests_among_running_streams_leave_every_stream_its_solo_answer(
                                       prompt(SPANISH[0]), solo(reference, prompt(SPANISH[0]), 12))
 
 
+def test_the_bare_smollm2_is_served_beside_the_composition_from_one_anchor_replica(server, reference):
+    """``anchor_name``: the same Anchor replica answers the bare SmolLM2 (its rows feed Gemma nothing, so no
+    bridge adds anything) and the composition, in the same batches, each as in-process."""
+    import asyncio
+
+    import torch
+    from openai import AsyncOpenAI, OpenAI
+
+    url, model_name = server
+    model, tok = reference
+    anchor_name = config_app()["args"]["anchor_name"]
+    cards = {m.id: m for m in OpenAI(base_url=f"{url}/v1", api_key="unused").models.list().data}
+    assert set(cards) == {model_name, anchor_name} and cards[model_name].parent == anchor_name
+    text = prompt(SPANISH[1])
+    ids = tok(text)["input_ids"]
+    with torch.no_grad():  # SmolLM2 alone: its bridge hooks idle outside a composed forward
+        out = model.anchor.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    bare_want = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    composed_want = solo(reference, text, 16)
+    assert bare_want != composed_want, "the bridges change this answer, or the test could not tell them apart"
+
+    async def main():
+        client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300, max_retries=0)
+        return await asyncio.gather(*(client.completions.create(model=name, prompt=text, max_tokens=16,
+                                                                temperature=0)
+                                      for name in [anchor_name, model_name, anchor_name]))
+
+    before = anchor_stats()
+    answers = asyncio.run(main())
+    assert [a.choices[0].text for a in answers] == [bare_want, composed_want, bare_want]
+    assert [a.model for a in answers] == [anchor_name, model_name, anchor_name]
+    after = anchor_stats()
+    assert after["engine_id"] == before["engine_id"] and after["failed"] == before["failed"]
+
+
 # ---------------------------------------------------------------------- structured outputs on the real pair
 TRANSLATION = {"type": "object", "additionalProperties": False, "required": ["english", "confident"], "properties": {
     "english": {"type": "string", "maxLength": 80}, "confident": {"type": "boolean"}}}

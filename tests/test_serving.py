@@ -92,6 +92,10 @@ def serve_frontend(frontend):
     async def chat(request: Request):
         return await frontend.chat_completions(await guard.read_body(request, ChatBody))
 
+    @app.get("/v1/models")
+    async def models():
+        return frontend.models()
+
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -69,6 +69,7 @@ MISTAKES = [
     (["proxy_locaton"], "EveryNode", "did you mean 'proxy_location'?"),
     (ANCHOR + ["autoscaling_config", "min_replicas"], "one", "min_replicas"),
     (["applications", 0, "args", "model_thread"], "sometimes", "'args.model_thread' must be true, false or auto"),
+    (["applications", 0, "args", "anchor_name"], "calm-kv", "'args.anchor_name' must differ from model_name ('calm-kv')"),
 ]
 
 

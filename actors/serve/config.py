@@ -44,6 +44,9 @@ class ServingArgs(StrictModel):
     """
 
     model_name: str = "calm-ray"  # the id clients put in "model"
+    # also serve the bare anchor (no bridges) under this id, from the same replicas and batches, as vLLM serves
+    # the base model beside its adapters (None: only model_name)
+    anchor_name: str | None = None
     anchor: str  # Hugging Face folder (or hub id where the hub is reachable)
     augments: list[str]  # one folder per augmenting model, in the bridges' order
     bridges: str  # folder written by ComposedModel.save_pretrained
@@ -86,8 +89,10 @@ class ServingArgs(StrictModel):
     @model_validator(mode="after")
     def _one_tokenizer_per_augment(self):
         check_augment_tokenizers(self.augment_tokenizers, len(self.augments))
+        if self.anchor_name is not None and self.anchor_name == self.model_name:
+            raise ValueError(f"anchor_name must differ from model_name ({self.model_name!r}): clients choose "
+                             f"between them with \"model\"")
         return self
-
 
     @field_validator("augments")
     @classmethod

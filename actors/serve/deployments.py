@@ -395,6 +395,7 @@ class Ingress:
             tokenizer, settings.model_name, limits,
             open_stream=lambda request: streaming.generate.remote(request),
             retryable=TRANSIENT, overloaded=(BackPressureError,), grammars=grammars_for(tokenizer, vocab_size),
+            anchor_name=settings.anchor_name,
         )
 
     @api.api_route("/health", methods=["GET", "HEAD"], response_model=Health, responses={503: {"model": Health}})

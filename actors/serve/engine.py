@@ -89,6 +89,9 @@ class GenerationRequest:
             logits are masked to the tokens it allows; the row finishes ("stop") once the text is complete.
         grammar_generated: tokens already generated under ``grammar`` (a resume: they end ``prompt_ids``); the
             row's matcher consumes them first.
+        bridges: False decodes with the bare anchor: the row feeds no augmenting model, so no bridge sees a key
+            and each adds exactly zero (``Bridge.forward``): the anchor's own answer, in the same batch as
+            composed rows (vLLM's base model beside its adapters).
     """
 
     prompt_ids: list[int]
@@ -106,6 +109,7 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     grammar: str | None = None
     grammar_generated: list[int] = field(default_factory=list)
+    bridges: bool = True
 
     def __post_init__(self):
         """The request's own invariants (the OpenAI schema states the same bounds for HTTP bodies); what only the
@@ -502,8 +506,8 @@ class DecodeEngine:
         self.counters["prefills"] += 1
         # rows with the same prompt (a request's n choices, or equal prompts admitted together) are computed
         # once, on both sides: the first of them leads, the others get copies of its cache rows
-        lead_of: dict[tuple[int, ...], int] = {}
-        expand = [lead_of.setdefault(tuple(r.tokens), len(lead_of)) for r in rows]  # row -> its leader's position
+        lead_of: dict[tuple, int] = {}
+        expand = [lead_of.setdefault((r.request.bridges, *r.tokens), len(lead_of)) for r in rows]  # -> its leader
         leaders = [rows[expand.index(k)] for k in range(len(lead_of))]
         copies = {leaders[k].id: [r.id for r, e in zip(rows, expand) if e == k and r is not leaders[k]]
                   for k in range(len(leaders))}
@@ -514,6 +518,7 @@ class DecodeEngine:
         keep = [r.id for r in self._running]
         echo = any(r.request.prompt_logprobs for r in rows)  # then the logits of every prompt position
         texts, inputs = self.aligner.step(ids, mask, None, None)
+        inputs = _bare_rows_fed_nothing(leaders, inputs)
         new = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per leader: the prompt's closed tokens
         for r, row in enumerate(rows):
             row.augment_tokens = [list(new[m][expand[r]]) for m in range(len(new))]
@@ -548,6 +553,7 @@ class DecodeEngine:
         # what each augmenting cache of each row holds: counted here, no device sync
         seen = [torch.tensor([len(r.augment_tokens[m]) for r in rows]) for m in range(len(self._cache.augment_masks))]
         texts, inputs = self.aligner.step(new, torch.ones_like(new), self._cache.texts, seen)
+        inputs = _bare_rows_fed_nothing(rows, inputs)
         closed = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per row: 0, 1 or more tokens
         states = self._augment_states(ids, closed)
         logits, self._cache, waited, call_s = await self._forward_with(states, new, torch.ones_like(new),
@@ -644,6 +650,24 @@ def _logprob_entry(logp: torch.Tensor, token: int, k: int) -> dict:
     top = torch.topk(logp, k) if k else None
     return {"id": token, "logprob": float(logp[token]),
             "top": [] if top is None else [[int(t), float(v)] for v, t in zip(top.values, top.indices)]}
+
+
+def _bare_rows_fed_nothing(rows: list[_Row], inputs: list[AugmentInputs]) -> list[AugmentInputs]:
+    """``inputs`` with the bare-anchor rows' augmenting tokens turned to padding and nothing visible: their
+    bridges see no key and add zero. The identity shortcut (the anchor's mask for the augmenting side's) no
+    longer holds while such a row is in the batch, so those steps take the general rule (the same values for
+    the other rows)."""
+    bare = [r for r, row in enumerate(rows) if not row.request.bridges]
+    if not bare:
+        return inputs
+    index = torch.tensor(bare)
+    out = []
+    for inp in inputs:
+        mask, visible = inp.attention_mask.clone(), inp.visible.clone()
+        mask[index], visible[index] = 0, 0
+        first = int(mask.any(0).long().argmax()) if mask.any() else mask.shape[1]  # columns left of it: padding
+        out.append(AugmentInputs(inp.input_ids[:, first:], mask[:, first:], visible, identity=False))
+    return out
 
 
 def _real_tokens(inputs: AugmentInputs) -> list[list[int]]:

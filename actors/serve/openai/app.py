@@ -71,6 +71,7 @@ class _Prepared:
     engine) and what only the HTTP answer needs."""
 
     kind: Literal["completion", "chat"]
+    model: str  # the served id it asked for (the composition's, or the bare anchor's): the answers' "model"
     generation: GenerationRequest
     stop: list[str]
     stream: bool
@@ -124,7 +125,9 @@ class OpenAIFrontend:
 
     Args:
         tokenizer: a Hugging Face tokenizer (its chat template serves /v1/chat/completions).
-        model_name: the one model id served (``model`` in requests must match when given).
+        model_name: the composed model's id (a request's ``model``, when given, must be it or ``anchor_name``).
+        anchor_name: the bare anchor's id (its rows feed no augmenting model: no bridge adds anything); None:
+            the bare anchor is not served.
         limits: context and max_tokens limits, timeout, retries.
         open_stream: ``GenerationRequest -> async iterator of {"token_ids", "finish_reason"}`` (the
             engine's own request type, the one shape a request has from here to the engine).
@@ -138,8 +141,9 @@ class OpenAIFrontend:
     def __init__(self, tokenizer, model_name: str, limits: Limits,
                  open_stream: Callable[[GenerationRequest], AsyncIterator[dict]],
                  retryable: tuple[type[BaseException], ...] = (), overloaded: tuple[type[BaseException], ...] = (),
-                 grammars=None):
+                 grammars=None, anchor_name: str | None = None):
         self.tokenizer = tokenizer
+        self.anchor_name = anchor_name
         self.grammars = grammars
         self.model_name = model_name
         self.limits = limits
@@ -153,8 +157,11 @@ class OpenAIFrontend:
 
     # ------------------------------------------------------------------ endpoints
     def models(self) -> dict:
-        card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.limits.context)
-        return ModelList(data=[card]).model_dump()
+        cards = [ModelCard(id=self.model_name, created=self.created, max_model_len=self.limits.context,
+                           parent=self.anchor_name)]
+        if self.anchor_name is not None:
+            cards.append(ModelCard(id=self.anchor_name, created=self.created, max_model_len=self.limits.context))
+        return ModelList(data=cards).model_dump()
 
     async def completions(self, body: CompletionBody) -> Response:
         """``body`` is validated already (``guard.read_body``: pydantic-core, against the schemas of schemas.py)."""
@@ -194,10 +201,12 @@ class OpenAIFrontend:
     # ------------------------------------------------------------------ what the field constraints cannot say
     def _prepare(self, req: CompletionBody | ChatBody, kind: str) -> _Prepared:
         """Checks that need the model (its name, context, vocabulary, chat template) or refuse a feature."""
-        if req.model is not None and req.model != self.model_name:
-            raise ApiError(404, f"the model '{req.model}' does not exist: this server serves '{self.model_name}' "
-                                f"(GET /v1/models)", param="model", type_="invalid_request_error",
-                           code="model_not_found")
+        served = [self.model_name] + ([self.anchor_name] if self.anchor_name is not None else [])
+        if req.model is not None and req.model not in served:
+            raise ApiError(404, f"the model '{req.model}' does not exist: this server serves "
+                                f"{' and '.join(repr(m) for m in served)} (GET /v1/models)", param="model",
+                           type_="invalid_request_error", code="model_not_found")
+        model = req.model or self.model_name
         _refuse_unsupported(req, kind)
         structured = structured_output(req, kind, self.grammars)
         if kind == "completion":
@@ -244,9 +253,9 @@ class OpenAIFrontend:
             eos_ids=[] if req.ignore_eos else self.eos_ids, n=req.n or 1, logprobs=logprobs,
             prompt_logprobs=echo and logprobs is not None, logit_bias=self._logit_bias(req.logit_bias),
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            grammar=structured.grammar if structured else None)
+            grammar=structured.grammar if structured else None, bridges=model == self.model_name)
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _Prepared(kind, generation, stop, req.stream, usage, echo=echo, prompt_text=prompt_text,
+        return _Prepared(kind, model, generation, stop, req.stream, usage, echo=echo, prompt_text=prompt_text,
                          structured=structured)
 
     def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
@@ -310,7 +319,7 @@ class OpenAIFrontend:
 
     def _full_response(self, p: _Prepared, rid: str, choices: list[_Choice]) -> dict:
         usage = self._usage(p, sum(c.tokens for c in choices))
-        head = dict(id=rid, created=int(time.time()), model=self.model_name, usage=usage)
+        head = dict(id=rid, created=int(time.time()), model=p.model, usage=usage)
         if p.kind == "completion":
             return Completion(**head, choices=[
                 CompletionChoice(index=i, text=(p.prompt_text if p.echo else "") + c.text, finish_reason=c.finish,
@@ -380,7 +389,7 @@ class OpenAIFrontend:
                first: bool = False, usage: Usage | None = None, index: int = 0, logprobs=None,
                tool_calls: list[dict] | None = None) -> dict:
         """One streamed event; with ``usage`` the closing usage event (no choices)."""
-        head = dict(id=rid, created=created, model=self.model_name, usage=usage)
+        head = dict(id=rid, created=created, model=p.model, usage=usage)
         if p.kind == "completion":
             choices = [] if usage else [CompletionChoice(index=index, text=delta or "", finish_reason=finish,
                                                          logprobs=logprobs)]

@@ -278,6 +278,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "calm-ray"
     max_model_len: int
+    parent: str | None = None  # a composition's anchor, when the bare anchor is served too (as vLLM's adapters')
 
 
 class ModelList(BaseModel):
