@@ -151,7 +151,7 @@ def test_the_escapes_schema_makes_the_model_write_escapes(served):
     assert json.loads(text)["quote"] == 'say "hi"\n\tback\\slash'
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2])
 def test_sampled_answers_with_seeds_parse_and_validate_in_chat_and_completions(client, seed):
     for name, schema in SCHEMAS.items():
         fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
