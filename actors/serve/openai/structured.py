@@ -52,7 +52,8 @@ class Structured:
 
 
 def structured_output(req, kind: str, grammars: Grammars | None) -> Structured | None:
-    """The request's structured output, or None for free text; ApiError (400) for what cannot be enforced."""
+    """The request's structured output, or None for free text; ApiError (400) for what this server refuses
+    before compiling (``compile_structured`` then refuses what llguidance cannot enforce)."""
     schema, param = None, "response_format"
     if req.response_format is not None and req.response_format.type != "text":
         if req.response_format.type == "json_object":
@@ -88,8 +89,7 @@ def structured_output(req, kind: str, grammars: Grammars | None) -> Structured |
                                 "does", "stop")
     _check_size(schema, param)  # the whole schema: every offered function's parameters together for "required"
     try:
-        grammar = json_grammar(schema)
-        grammars.check(grammar)
+        grammar = json_grammar(schema)  # llguidance's verdict on the keywords comes with its compile (below)
     except GrammarError as e:
         raise ApiError(400, f"{param}: the schema cannot be enforced: {e}", param) from None
     if tool is None:
@@ -99,7 +99,8 @@ def structured_output(req, kind: str, grammars: Grammars | None) -> Structured |
 
 async def compile_structured(structured: Structured, grammars: Grammars) -> None:
     """Compile the grammar on the grammar engine's compile thread, in this process (the anchor replica compiles
-    its own copy, against the same limit): ApiError (400) where it is slower than the server allows."""
+    its own copy, against the same limit): ApiError (400) naming what llguidance refuses (a keyword it cannot
+    enforce, a bad reference) or a compile slower than the server allows. Refusals are cached."""
     try:
         await grammars.compile_async(structured.grammar)
     except GrammarError as e:
