@@ -193,6 +193,8 @@ def describe_error(err: dict, model: type[BaseModel] | None = None, where: str =
     field = re.match(r"(\w+) must ", message)  # a section's own check naming one of its keys ("lr must be ...")
     if field:
         return f"'{key.rstrip('.')}.{field.group(1)}'{message[len(field.group(1)):]}"
+    if key == where:  # a check of the whole section (no key of its own): named by the section
+        return f"{where.rstrip('.')}: {message}"
     return f"'{key}': {message}"
 
 

@@ -103,9 +103,9 @@ def in_process(model, prompt_ids: list[int], max_tokens: int, repeats: int, batc
 
 
 # ---------------------------------------------------------------------- over HTTP
-async def one_request(http, url: str, prompt: str, max_tokens: int) -> dict:
+async def one_request(http, url: str, prompt: str, max_tokens: int, model: str | None = None) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
     t0 = time.perf_counter()
     ttft, tokens = None, 0
     async with http.stream("POST", f"{url}/v1/completions", json=body) as r:

@@ -46,7 +46,7 @@ def build(threads: int):
     import yaml
 
     (app,) = yaml.safe_load((ROOT / "configs" / "serve_language.yaml").read_text())["applications"]
-    bridges = ServingArgs.from_dict(app["args"]).resolved().bridges
+    bridges = ServingArgs.from_dict(app["args"]).resolved().compositions[0].bridges
     tok = load_tokenizer(str(anchor))
     model = ComposedModel.from_pretrained(bridges, load_causal_lm(str(anchor), dtype="float32"),
                                           [load_causal_lm(str(augment), dtype="float32")],

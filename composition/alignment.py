@@ -43,6 +43,7 @@ Standalone use (the training pipeline tokenises each example once per model)::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -208,6 +209,24 @@ class Aligner:
         self._augments = [_plain_backend(t, f"augmenting model {i}") for i, t in enumerate(augment_tokenizers)]
         self._prefix = [prefix_special_ids(t) for t in augment_tokenizers]
         self.augment_pad_ids = [t.pad_token_id if t.pad_token_id is not None else 0 for t in augment_tokenizers]
+
+    @classmethod
+    def select(cls, entries: list[tuple[Aligner, int]]) -> Aligner:
+        """The alignment whose augmenting model m is ``entries[m]``: augmenting model i of that aligner (the
+        alignment of several compositions over one anchor, ``ComposedModel.stack``). The aligners that tokenise
+        must share the anchor's tokenizer."""
+        texts = [a for a, _ in entries if a.has_tokenizers]
+        anchors = {json.dumps(a.anchor_fingerprint, sort_keys=True) for a in texts}
+        if len(anchors) > 1:
+            raise ValueError("the compositions were built with different anchor tokenizers: stack compositions "
+                             "of one anchor, each built with that anchor's tokenizer")
+        out = cls.shared(len(entries)) if not texts else copy.copy(texts[0])
+        fields = ("augment_fingerprints", "identity", "_augments", "_prefix", "augment_pad_ids")
+        for name in fields:
+            setattr(out, name, [getattr(a, name)[i] for a, i in entries])
+        if texts:  # identity entries of a shared aligner read the anchor's ids: no tokenizer of their own
+            out.augment_fingerprints = [fp or out.anchor_fingerprint for fp in out.augment_fingerprints]
+        return out
 
     @property
     def needs_text(self) -> bool:

@@ -22,9 +22,21 @@ class AugmentEncoder(nn.Module):
         super().__init__()
         self.model = model
         self.info: DecoderInfo = describe_decoder(model)
-        self.indices = sorted(set(indices))
+        self.indices: list[int] = []
         self._captured: dict[int, torch.Tensor] | None = None
-        self._sites = [HiddenStateSite(self.info, i, self._reader(i)) for i in self.indices]
+        self._sites: dict[int, HiddenStateSite] = {}
+        self.add_indices(indices)
+
+    def add_indices(self, indices) -> None:
+        """Also return the hidden states at ``indices`` from now on (another composition reads them)."""
+        for i in sorted(set(indices) - set(self.indices)):
+            self._sites[i] = HiddenStateSite(self.info, i, self._reader(i))
+        self.indices = sorted(self._sites)
+
+    def remove_hooks(self) -> None:
+        for site in self._sites.values():
+            site.remove()
+        self._sites = {}
 
     def _reader(self, index: int):
         def read(hidden: torch.Tensor) -> None:

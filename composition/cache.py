@@ -112,6 +112,20 @@ class CompositionCache:
             buffers.append((kbuf, vbuf))
         return all_keys, all_values, buffers
 
+    def add_bridges(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Append bridges (a composition added to a stack while rows decode): their keys/values over every row
+        and token seen so far; zeros for rows that do not take them (their mask hides them)."""
+        self.bridge_keys = [*self.bridge_keys, *keys]
+        self.bridge_values = [*self.bridge_values, *values]
+        self.buffers = []
+
+    def drop_bridges(self, bridges: list[int]) -> None:
+        """Forget bridges ``bridges`` (a composition removed from a stack); the ones after them move down."""
+        gone = set(bridges)
+        self.bridge_keys = [k for b, k in enumerate(self.bridge_keys) if b not in gone]
+        self.bridge_values = [v for b, v in enumerate(self.bridge_values) if b not in gone]
+        self.buffers = []
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in ``index`` (e.g. to drop finished requests)."""
         self.attention_mask = self.attention_mask[index]

@@ -6,6 +6,9 @@
     model = ComposedModel(anchor, [augment], config, tokenizers=[anchor_tokenizer, augment_tokenizer])
     ids = model.generate(input_ids, attention_mask, max_new_tokens=32)
     model.save_pretrained("bridges/")                             # bridges only
+    # several compositions over one anchor: each row of a batch chooses its own (None: the bare anchor)
+    both = ComposedModel.stack({"es": spanish, "code": coder})
+    out = both(input_ids, attention_mask, row_bridges=both.bridges_of(["es", "code", None]))
 
 Bridges are attached to the anchor with hooks that do nothing unless the ComposedModel is
 running, so calling the anchor directly still gives the anchor's own outputs.
@@ -17,6 +20,7 @@ paper's composition, token for token.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +58,8 @@ class _Running:
     make_keys_values: Callable[[], tuple[list, list, list]]  # -> (keys, values, cache buffers)
     masks: list[torch.Tensor]  # per augmenting model [batch, 1, new, seen by that model] bool
     positions: torch.Tensor  # [batch, new]
+    row_bridges: torch.Tensor | None = None  # [batch, bridges] bool: which bridges apply to each row (None: all)
+    active: list[bool] | None = None  # per bridge: whether any row takes it (a bridge no row takes is skipped)
     keys: list[torch.Tensor] | None = None  # per bridge [batch, heads, seen, head_dim], once resolved
     values: list[torch.Tensor] | None = None
     buffers: list = field(default_factory=list)  # the cache buffers behind keys/values
@@ -72,6 +78,9 @@ class _AugmentSide:
     key_positions: torch.Tensor  # [batch, new] rotary positions of its new tokens' bridge keys
     new: int  # how many new tokens (columns) it has in this pass
     positions: torch.Tensor | None = None  # its new tokens' own positions when known (None: from full_mask)
+
+
+DEFAULT = "default"  # the name of the one composition of a ComposedModel that is not a ``stack``
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -158,11 +167,127 @@ class ComposedModel(nn.Module):
             ).to(device=device, dtype=dtype)
             for link in self.links
         )
+        # the bridges of each composition this model holds: one, unnamed, unless it is a ``stack``
+        self.compositions: dict[str, list[int]] = {DEFAULT: list(range(len(self.links)))}
         self._running: _Running | None = None
-        self._sites = [
-            HiddenStateSite(self.anchor_info, index, self._bridge_hook(index))
-            for index in sorted({link.anchor_index for link in self.links})
-        ]
+        self._sites: dict[int, HiddenStateSite] = {}  # anchor index -> the hook that adds its bridges
+        self._members: dict[int, list[int]] = {}  # anchor index -> the bridges added there
+        self._attach()
+
+    def _attach(self) -> None:
+        """Hooks at every anchor index some bridge enters (and none elsewhere), after the links changed."""
+        self._members = {}
+        for b, link in enumerate(self.links):
+            self._members.setdefault(link.anchor_index, []).append(b)
+        for index in set(self._sites) - set(self._members):
+            self._sites.pop(index).remove()
+        for index in sorted(set(self._members) - set(self._sites)):
+            self._sites[index] = HiddenStateSite(self.anchor_info, index, self._bridge_hook(index))
+
+    @classmethod
+    def stack(cls, compositions: dict[str, ComposedModel]) -> ComposedModel:
+        """Several compositions over one anchor as one model, each row of a batch decoded with its own.
+
+        ``compositions``: name -> a ComposedModel, all built on the same anchor module. An augmenting model
+        that several of them use (the same module, read with the same tokenizer) becomes one augmenting model
+        of the stack (in the order the compositions first name them), run once per row; bridges stay per
+        composition. ``forward(row_bridges=model.bridges_of(names))`` says which bridges apply to each row (by
+        composition name, None for the bare anchor); a bridge adds exactly zero to the other rows
+        (``Bridge.forward``: a row that sees no key), so each row's result is its own composition's. The parts'
+        hooks move to the stack: use the stack, not the parts, from here.
+        """
+        if not compositions:
+            raise ConfigError("give at least one composition to stack")
+        parts = list(compositions.values())
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.config = parts[0].config  # its window is every part's; its layer mappings describe the first only
+        model.anchor = parts[0].anchor
+        model.anchor_info = parts[0].anchor_info
+        model.tokenizers = None
+        model.links, model.bridges, model.encoders, model.compositions = [], nn.ModuleList(), nn.ModuleList(), {}
+        model._slots = []  # per augmenting model of the stack: (its key, (aligner, index) it reads through)
+        model._running, model._sites, model._members = None, {}, {}
+        for name, part in compositions.items():
+            model.add_composition(name, part)
+        return model
+
+    def _slot_key(self, part: ComposedModel, i: int) -> tuple:
+        """What makes the part's augmenting model i one augmenting model of a stack: its module and tokenizer."""
+        return (id(part.encoders[i].model), json.dumps(part.aligner.augment_fingerprints[i], sort_keys=True),
+                part.aligner.identity[i])
+
+    def augments_of(self, part: ComposedModel) -> list[int | None]:
+        """Which of this stack's augmenting models each of ``part``'s is (None: none of them)."""
+        keys = [key for key, _ in getattr(self, "_slots", [])]
+        return [keys.index(k) if k in keys else None for k in (self._slot_key(part, i) for i in range(len(
+            part.encoders)))]
+
+    def add_composition(self, name: str, part: ComposedModel) -> list[int]:
+        """Add ``part`` (a ComposedModel on this stack's anchor) as composition ``name``; returns its bridges'
+        indices. Its augmenting models that the stack has (the same module and tokenizer) are shared; others
+        are appended. Its hooks move to this stack. Between forward passes only."""
+        if not hasattr(self, "_slots"):
+            raise ValueError("add compositions to a stack (ComposedModel.stack), not to a single composition")
+        if name in self.compositions:
+            raise ValueError(f"a composition named {name!r} is already in this stack")
+        if part.anchor is not self.anchor:
+            raise ConfigError(f"composition {name!r} is built on another anchor module: build every composition "
+                              f"on the same anchor (one loaded model) to stack them")
+        if part.config.window != self.config.window:
+            raise ConfigError(f"composition {name!r} has window {part.config.window}, the stack "
+                              f"{self.config.window} (CompositionConfig.window): compositions served together must "
+                              f"attend over the same window")
+        slot_here = []
+        for i, encoder in enumerate(part.encoders):
+            slot = self.augments_of(part)[i]
+            if slot is None:
+                slot = len(self._slots)
+                self._slots.append((self._slot_key(part, i), (part.aligner, i)))
+                self.encoders.append(AugmentEncoder(encoder.model, []))
+                self.aligner = Aligner.select([entry for _, entry in self._slots])
+            self.encoders[slot].add_indices(encoder.indices)
+            slot_here.append(slot)
+        part.remove_hooks()
+        start = len(self.links)
+        self.links += [Link(slot_here[link.augment], link.augment_index, link.anchor_index) for link in part.links]
+        self.bridges.extend(part.bridges)
+        self.compositions[name] = list(range(start, len(self.links)))
+        self._attach()
+        return self.compositions[name]
+
+    def remove_composition(self, name: str) -> list[int]:
+        """Remove composition ``name``'s bridges; returns the indices they had (the bridges after them move down).
+        Its augmenting models stay. Between forward passes only."""
+        if name not in self.compositions or not hasattr(self, "_slots"):
+            raise ValueError(f"no composition named {name!r} in this stack: it has {sorted(self.compositions)}")
+        gone = self.compositions.pop(name)
+        keep = [b for b in range(len(self.links)) if b not in set(gone)]
+        new_index = {b: k for k, b in enumerate(keep)}
+        self.links = [self.links[b] for b in keep]
+        self.bridges = nn.ModuleList(self.bridges[b] for b in keep)
+        self.compositions = {n: [new_index[b] for b in bs] for n, bs in self.compositions.items()}
+        self._attach()
+        return gone
+
+    def composition_augments(self, name: str) -> list[int]:
+        """The augmenting models composition ``name``'s bridges read."""
+        return sorted({self.links[b].augment for b in self.compositions[name]})
+
+    def bridges_of(self, names: list[str | None]) -> torch.Tensor | None:
+        """[rows, bridges] bool: the bridges of each row's composition (by name; None: the bare anchor, no
+        bridge). None when every row takes every bridge (``forward``'s fast path)."""
+        unknown = sorted({n for n in names if n is not None and n not in self.compositions})
+        if unknown:
+            raise ValueError(f"no composition named {unknown}; this model has {sorted(self.compositions)}")
+        everything = len(self.links)
+        if all(n is not None and len(self.compositions[n]) == everything for n in names):
+            return None
+        out = torch.zeros(len(names), everything, dtype=torch.bool)
+        for r, name in enumerate(names):
+            if name is not None:
+                out[r, self.compositions[name]] = True
+        return out.to(next(self.anchor.parameters()).device)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -191,23 +316,25 @@ class ComposedModel(nn.Module):
 
     def remove_hooks(self) -> None:
         """Detach the bridges from the anchor and augmenting models for good."""
-        for site in self._sites:
+        for site in self._sites.values():
             site.remove()
+        self._sites = {}
         for e in self.encoders:
-            for site in e._sites:
-                site.remove()
+            e.remove_hooks()
 
     def _bridge_hook(self, anchor_index: int):
-        members = [b for b, link in enumerate(self.links) if link.anchor_index == anchor_index]
-
         def add_bridges(hidden: torch.Tensor) -> torch.Tensor | None:
             run = self._running
             if run is None:  # the anchor is being called on its own
                 return None
             run.resolve()
             out = hidden
-            for b in members:
+            for b in self._members[anchor_index]:
                 mask = run.masks[self.links[b].augment]
+                if run.row_bridges is not None:
+                    if not run.active[b]:
+                        continue  # no row of this step takes it: it would add zero everywhere
+                    mask = mask & run.row_bridges[:, b, None, None, None]  # other rows see no key: zero
                 out = out + self.bridges[b](hidden, run.keys[b], run.values[b], mask, run.positions)
             return out
 
@@ -271,6 +398,7 @@ class ComposedModel(nn.Module):
         use_cache: bool = False,
         logits_to_keep: int = 0,
         labelled_logits_only: bool = False,
+        row_bridges: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Composed forward pass.
 
@@ -292,6 +420,9 @@ class ComposedModel(nn.Module):
             labelled_logits_only: with ``labels`` and no cache, run the LM head only on the positions that
                 predict a label (``composition.loss``): the same loss, much less compute when only
                 completions are labelled; ``logits`` is then [1, labelled positions, vocab]. Used in training.
+            row_bridges: [batch, bridges] bool, which bridges apply to each row (``self.bridges_of``: a stack's
+                rows of different compositions, or the bare anchor); a bridge adds exactly zero to the others.
+                None: every bridge applies to every row.
         Returns:
             CausalLMOutputWithPast with ``logits`` [batch, seq, vocab], ``loss`` when labels, ``cache``.
         """
@@ -336,7 +467,8 @@ class ComposedModel(nn.Module):
 
         key_pos = [side.key_positions for side in sides]
         run = _Running(lambda: self._bridge_keys_values(augment_states, key_pos, cache, batch, new_lengths),
-                       [side.mask for side in sides], positions)
+                       [side.mask for side in sides], positions, row_bridges,
+                       None if row_bridges is None else row_bridges.any(0).tolist())
         out = self._run_anchor(run, input_ids, attention_mask, full_mask, positions, labels, cache, use_cache,
                                logits_to_keep, labelled_logits_only)
         new_cache = None
@@ -427,6 +559,10 @@ class ComposedModel(nn.Module):
     def save_pretrained(self, folder) -> None:
         """Write the bridges only (config JSON + bridges.safetensors + model-pair fingerprints)."""
         from composition.checkpoint import save_bridges
+
+        if len(self.compositions) > 1:
+            raise ValueError(f"this is a stack of {len(self.compositions)} compositions: save each composition "
+                             f"from its own ComposedModel")
 
         save_bridges(self, folder)
 

@@ -149,3 +149,32 @@ def reference_completion(model: ComposedModel, tokenizer, prompt_ids: list[int],
     if tokenizer.eos_token_id in new:
         new = new[: new.index(tokenizer.eos_token_id) + 1]
     return new
+
+
+def write_augment(folder: str | Path, tokenizer_folder: str, hidden: int = 32, layers: int = 4, seed: int = 5) -> str:
+    """A tiny random Llama reading the tokenizer of ``tokenizer_folder``, saved with it to ``folder``: another
+    augmenting model for an existing anchor."""
+    from composition.loading import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_folder)
+    _llama(hidden, layers, 4, len(tok), 512, seed).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def write_bridges(folder: str | Path, anchor: str, augment: str, seed: int, pairs: tuple = ((0, 0), (2, 2), (4, 4)),
+                  own_tokenizers: bool = False, scale: float = 0.5) -> str:
+    """Non-zero random bridges composing the saved ``anchor`` and ``augment`` folders, saved to ``folder`` (a
+    composition of its own, as training would write one); ``own_tokenizers``: each model reads its folder's
+    tokenizer (composition across tokenizers)."""
+    from composition.loading import load_tokenizer
+
+    tokenizers = [load_tokenizer(anchor), load_tokenizer(augment)] if own_tokenizers else None
+    config = CompositionConfig(mappings=[LayerMapping(pairs=[tuple(p) for p in pairs])])
+    composed = ComposedModel(load_causal_lm(anchor), [load_causal_lm(augment)], config, tokenizers=tokenizers)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in composed.bridges.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    composed.save_pretrained(folder)
+    return str(folder)

@@ -629,3 +629,27 @@ def test_retrieved_gate_depends_only_on_the_augmenting_side_and_closes_like_the_
 def test_gate_must_be_a_known_kind():
     with pytest.raises(ConfigError, match="gate must be"):
         CompositionConfig(gate="sometimes")
+
+
+def test_a_stack_of_compositions_gives_each_row_its_own_compositions_logits(tmp_path):
+    """``ComposedModel.stack`` in plain torch: rows of two compositions and of the bare anchor in one forward
+    each get the logits of their own model run alone."""
+    from composition.loading import load_causal_lm
+    from tests.fixtures import build_pair, write_augment, write_bridges
+
+    pair = build_pair(tmp_path)
+    other = write_augment(tmp_path / "other", pair.anchor)
+    spec = {"a": (pair.augment, pair.bridges), "b": (other, write_bridges(tmp_path / "b", pair.anchor, other, 4))}
+
+    def load(anchor, name):
+        return ComposedModel.from_pretrained(spec[name][1], anchor, [load_causal_lm(spec[name][0])])
+
+    anchor = load_causal_lm(pair.anchor)
+    stack = ComposedModel.stack({name: load(anchor, name) for name in spec})
+    ids = torch.randint(3, VOCAB, (3, 9), generator=torch.Generator().manual_seed(0))
+    out = stack(ids, row_bridges=stack.bridges_of(["a", "b", None])).logits
+    alone = {name: load(load_causal_lm(pair.anchor), name) for name in spec}
+    torch.testing.assert_close(out[0], alone["a"](ids[:1]).logits[0])
+    torch.testing.assert_close(out[1], alone["b"](ids[1:2]).logits[0])
+    torch.testing.assert_close(out[2], alone["a"].anchor(ids[2:]).logits[0])  # no bridge: the anchor's own
+    assert not torch.allclose(out[0], alone["b"](ids[:1]).logits[0])  # the two compositions differ

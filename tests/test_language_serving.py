@@ -43,8 +43,9 @@ def prompt(spanish: str) -> str:
 def test_the_config_names_the_default_pair_and_its_committed_bridges(folders):
     app = config_app()
     args = ServingArgs.from_dict(app["args"]).resolved()  # relative paths resolve once the folders exist
-    assert (Path(args.anchor), Path(args.augments[0])) == folders
-    assert (Path(args.bridges) / "bridges.safetensors").is_file(), "the committed bridges are missing"
+    (composition,) = args.compositions
+    assert (Path(args.anchor), Path(composition.augments[0])) == folders
+    assert (Path(composition.bridges) / "bridges.safetensors").is_file(), "the committed bridges are missing"
     assert app["args"]["augments"] and "augment_tokenizers" not in app["args"]  # Gemma reads its own tokens
     assert yaml.safe_load(CONFIG.read_text())["http_options"]["host"] == "127.0.0.1"
 
@@ -78,7 +79,7 @@ def server(ray_cluster, folders):
 def reference(folders):
     """The pair in-process, fp32, as a notebook would compose it: what every served answer is compared with."""
     anchor, augment = folders
-    bridges = ServingArgs.from_dict(config_app()["args"]).resolved().bridges
+    bridges = ServingArgs.from_dict(config_app()["args"]).resolved().compositions[0].bridges
     tok = load_tokenizer(str(anchor))
     model = ComposedModel.from_pretrained(bridges, load_causal_lm(str(anchor), dtype="float32"),
                                           [load_causal_lm(str(augment), dtype="float32")],

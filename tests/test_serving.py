@@ -1,8 +1,10 @@
 """The composed model served over real HTTP on 127.0.0.1 by Ray Serve (OpenAI-shaped).
 
-One application (Ingress -> Anchor -> Augment0, tiny models, character tokenizer) is deployed once
+One application (Ingress -> Anchor -> Augment0 and Augment1, tiny models, character tokenizer) is deployed once
 on the session's Ray cluster; tests talk to it with the official ``openai`` client and with raw
 httpx. Greedy answers are compared with in-process ``ComposedModel.generate`` on the same files.
+It serves three compositions over one anchor (``MODEL``, which most tests use, another sharing its augmenting
+model, one with its own) and the bare anchor: ``test_compositions_*`` check them.
 Autoscaling is tested on a second application deployed with ``serve deploy`` from a config derived
 from configs/serve.yaml (tests/test_serving_autoscale.py).
 """
@@ -32,12 +34,19 @@ from ray import serve  # noqa: E402
 from actors.serve.config import ServingArgs  # noqa: E402
 from actors.serve.deployments import build_app  # noqa: E402
 from composition.loading import load_tokenizer  # noqa: E402
-from tests.fixtures import build_pair, load_in_process, reference_completion  # noqa: E402
+from tests.fixtures import (  # noqa: E402
+    build_pair,
+    load_in_process,
+    reference_completion,
+    write_augment,
+    write_bridges,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 APP = "calm-test"
 MODEL = "calm-test-model"
+BETA, GAMMA, ANCHOR_MODEL = "calm-test-beta", "calm-test-gamma", "calm-test-anchor"
 CONTEXT = 512
 PROMPTS = [
     "The key of door seven is",
@@ -113,6 +122,16 @@ def pair(tmp_path_factory):
     return build_pair(tmp_path_factory.mktemp("served_pair"), context=CONTEXT)
 
 
+def compositions(pair) -> dict[str, tuple[str, str]]:
+    """name -> (augmenting folder, bridges folder) of the three served compositions (written once per pair)."""
+    root = Path(pair.bridges).parent
+    if not (root / "gamma").exists():
+        write_bridges(root / "beta", pair.anchor, pair.augment, seed=7, pairs=((1, 1), (3, 3)))
+        write_bridges(root / "gamma", pair.anchor, write_augment(root / "augment_g", pair.anchor, seed=9), seed=8)
+    return {MODEL: (pair.augment, pair.bridges), BETA: (pair.augment, str(root / "beta")),
+            GAMMA: (str(root / "augment_g"), str(root / "gamma"))}
+
+
 @pytest.fixture(scope="module")
 def reference(pair):
     return load_in_process(pair), load_tokenizer(pair.anchor)
@@ -125,14 +144,18 @@ def server(ray_cluster, pair):
         ray.init(address=ray_cluster.address, namespace="serve")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServingArgs(model_name=MODEL, anchor=pair.anchor, augments=[pair.augment], bridges=pair.bridges,
+    settings = ServingArgs(compositions=[{"name": name, "augments": [augment], "bridges": bridges}
+                                         for name, (augment, bridges) in compositions(pair).items()],
+                           anchor_name=ANCHOR_MODEL, anchor=pair.anchor,
                            max_batch_size=8, max_context=CONTEXT, default_max_tokens=16, request_timeout_s=90,
                            augment_retry_s=90,
                            torch_threads=1)
+    assert settings.deployment_names() == ["Ingress", "Anchor", "Augment0", "Augment1"]  # BETA shares Augment0
     options = {
         "Ingress": {"ray_actor_options": {"num_cpus": 0.1}},
         "Anchor": {"ray_actor_options": {"num_cpus": 0.3}, "max_ongoing_requests": 8, "max_queued_requests": 16},
         "Augment0": {"ray_actor_options": {"num_cpus": 0.3}},
+        "Augment1": {"ray_actor_options": {"num_cpus": 0.1}},
     }
     serve.run(build_app(settings, options), name=APP, route_prefix="/")
     url = f"http://127.0.0.1:{serve.context._get_global_client().http_config.port}"
@@ -174,8 +197,9 @@ def test_models_and_health(server):
     assert httpx.head(f"{server}/health", timeout=10).status_code == 200  # probes may use HEAD
     assert httpx.get(f"{server}/health/live", timeout=10).json() == {"status": "ok"}
     models = httpx.get(f"{server}/v1/models", timeout=10).json()
-    assert [m["id"] for m in models["data"]] == [MODEL]
-    assert models["data"][0]["max_model_len"] == CONTEXT
+    assert [(m["id"], m["parent"]) for m in models["data"]] == [
+        (MODEL, ANCHOR_MODEL), (BETA, ANCHOR_MODEL), (GAMMA, ANCHOR_MODEL), (ANCHOR_MODEL, None)]
+    assert {m["max_model_len"] for m in models["data"]} == {CONTEXT}
 
 
 def test_greedy_completion_equals_in_process_generate(client, reference):
@@ -190,6 +214,35 @@ def test_greedy_completion_equals_in_process_generate(client, reference):
     assert out.usage.total_tokens == len(prompt) + n
     # "auto" with a bridge at the anchor's input: the event loop (tests/test_serving_cli.py serves the other case)
     assert anchor_stats()["model_thread"] is False
+
+
+def test_compositions_stream_concurrently_and_each_equals_its_own_solo_answer(server, pair):
+    """Streams of three compositions and the bare anchor, all at once: one anchor replica decodes them in the
+    same steps, and each answer equals its composition's alone, in-process (the bare anchor: the anchor's)."""
+    from tests.fixtures import Pair
+    from tests.test_serving_bare_anchor import anchor_alone
+
+    tok = load_tokenizer(pair.anchor)
+    alone = {name: load_in_process(Pair(pair.anchor, augment, bridges, pair.tokenizer_no_template))
+             for name, (augment, bridges) in compositions(pair).items()}
+    jobs = [(name, prompt) for prompt in PROMPTS[:2] for name in [*alone, ANCHOR_MODEL]]
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", timeout=120, max_retries=0)
+
+    async def one(name, prompt):
+        stream = await client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0,
+                                                 stream=True)
+        return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+    async def main():
+        return await asyncio.gather(*(one(name, prompt) for name, prompt in jobs))
+
+    texts = asyncio.run(main())
+    for (name, prompt), text in zip(jobs, texts):
+        ids = tok(prompt)["input_ids"]
+        want = (anchor_alone(alone[MODEL], ids, 12, tok.eos_token_id) if name == ANCHOR_MODEL
+                else reference_completion(alone[name], tok, ids, 12))
+        assert text == tok.decode(want, skip_special_tokens=True), (name, prompt)
+    assert len(set(texts[:4])) == 4, "the compositions and the anchor give different answers: the test can tell"
 
 
 def test_greedy_chat_uses_the_chat_template_and_equals_in_process_generate(client, reference):

@@ -19,6 +19,7 @@ import torch
 from actors.serve.engine import GenerationRequest
 from actors.serve.openai.app import Limits, OpenAIFrontend
 from composition.loading import load_tokenizer
+from composition.model import DEFAULT
 from tests.fixtures import build_pair, load_in_process, reference_completion
 from tests.fixtures_xtok import build_xtok_pair, load_xtok_in_process, randomise_bridges
 from tests.test_serving import serve_frontend
@@ -65,7 +66,8 @@ def test_bare_and_composed_rows_in_one_batch_each_give_their_own_models_answer(p
     async def main():
         async def one(k, i, bare):
             await asyncio.sleep(0.01 * k)
-            return await collect(engine, GenerationRequest(prompts[i], LENGTHS[i], eos_ids=[eos], bridges=not bare))
+            return await collect(engine, GenerationRequest(prompts[i], LENGTHS[i], eos_ids=[eos],
+                                                          composition=None if bare else DEFAULT))
         return await asyncio.gather(*(one(k, i, bare) for k, (i, bare) in enumerate(jobs)))
 
     results = asyncio.run(main())
@@ -89,7 +91,7 @@ def test_a_bare_request_with_the_prompt_of_a_composed_one_is_not_served_its_pref
     eos = [tok.eos_token_id]
 
     async def main():
-        return await asyncio.gather(collect(engine, GenerationRequest(prompt, 12, eos_ids=eos, bridges=False)),
+        return await asyncio.gather(collect(engine, GenerationRequest(prompt, 12, eos_ids=eos, composition=None)),
                                     collect(engine, GenerationRequest(prompt, 12, eos_ids=eos)))
 
     (bare, _), (composed, _) = asyncio.run(main())

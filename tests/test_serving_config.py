@@ -69,7 +69,7 @@ MISTAKES = [
     (["proxy_locaton"], "EveryNode", "did you mean 'proxy_location'?"),
     (ANCHOR + ["autoscaling_config", "min_replicas"], "one", "min_replicas"),
     (["applications", 0, "args", "model_thread"], "sometimes", "'args.model_thread' must be true, false or auto"),
-    (["applications", 0, "args", "anchor_name"], "calm-kv", "'args.anchor_name' must differ from model_name ('calm-kv')"),
+    (["applications", 0, "args", "anchor_name"], "calm-kv", "'args.anchor_name' must differ from every composition's name ('calm-kv' is one)"),
 ]
 
 
@@ -100,7 +100,7 @@ def test_the_cli_check_names_missing_model_folders(tmp_path):
 
 def test_serving_args_take_a_comma_list_from_the_serve_run_command_line():
     args = ServingArgs.from_dict({"anchor": "a", "augments": "b,c", "bridges": "d"})
-    assert args.augments == ["b", "c"]
+    assert args.compositions[0].augments == ["b", "c"]
     assert args.deployment_names() == ["Ingress", "Anchor", "Augment0", "Augment1"]
     with pytest.raises(ServeConfigError, match="augments"):
         ServingArgs.from_dict({"anchor": "a", "augments": [], "bridges": "d"})
@@ -140,3 +140,50 @@ def test_auto_model_thread_follows_the_anchors_first_bridge(pairs, setting, expe
     model = ComposedModel(tiny("llama", layers=4), [tiny("llama", hidden=16, layers=2, seed=1)],
                           CompositionConfig(mappings=[LayerMapping(pairs=pairs)]))
     assert anchor_model_thread(setting, model) is expected
+
+
+def test_several_compositions_share_the_anchor_and_each_distinct_augmenting_model():
+    args = ServingArgs.from_dict({"anchor": "a", "anchor_name": "base", "compositions": [
+        {"name": "es", "augments": ["gemma"], "bridges": "b1"},
+        {"name": "legal", "augments": ["gemma"], "bridges": "b2"},
+        {"name": "both", "augments": ["coder", "gemma"], "bridges": "b3"},
+        {"name": "gemma-own-tok", "augments": ["gemma"], "bridges": "b4", "augment_tokenizers": ["tok"]}]})
+    assert args.model_name == "es"  # a request without "model" gets the first
+    assert args.augment_slots() == [("gemma", None), ("coder", None), ("gemma", "tok")]
+    assert [args.slots_of(c) for c in args.compositions] == [[0], [0], [1, 0], [2]]
+    assert args.deployment_names() == ["Ingress", "Anchor", "Augment0", "Augment1", "Augment2"]
+    # the single-composition keys are a list of one
+    one = ServingArgs.from_dict({"anchor": "a", "model_name": "m", "augments": ["g"], "bridges": "b"})
+    assert [(c.name, c.augments, c.bridges) for c in one.compositions] == [("m", ["g"], "b")]
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"anchor": "a"}, "args: give augments and bridges (one composition), or a list of compositions"),
+    ({"anchor": "a", "bridges": "b", "compositions": [{"name": "x", "augments": ["g"], "bridges": "b"}]},
+     "give the compositions in 'compositions' only: move bridges into an entry of it"),
+    ({"anchor": "a", "compositions": []}, "give at least one composition"),
+    ({"anchor": "a", "compositions": [{"name": "x", "augments": ["g"], "bridges": "b"}] * 2},
+     "composition names must differ: ['x']"),
+    ({"anchor": "a", "anchor_name": "x", "compositions": [{"name": "x", "augments": ["g"], "bridges": "b"}]},
+     "'args.anchor_name' must differ from every composition's name"),
+    ({"anchor": "a", "compositions": [{"name": "x", "augments": ["g"], "bridge": "b"}]},
+     "unknown key 'args.compositions[0].bridge' (did you mean 'bridges'?)"),
+    ({"anchor": "a", "compositions": [{"name": "", "augments": ["g"], "bridges": "b"}]},
+     "'args.compositions[0].name' must have at least 1 character"),
+])
+def test_bad_compositions_are_named_with_the_fix(args, words):
+    with pytest.raises(ServeConfigError) as err:
+        ServingArgs.from_dict(args)
+    assert words in str(err.value)
+
+
+def test_a_config_of_compositions_checks_the_deployments_of_each_augmenting_model():
+    config = shipped("serve_tiny.yaml")
+    args = config["applications"][0]["args"]
+    args["compositions"] = [{"name": args.pop("model_name"), "augments": args.pop("augments"),
+                             "bridges": args.pop("bridges")},
+                            {"name": "other", "augments": ["models/other"], "bridges": "bridges/other"}]
+    config["applications"][0]["deployments"].append({"name": "Augment1", "num_replicas": 1})
+    assert check_serve_config(config) == []
+    config["applications"][0]["deployments"][-1]["name"] = "Augment2"
+    assert any("'Augment2' is not a deployment" in p for p in check_serve_config(config))

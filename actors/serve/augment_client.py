@@ -39,6 +39,9 @@ class AugmentClient:
     def __init__(self, num_augments: int, device: str | torch.device = "cpu"):
         self.num_augments = num_augments
         self.device = device
+        # per augmenting model, the hidden-state indices the engine's bridges read (the engine sets them whenever
+        # its compositions change; sent with each call, so an augmenting side computes what a new one reads)
+        self.indices: list[tuple[int, ...]] = [()] * num_augments
         self.rebuilds = 0  # rows re-sent after a miss (for stats and tests)
         self.replica_s = 0.0  # time the augmenting side reported spending in extend calls
 
@@ -56,7 +59,7 @@ class AugmentClient:
         """States of new rows' tokens, ``rows[m]`` for augmenting model m (each in its own tokens; a row may have
         none yet); ``keep``: the engine's other live rows (the rest are dropped); ``copies``: row id -> ids of
         further rows with its tokens, held as copies of its cache rows (no states returned)."""
-        results = await asyncio.gather(*(self._call(m, Prefill(rows[m], keep, copies or {}))
+        results = await asyncio.gather(*(self._call(m, Prefill(rows[m], keep, copies or {}, indices=self.indices[m]))
                                          for m in range(self.num_augments)))
         return [self._decode(r) for r in results]
 
@@ -64,12 +67,12 @@ class AugmentClient:
                           history: Callable[[int, str], list[int]]) -> dict[int, torch.Tensor]:
         """``Extend`` on model ``augment``; rows it reports missing are re-prefilled from their ``history``
         (a replica that restarted, or a call that reached another one), then the extend is retried once."""
-        request = Extend(ids, tokens, [len(history(augment, rid)) for rid in ids])
+        request = Extend(ids, tokens, [len(history(augment, rid)) for rid in ids], self.indices[augment])
         result = await self._call(augment, request)
         if isinstance(result, Missing):
             self.rebuilds += len(result.ids)
             await self._call(augment, Prefill([(rid, history(augment, rid)) for rid in result.ids],
-                                              return_states=False))
+                                              return_states=False, indices=self.indices[augment]))
             result = await self._call(augment, request)
             if isinstance(result, Missing):
                 raise AugmentUnavailable(

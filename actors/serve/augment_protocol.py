@@ -33,6 +33,8 @@ class Prefill:
         copies: row id in ``rows`` -> ids of further rows with the same tokens, held as copies of its cache
             rows (computed once: a request's n choices); no states are returned for them.
         return_states: False re-sends history only (after a ``Missing``), with no states back.
+        indices: the hidden-state indices the engine's bridges read now; the side starts computing any it does
+            not yet (a composition loaded at runtime may read other layers). Empty: what it computes.
     """
 
     method: ClassVar[str] = "prefill"
@@ -40,6 +42,7 @@ class Prefill:
     keep: list[str] | None = None
     copies: dict[str, list[str]] = field(default_factory=dict)
     return_states: bool = True
+    indices: tuple[int, ...] = ()
 
     @property
     def tokens_run(self) -> int:
@@ -56,12 +59,14 @@ class Extend:
         tokens: per row, the tokens appended (any number, none included).
         lengths: per row, how many tokens it should hold before: a row holding another count (a step applied
             twice after a lost reply, say) is reported missing, so a retried call never corrupts a row.
+        indices: as ``Prefill.indices``.
     """
 
     method: ClassVar[str] = "extend"
     ids: list[str]
     tokens: list[list[int]]
     lengths: list[int]
+    indices: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not len(self.ids) == len(self.tokens) == len(self.lengths):

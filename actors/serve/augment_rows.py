@@ -127,7 +127,14 @@ class AugmentRows:
         when ``return_states`` is False.
         """
         with self._busy:
+            self._read(request.indices)
             return self._prefill(request.rows, request.return_states, request.keep, request.copies)
+
+    def _read(self, indices) -> None:
+        """Compute the hidden states at ``indices`` too from now on (a composition loaded at runtime reads them)."""
+        if not set(indices) <= set(self.encoder.indices):
+            with self.lock:
+                self.encoder.add_indices(indices)
 
     @torch.no_grad()
     def _prefill(self, rows, return_states, keep, copies) -> States | None:
@@ -189,6 +196,7 @@ class AugmentRows:
         that order, each row's new tokens at the right end (as ``composition.padding.pad_left`` lays them
         out); or ``Missing`` (see the module docstring)."""
         with self._busy:
+            self._read(request.indices)
             return self._extend(request.ids, request.tokens, request.lengths)
 
     @torch.no_grad()

@@ -33,8 +33,58 @@ class ServeConfigError(ConfigError):
     """A serving config that would not work as written; the message lists every problem."""
 
 
+class CompositionArgs(StrictModel):
+    """One served composition: its bridges and the augmenting models they read, over the server's anchor."""
+
+    name: str = Field(min_length=1)  # the id clients put in "model"
+    augments: list[str]  # one folder per augmenting model, in the bridges' order
+    bridges: str  # folder written by ComposedModel.save_pretrained
+    # one per augmenting model (null: that model's folder, or the anchor's tokenizer when the folder holds
+    # none); one that differs from the anchor's is served across tokenizers (docs/serving.md)
+    augment_tokenizers: list[str | None] | None = None
+
+    @field_validator("augments", mode="before")
+    @classmethod
+    def _split(cls, v):
+        # `serve run jobs.serve:app_builder augments=a,b` passes one string
+        return [p for p in v.split(",") if p] if isinstance(v, str) else v
+
+    @field_validator("augment_tokenizers", mode="before")
+    @classmethod
+    def _split_tokenizers(cls, v):
+        # `serve run ... augment_tokenizers=a,,b`: an empty entry (or "null") is that model's own folder
+        if isinstance(v, str):
+            return [None if p in ("", "null", "None") else p for p in v.split(",")]
+        return v
+
+    @field_validator("augments")
+    @classmethod
+    def _some(cls, v):
+        if not v:
+            raise ValueError("give at least one augmenting model folder")
+        return v
+
+    @model_validator(mode="after")
+    def _one_tokenizer_per_augment(self):
+        check_augment_tokenizers(self.augment_tokenizers, len(self.augments))
+        return self
+
+    def slot_keys(self) -> list[tuple[str, str | None]]:
+        """(folder, tokenizer) of each augmenting model: the key of the augmenting deployment that serves it."""
+        return list(zip(self.augments, self.augment_tokenizers or [None] * len(self.augments)))
+
+
+# the keys of one composition given at the top of the args (the single-composition config)
+_ONE_COMPOSITION = ("augments", "bridges", "augment_tokenizers")
+
+
 class ServingArgs(StrictModel):
-    """What one served composed model loads, and its request limits (the application's ``args``).
+    """What one application serves: an anchor, the compositions over it, and the request limits (its ``args``).
+
+    ``compositions`` lists each composition (``CompositionArgs``: name, augments, bridges); the anchor is loaded
+    once, and an augmenting model that several compositions name (the same folder, read with the same
+    tokenizer) is deployed once and shared. The single-composition config of earlier versions (``model_name``,
+    ``augments``, ``bridges``, ``augment_tokenizers`` at the top) is a list of one.
 
     Paths must exist on every node that runs a replica, or be URIs of shared storage (``s3://bucket/prefix``,
     ``gs://...``, ``?endpoint_override=`` for S3-compatible stores; ``actors.storage``): each replica then
@@ -43,17 +93,12 @@ class ServingArgs(StrictModel):
     ``build_app`` binds the object itself to every deployment.
     """
 
-    model_name: str = "calm-ray"  # the id clients put in "model"
+    compositions: list[CompositionArgs]
     # also serve the bare anchor (no bridges) under this id, from the same replicas and batches, as vLLM serves
-    # the base model beside its adapters (None: only model_name)
+    # the base model beside its adapters (None: only the compositions)
     anchor_name: str | None = None
     anchor: str  # Hugging Face folder (or hub id where the hub is reachable)
-    augments: list[str]  # one folder per augmenting model, in the bridges' order
-    bridges: str  # folder written by ComposedModel.save_pretrained
     tokenizer: str | None = None  # the anchor's tokenizer (default: the anchor's folder)
-    # one per augmenting model (null: that model's folder, or the anchor's tokenizer when the folder holds
-    # none); one that differs from the anchor's is served across tokenizers (docs/serving.md)
-    augment_tokenizers: list[str | None] | None = None
     dtype: DType = "float32"
     device: str = "cpu"  # "cuda" in replicas that have num_gpus
     max_batch_size: int = Field(16, ge=1)  # rows one anchor replica decodes together
@@ -72,34 +117,53 @@ class ServingArgs(StrictModel):
     # below its first bridge; "auto": when there are such layers (the first bridge above the anchor's input)
     model_thread: bool | Literal["auto"] = Field("auto", description="true, false or auto")
 
-    @field_validator("augments", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _split(cls, v):
-        # `serve run jobs.serve:app_builder augments=a,b` passes one string
-        return [p for p in v.split(",") if p] if isinstance(v, str) else v
-
-    @field_validator("augment_tokenizers", mode="before")
-    @classmethod
-    def _split_tokenizers(cls, v):
-        # `serve run ... augment_tokenizers=a,,b`: an empty entry (or "null") is that model's own folder
-        if isinstance(v, str):
-            return [None if p in ("", "null", "None") else p for p in v.split(",")]
-        return v
+    def _single_composition(cls, data):
+        """``model_name``/``augments``/``bridges``/``augment_tokenizers`` at the top: a list of one composition."""
+        if not isinstance(data, dict):
+            return data
+        given = [k for k in ("model_name", *_ONE_COMPOSITION) if k in data]
+        if "compositions" in data:
+            if given:
+                raise ValueError(f"give the compositions in 'compositions' only: move {', '.join(given)} into "
+                                 f"an entry of it (model_name is its 'name')")
+            return data
+        missing = [k for k in ("augments", "bridges") if k not in data]
+        if missing:
+            raise ValueError(f"give {' and '.join(missing)} (one composition), or a list of compositions "
+                             f"(compositions: [{{name, augments, bridges}}, ...])")
+        data = dict(data)
+        one = {"name": data.pop("model_name", "calm-ray"), **{k: data.pop(k) for k in _ONE_COMPOSITION if k in data}}
+        return {**data, "compositions": [one]}
 
     @model_validator(mode="after")
-    def _one_tokenizer_per_augment(self):
-        check_augment_tokenizers(self.augment_tokenizers, len(self.augments))
-        if self.anchor_name is not None and self.anchor_name == self.model_name:
-            raise ValueError(f"anchor_name must differ from model_name ({self.model_name!r}): clients choose "
-                             f"between them with \"model\"")
+    def _distinct_names(self):
+        names = [c.name for c in self.compositions]
+        if not names:
+            raise ValueError("give at least one composition in 'compositions'")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"composition names must differ: {repeated} appear more than once")
+        if self.anchor_name is not None and self.anchor_name in names:
+            raise ValueError(f"anchor_name must differ from every composition's name ({self.anchor_name!r} is "
+                             f"one): clients choose between them with \"model\"")
         return self
 
-    @field_validator("augments")
-    @classmethod
-    def _some(cls, v):
-        if not v:
-            raise ValueError("give at least one augmenting model folder")
-        return v
+    @property
+    def model_name(self) -> str:
+        """The first composition's id: what a request without ``model`` gets."""
+        return self.compositions[0].name
+
+    def augment_slots(self) -> list[tuple[str, str | None]]:
+        """The augmenting models to deploy, (folder, tokenizer) each, once however many compositions read them,
+        in the order the compositions first name them; ``Augment{i}`` serves slot i."""
+        return list(dict.fromkeys(key for c in self.compositions for key in c.slot_keys()))
+
+    def slots_of(self, composition: CompositionArgs) -> list[int]:
+        """The slots (augmenting deployments) of ``composition``'s augmenting models, in its order."""
+        slots = self.augment_slots()
+        return [slots.index(key) for key in composition.slot_keys()]
 
     @field_validator("model_thread", mode="before")
     @classmethod
@@ -129,28 +193,37 @@ class ServingArgs(StrictModel):
                     return str((base / path).resolve())
             return path  # a hub id, or missing (check_paths says so)
 
-        return self.model_copy(update={"anchor": fix(self.anchor), "bridges": fix(self.bridges),
-                                       "tokenizer": fix(self.tokenizer), "augments": [fix(p) for p in self.augments],
-                                       "augment_tokenizers": None if self.augment_tokenizers is None else
-                                       [fix(p) for p in self.augment_tokenizers],
+        return self.model_copy(update={"anchor": fix(self.anchor), "tokenizer": fix(self.tokenizer),
+                                       "compositions": [self._paths(c, fix) for c in self.compositions],
                                        "api_key_file": fix(self.api_key_file)})
 
+    @staticmethod
+    def _paths(c: CompositionArgs, fix) -> CompositionArgs:
+        """``c`` with ``fix`` applied to each of its paths."""
+        return c.model_copy(update={"bridges": fix(c.bridges), "augments": [fix(p) for p in c.augments],
+                                    "augment_tokenizers": None if c.augment_tokenizers is None else
+                                    [fix(p) for p in c.augment_tokenizers]})
+
     def _folders(self) -> list[tuple[str, str | None]]:
-        return [("anchor", self.anchor), ("bridges", self.bridges), ("tokenizer", self.tokenizer)] + [
-            (f"augments[{i}]", p) for i, p in enumerate(self.augments)
-        ] + [(f"augment_tokenizers[{i}]", p) for i, p in enumerate(self.augment_tokenizers or [])]
+        out = [("anchor", self.anchor), ("tokenizer", self.tokenizer)]
+        for k, c in enumerate(self.compositions):
+            where = f"compositions[{k}]." if len(self.compositions) > 1 else ""
+            out += [(f"{where}bridges", c.bridges)] + [(f"{where}augments[{i}]", p) for i, p in enumerate(c.augments)]
+            out += [(f"{where}augment_tokenizers[{i}]", p) for i, p in enumerate(c.augment_tokenizers or [])]
+        return out
 
     def check_paths(self) -> None:
         """Raise ServeConfigError when a model folder or the API key file is missing (before any replica tries
         to load it). A URI is checked where it lives: reachable, bucket and credentials, and that it holds
         the files its role needs (StorageError's sentence, naming the key and the fix)."""
         missing, unusable = [], []
-        needs = {"bridges": ("composition_config.json", "bridges.safetensors"), "anchor": ("config.json",)}
+        needs = {"bridges": ("composition_config.json", "bridges.safetensors"), "anchor": ("config.json",),
+                 "augments": ("config.json",)}
         for role, path in self._folders():
             if is_uri(path):
                 try:
                     filesystem(path)
-                    check_folder(path, role, needs.get(role, ("config.json",) if role.startswith("augments") else ()))
+                    check_folder(path, role, needs.get(role.rsplit(".", 1)[-1].split("[")[0], ()))
                 except StorageError as e:
                     unusable.append(str(e))
             elif path is not None and not Path(path).exists():
@@ -170,23 +243,33 @@ class ServingArgs(StrictModel):
 
     def localized(self, anchor: bool = True, augments: list[int] | None = None, bridges: bool = True) -> "ServingArgs":
         """A copy whose URIs are folders in this node's cache (``actors.storage.fetch_folder``): each replica calls
-        it for what it loads. ``augments``: the augmenting models to fetch (None: all); tokenizers always."""
+        it for what it loads. ``augments``: the augmenting slots (``augment_slots``) to fetch (None: all);
+        tokenizers always."""
+        wanted = None if augments is None else {self.augment_slots()[i][0] for i in augments}
+        fetched: dict[str, str] = {}
+
         def local(key: str, path: str | None, wanted: bool = True) -> str | None:
             if path is None or not wanted or not is_uri(path):
                 return path
-            return str(fetch_folder(path, key))
+            if path not in fetched:  # a folder several compositions name is fetched once
+                fetched[path] = str(fetch_folder(path, key))
+            return fetched[path]
 
-        wanted = set(range(len(self.augments))) if augments is None else set(augments)
+        def compose(c: CompositionArgs) -> CompositionArgs:
+            return c.model_copy(update={
+                "bridges": local(f"{c.name}.bridges", c.bridges, bridges),
+                "augments": [local(f"{c.name}.augments[{i}]", p, wanted is None or p in wanted)
+                             for i, p in enumerate(c.augments)],
+                "augment_tokenizers": None if c.augment_tokenizers is None else
+                [local(f"{c.name}.augment_tokenizers[{i}]", p) for i, p in enumerate(c.augment_tokenizers)]})
+
         return self.model_copy(update={
             "anchor": local("anchor", self.anchor, anchor or self.tokenizer is None),
-            "bridges": local("bridges", self.bridges, bridges),
             "tokenizer": local("tokenizer", self.tokenizer),
-            "augments": [local(f"augments[{i}]", p, i in wanted) for i, p in enumerate(self.augments)],
-            "augment_tokenizers": None if self.augment_tokenizers is None else
-            [local(f"augment_tokenizers[{i}]", p) for i, p in enumerate(self.augment_tokenizers)]})
+            "compositions": [compose(c) for c in self.compositions]})
 
     def deployment_names(self) -> list[str]:
-        return [INGRESS, ANCHOR] + [augment_deployment_name(i) for i in range(len(self.augments))]
+        return [INGRESS, ANCHOR] + [augment_deployment_name(i) for i in range(len(self.augment_slots()))]
 
 
 def _unknown(path: str, key, valid) -> str:
@@ -239,6 +322,21 @@ def _check_values(obj: dict, model, path: str, problems: list[str]) -> None:
         problems.append(f"{path}: {e}")
 
 
+def _deployments_of_raw(args: dict) -> list[str] | None:
+    """The deployment names of args that did not validate, where their augmenting models can still be counted."""
+    entries = args.get("compositions") if "compositions" in args else [args]
+    if not isinstance(entries, list):
+        return None
+    folders = []
+    for entry in entries:
+        raw = entry.get("augments") if isinstance(entry, dict) else None
+        if not isinstance(raw, (str, list)):
+            return None
+        folders += [p for p in raw.split(",") if p] if isinstance(raw, str) else [str(p) for p in raw]
+    count = len(dict.fromkeys(folders))  # at least this many; one per distinct folder unless tokenizers differ
+    return [INGRESS, ANCHOR] + [augment_deployment_name(k) for k in range(count)]
+
+
 def check_serve_config(config: dict) -> list[str]:
     """Every problem in a Serve config file (``serve deploy`` format) for this project; [] when fine.
 
@@ -273,9 +371,7 @@ def check_serve_config(config: dict) -> list[str]:
         if args is not None:
             names = args.deployment_names()
         else:  # args are broken; still check deployment names against the augmenting models listed
-            raw = (app.get("args") or {}).get("augments")
-            count = len(raw.split(",")) if isinstance(raw, str) else len(raw) if isinstance(raw, list) else None
-            names = None if count is None else [INGRESS, ANCHOR] + [augment_deployment_name(k) for k in range(count)]
+            names = _deployments_of_raw(app.get("args") or {})
         for j, dep in enumerate(app.get("deployments") or []):
             dwhere = f"{where}.deployments[{j}]"
             if not _check_keys(dep, s["deployment"], dwhere, problems):

@@ -3,10 +3,12 @@
     HTTP --> Ingress (FastAPI: validation, tokenising, chat template, stop strings, SSE)
                | handle.options(stream=True).generate  (one streaming call per request)
                v
-             Anchor replica: anchor + bridges + DecodeEngine (continuous batching of decode steps)
+             Anchor replica: anchor + every composition's bridges + DecodeEngine (continuous batching of
+               |             decode steps; rows of every composition in the same steps: ComposedModel.stack)
                | handle.options(multiplexed_model_id=<engine id>).prefill / .step  (one call per batch step)
                v
-             Augment{i} replica: augmenting model i + AugmentRows per engine (its KV caches)
+             Augment{i} replica: augmenting model i (one per folder and tokenizer, shared by the compositions
+                                 that read it) + AugmentRows per engine (its KV caches)
 
 Each deployment is a thin shell around a plain object that works without Ray
 (``OpenAIFrontend``, ``DecodeEngine``, ``AugmentRows``); resources and scaling live in config.
@@ -51,7 +53,7 @@ from actors.serve.augment_client import AugmentClient, AugmentUnavailable
 from actors.serve.augment_protocol import Extend, Missing, Prefill, Release, States
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.batch_cache import check_batchable
-from actors.serve.config import ANCHOR, INGRESS, ServingArgs, augment_deployment_name
+from actors.serve.config import ANCHOR, INGRESS, CompositionArgs, ServingArgs, augment_deployment_name
 from actors.serve.engine import DecodeEngine, GenerationRequest
 from actors.serve.grammar import grammars_for
 from actors.serve.openai import guard
@@ -72,6 +74,7 @@ from composition.alignment import TokenizerError
 from composition.augment import AugmentEncoder
 from composition.checkpoint import check_model_matches, check_tokenizers, read_meta
 from composition.loading import load_causal_lm, load_tokenizer, resolve_tokenizers
+from composition.model import ComposedModel
 
 log = logging.getLogger("ray.serve")
 
@@ -97,20 +100,42 @@ def model_shell(path: str):
 
 
 
-def serving_tokenizers(settings: ServingArgs, meta: dict) -> list | None:
-    """``[anchor_tokenizer, *augment_tokenizers]`` when some augmenting model tokenises differently from the
-    anchor, None when all read the anchor's tokens (the composition's alignment is then the identity).
+def serving_tokenizers(settings: ServingArgs, composition: CompositionArgs, meta: dict) -> list | None:
+    """``[anchor_tokenizer, *augment_tokenizers]`` of ``composition`` when some augmenting model tokenises
+    differently from the anchor, None when all read the anchor's tokens (the alignment is then the identity).
 
     Which tokenizer each model reads is ``composition.loading.resolve_tokenizers``' rule (training's too).
     Refuses tokenizers other than the ones the bridges recorded (ValueError naming the field), as
     ``ComposedModel.from_pretrained`` does.
     """
-    resolved = resolve_tokenizers(settings.tokenizer or settings.anchor, settings.augments, settings.augment_tokenizers)
+    resolved = resolve_tokenizers(settings.tokenizer or settings.anchor, composition.augments,
+                                  composition.augment_tokenizers)
     try:
-        check_tokenizers(settings.bridges, meta.get("tokenizers"), [resolved.anchor, *resolved.augments])
+        check_tokenizers(composition.bridges, meta.get("tokenizers"), [resolved.anchor, *resolved.augments])
     except TokenizerError:  # slow tokenizers with the anchor's vocabulary: only "one shared tokenizer" can be checked
-        check_tokenizers(settings.bridges, meta.get("tokenizers"), None)
+        check_tokenizers(composition.bridges, meta.get("tokenizers"), None)
     return resolved.for_composition()
+
+
+def load_stack(settings: ServingArgs, anchor) -> ComposedModel:
+    """Every composition of ``settings`` over the loaded ``anchor``, stacked (``ComposedModel.stack``): the
+    augmenting models as weightless shells, one per slot (each augmenting replica checks its own model).
+    Refuses bridges trained on another anchor or with other tokenizers (ValueError naming the composition)."""
+    shells = [model_shell(folder) for folder, _ in settings.augment_slots()]
+    parts = {}
+    for c in settings.compositions:
+        meta = read_meta(c.bridges)
+        check_model_matches(f"the anchor of composition {c.name!r}", meta["anchor"], anchor, SERVE_THE_TRAINED_MODELS)
+        # check_models=False: the shells have no weights
+        parts[c.name] = ComposedModel.from_pretrained(c.bridges, anchor, [shells[s] for s in settings.slots_of(c)],
+                                                      check_models=False,
+                                                      tokenizers=serving_tokenizers(settings, c, meta))
+    model = ComposedModel.stack(parts)
+    if len(model.encoders) != len(shells):
+        raise ValueError(f"the compositions read {len(model.encoders)} distinct augmenting models where the config "
+                         f"names {len(shells)} (folder, tokenizer) pairs: name each augmenting model's tokenizer "
+                         f"the same way in every composition that uses it")
+    return model
 
 
 def anchor_model_thread(setting: bool | str, model) -> bool:
@@ -162,13 +187,19 @@ class AugmentDeployment:
     def __init__(self, settings: ServingArgs, index: int):
         _threads(settings)
         settings = settings.localized(anchor=False, augments=[index])  # URIs: into this node's cache
-        model = load_causal_lm(settings.augments[index], settings.dtype, settings.device)
-        meta = read_meta(settings.bridges)
-        check_model_matches(f"augmenting model {index}", meta["augments"][index], model, SERVE_THE_TRAINED_MODELS)
+        folder, _ = settings.augment_slots()[index]
+        model = load_causal_lm(folder, settings.dtype, settings.device)
         check_batchable(model, f"augmenting model {index}")  # refused at start-up, never per request
-        indices = sorted({a for i, a, _ in meta["links"] if i == index})
+        indices = set()  # the layers that the bridges of every composition reading this model take
+        for c in settings.compositions:
+            meta = read_meta(c.bridges)
+            for i, slot in enumerate(settings.slots_of(c)):
+                if slot == index:
+                    check_model_matches(f"augmenting model {i} of composition {c.name!r}", meta["augments"][i],
+                                        model, SERVE_THE_TRAINED_MODELS)
+                    indices |= {a for m, a, _ in meta["links"] if m == i}
         self.index = index
-        self.encoder = AugmentEncoder(model, indices)
+        self.encoder = AugmentEncoder(model, sorted(indices))
         self.lock = threading.Lock()  # one model call at a time: the encoder's hooks hold per-call state
         self.model_thread = settings.model_thread is True  # "auto" is about the anchor's overlap: not here
 
@@ -270,18 +301,10 @@ class AnchorDeployment:
     """The anchor with its bridges, decoding all its requests in one continuously batched engine."""
 
     def __init__(self, settings: ServingArgs, *augments: DeploymentHandle):
-        from composition.model import ComposedModel
-
         _threads(settings)
         settings = settings.localized()  # URIs: into this node's cache (the augmenting folders for their configs)
         anchor = load_causal_lm(settings.anchor, settings.dtype, settings.device)
-        meta = read_meta(settings.bridges)
-        check_model_matches("the anchor", meta["anchor"], anchor, SERVE_THE_TRAINED_MODELS)
-        shells = [model_shell(p) for p in settings.augments]
-        tokenizers = serving_tokenizers(settings, meta)  # None: one shared tokenizer (the identity alignment)
-        # check_models=False: the shells have no weights (each augmenting replica checks its model)
-        model = ComposedModel.from_pretrained(settings.bridges, anchor, shells, check_models=False,
-                                              tokenizers=tokenizers)
+        model = load_stack(settings, anchor)
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a replica (tests)
@@ -290,7 +313,8 @@ class AnchorDeployment:
         self.augment_handles = list(augments)
         client = ServeAugments(list(augments), self.engine_id, settings.device, settings.augment_retry_s)
         model_thread = anchor_model_thread(settings.model_thread, model)
-        if tokenizers is not None:
+        log.info("anchor engine %s: compositions %s", self.engine_id, ", ".join(model.compositions))
+        if model.aligner.needs_text:
             log.info("anchor engine %s: augmenting models with their own tokenizers: the engine aligns the text "
                      "and sends each augmenting replica its closed tokens", self.engine_id)
         log.info("anchor engine %s: model calls %s", self.engine_id,
@@ -392,7 +416,7 @@ class Ingress:
         self._ready_at = -float("inf")
         streaming = anchor.options(stream=True)
         self.frontend = OpenAIFrontend(
-            tokenizer, settings.model_name, limits,
+            tokenizer, {c.name: c.name for c in settings.compositions}, limits,
             open_stream=lambda request: streaming.generate.remote(request),
             retryable=TRANSIENT, overloaded=(BackPressureError,), grammars=grammars_for(tokenizer, vocab_size),
             anchor_name=settings.anchor_name,
@@ -454,7 +478,8 @@ def build_app(settings: ServingArgs, deployment_options: dict[str, dict] | None 
     # the validated object itself goes to every deployment (no replica parses it again); the context is
     # decided once, here
     if settings.max_context is None:
-        settings = settings.model_copy(update={"max_context": model_context([settings.anchor, *settings.augments])})
+        folders = [folder for folder, _ in settings.augment_slots()]
+        settings = settings.model_copy(update={"max_context": model_context([settings.anchor, *folders])})
     # the vocabulary is the anchor's (its config's vocab_size), as the engine's: one definition of a valid id
     vocab_size = text_config(settings.anchor).vocab_size
 
@@ -463,7 +488,7 @@ def build_app(settings: ServingArgs, deployment_options: dict[str, dict] | None 
 
     augments = [
         AugmentDeployment.options(**opts(augment_deployment_name(i))).bind(settings, i)
-        for i in range(len(settings.augments))
+        for i in range(len(settings.augment_slots()))
     ]
     anchor_options = opts(ANCHOR, max_ongoing_requests=settings.max_batch_size)
     anchor = AnchorDeployment.options(**anchor_options).bind(settings, *augments)

@@ -61,6 +61,7 @@ from actors.serve.reasons import public_reason
 from composition.alignment import AugmentInputs
 from composition.cache import CompositionCache
 from composition.generate import sample_next
+from composition.model import DEFAULT
 from composition.padding import pad_left
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,11 @@ class GenerationRequest:
             logits are masked to the tokens it allows; the row finishes ("stop") once the text is complete.
         grammar_generated: tokens already generated under ``grammar`` (a resume: they end ``prompt_ids``); the
             row's matcher consumes them first.
-        bridges: False decodes with the bare anchor: the row feeds no augmenting model, so no bridge sees a key
-            and each adds exactly zero (``Bridge.forward``): the anchor's own answer, in the same batch as
-            composed rows (vLLM's base model beside its adapters).
+        composition: which of the model's compositions decodes the request (``ComposedModel.compositions``: a
+            stack's names; a model built directly has one, ``DEFAULT``). The row feeds only that composition's
+            augmenting models, and only its bridges apply to the row; the others add exactly zero
+            (``Bridge.forward``: no key). None: the bare anchor, no bridge at all (vLLM's base model beside its
+            adapters). Rows of every composition share the batch and its steps.
     """
 
     prompt_ids: list[int]
@@ -109,7 +112,7 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     grammar: str | None = None
     grammar_generated: list[int] = field(default_factory=list)
-    bridges: bool = True
+    composition: str | None = DEFAULT
 
     def __post_init__(self):
         """The request's own invariants (the OpenAI schema states the same bounds for HTTP bodies); what only the
@@ -190,7 +193,9 @@ class DecodeEngine:
         self.grammars = grammars
         self.device = next(model.anchor.parameters()).device
         self.aligner = model.aligner  # each augmenting model's tokens of the anchor's (the identity when shared)
-        self._bridge_augments = [link.augment for link in model.links]
+        # per bridge the augmenting model it reads; per composition the ones its rows feed (None, the bare anchor:
+        # none); both change when compositions are loaded and unloaded
+        self._composition_changed()
         self._waiting: deque[_Row] = deque()
         self._running: list[_Row] = []
         self._by_id: dict[str, _Row] = {}
@@ -198,6 +203,8 @@ class DecodeEngine:
         self._wake = asyncio.Event()
         self._release_pending = False  # the batch emptied: tell the augmenting side to free its rows
         self._task: asyncio.Task | None = None
+        self._between_steps = asyncio.Lock()  # held by the loop for each prefill and step
+        self._unloading: set[str] = set()  # compositions that take no new request; removed once no row has them
         self.counters = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "tokens": 0,
                          "prefills": 0, "prefill_rows": 0, "shared_prefill_rows": 0, "max_rows_in_step": 0}
         # seconds spent in decode steps: the augmenting calls from start to answer, the part of them the anchor
@@ -277,12 +284,70 @@ class DecodeEngine:
                     row.cancelled = True
                 self._wake.set()
 
+    async def load(self, name: str, part) -> None:
+        """Serve composition ``name`` from the next step on: ``part``, a ComposedModel on this engine's anchor
+        whose augmenting models are the model's own (the same modules; ``ComposedModel.augments_of``), since
+        the augmenting side has no others. Running rows go on; their caches get the new bridges' keys and
+        values as zeros, which their masks hide. ValueError naming what does not fit; nothing changes then."""
+        if name in self.model.compositions and name not in self._unloading:
+            raise ValueError(f"a composition named {name!r} is served already: unload it first")
+        missing = [i for i, slot in enumerate(self.model.augments_of(part)) if slot is None]
+        if missing:
+            raise ValueError(f"composition {name!r} reads augmenting model(s) {missing} that this engine does not "
+                             f"reach: compositions loaded at runtime read the deployed augmenting models")
+        async with self._between_steps:
+            if name in self._unloading:  # the old one is still draining: it must go before its name is reused
+                raise ValueError(f"composition {name!r} is being unloaded: its last requests are still running; "
+                                 f"load it again once they finished")
+            bridges = self.model.add_composition(name, part)
+            if self._cache is not None:
+                rows = self._cache.attention_mask.shape[0]
+                empty = []
+                for b in bridges:
+                    bridge, link = self.model.bridges[b], self.model.links[b]
+                    seen = self._cache.augment_masks[link.augment].shape[1]
+                    empty.append(torch.zeros(rows, bridge.num_heads, seen, bridge.head_dim, dtype=bridge.dtype,
+                                             device=self.device))
+                self._cache.add_bridges(empty, [e.clone() for e in empty])
+            self._composition_changed()
+
+    def unload(self, name: str) -> None:
+        """Stop taking requests for composition ``name`` now; its running and waiting rows finish, then its
+        bridges leave the model and the batch cache (between steps). Other compositions' rows go on untouched.
+        ValueError for a name this engine does not serve."""
+        if name not in self.model.compositions or name in self._unloading:
+            raise ValueError(f"no composition named {name!r} is served here")
+        self._unloading.add(name)
+        self._ensure_loop()  # an idle loop removes it at once
+
+    def _remove_unloaded(self) -> None:
+        """Remove the unloading compositions no row needs any more (inside the loop, between steps)."""
+        for name in list(self._unloading):
+            if any(r.request.composition == name for r in [*self._running, *self._waiting]):
+                continue
+            gone = self.model.remove_composition(name)
+            if self._cache is not None:
+                self._cache.drop_bridges(gone)
+            self._unloading.discard(name)
+            self._composition_changed()
+            log.info("composition %s unloaded", name)
+
+    def _composition_changed(self) -> None:
+        self._bridge_augments = [link.augment for link in self.model.links]
+        self.augments.indices = [tuple(encoder.indices) for encoder in self.model.encoders]
+        self._feeds = {name: set(self.model.composition_augments(name)) for name in self.model.compositions}
+        self._feeds[None] = set()
+
     # ------------------------------------------------------------------ checks
     def _check(self, r: GenerationRequest) -> None:
         """What only this engine knows; the request checked its own invariants when it was made."""
         if r.grammar is not None and self.grammars is None:
             raise ValueError("this server was started without constrained decoding: leave out response_format "
                              "and tools")
+        if r.composition not in self._feeds or r.composition in self._unloading:
+            served = [repr(n) for n in self.model.compositions if n not in self._unloading]
+            raise ValueError(f"no composition named {r.composition!r}: this engine serves {', '.join(served)}, "
+                             f"or None for the bare anchor")
         if r.n > self.max_batch_size:
             raise ValueError(f"n={r.n} is more than this server decodes together ({self.max_batch_size}): lower n")
         vocab = self.model.anchor_info.vocab_size  # the anchor's config, as the HTTP frontend's ``Limits.vocab_size``
@@ -325,32 +390,38 @@ class DecodeEngine:
                     continue
                 self._wake.clear()
                 await self._wake.wait()
-            self._drop_cancelled()
-            free = self.max_batch_size - len(self._running)
-            admit = []
-            while self._waiting and len(admit) + self._waiting[0].request.n <= free:
-                # a request's n rows are admitted together (generate queues them together), so they share a prefill
-                for _ in range(self._waiting[0].request.n):
-                    row = self._waiting.popleft()
-                    if not row.cancelled:
-                        admit.append(row)
-            if admit:
-                try:
-                    await self._prefill(admit)
-                except Exception as e:  # noqa: BLE001 - fail the affected requests, keep serving
-                    log.error("prefill of %d rows failed: %s", len(admit), public_reason(e))
-                    log.debug("prefill traceback", exc_info=e)  # one line per failure; the detail at debug level
-                    # a failure after the new rows joined the batch leaves the batch cache unknown
-                    joined = any(r in self._running for r in admit)
-                    self._fail(admit + (self._running if joined else []), e)
-            if self._running:
-                try:
-                    await self._step()
-                except Exception as e:  # noqa: BLE001
-                    log.error("decode step of %d rows failed: %s", len(self._running), public_reason(e))
-                    log.debug("decode step traceback", exc_info=e)
-                    self._fail(list(self._running), e)
+            async with self._between_steps:  # compositions are added and removed between iterations only
+                await self._iteration()
             await asyncio.sleep(0)  # let streams and new requests through between steps
+
+    async def _iteration(self) -> None:
+        """Admit and prefill what fits, then one decode step of every running row."""
+        self._drop_cancelled()
+        free = self.max_batch_size - len(self._running)
+        admit = []
+        while self._waiting and len(admit) + self._waiting[0].request.n <= free:
+            # a request's n rows are admitted together (generate queues them together), so they share a prefill
+            for _ in range(self._waiting[0].request.n):
+                row = self._waiting.popleft()
+                if not row.cancelled:
+                    admit.append(row)
+        if admit:
+            try:
+                await self._prefill(admit)
+            except Exception as e:  # noqa: BLE001 - fail the affected requests, keep serving
+                log.error("prefill of %d rows failed: %s", len(admit), public_reason(e))
+                log.debug("prefill traceback", exc_info=e)  # one line per failure; the detail at debug level
+                # a failure after the new rows joined the batch leaves the batch cache unknown
+                joined = any(r in self._running for r in admit)
+                self._fail(admit + (self._running if joined else []), e)
+        if self._running:
+            try:
+                await self._step()
+            except Exception as e:  # noqa: BLE001
+                log.error("decode step of %d rows failed: %s", len(self._running), public_reason(e))
+                log.debug("decode step traceback", exc_info=e)
+                self._fail(list(self._running), e)
+        self._remove_unloaded()
 
     def _fail(self, rows: list[_Row], error: Exception) -> None:
         err = error if isinstance(error, RequestFailed) else RequestFailed(f"generation failed: {public_reason(error)}")
@@ -507,7 +578,7 @@ class DecodeEngine:
         # rows with the same prompt (a request's n choices, or equal prompts admitted together) are computed
         # once, on both sides: the first of them leads, the others get copies of its cache rows
         lead_of: dict[tuple, int] = {}
-        expand = [lead_of.setdefault((r.request.bridges, *r.tokens), len(lead_of)) for r in rows]  # -> its leader
+        expand = [lead_of.setdefault((r.request.composition, *r.tokens), len(lead_of)) for r in rows]  # -> its leader
         leaders = [rows[expand.index(k)] for k in range(len(lead_of))]
         copies = {leaders[k].id: [r.id for r, e in zip(rows, expand) if e == k and r is not leaders[k]]
                   for k in range(len(leaders))}
@@ -518,13 +589,14 @@ class DecodeEngine:
         keep = [r.id for r in self._running]
         echo = any(r.request.prompt_logprobs for r in rows)  # then the logits of every prompt position
         texts, inputs = self.aligner.step(ids, mask, None, None)
-        inputs = _bare_rows_fed_nothing(leaders, inputs)
+        inputs = self._fed_by_their_compositions(leaders, inputs)
         new = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per leader: the prompt's closed tokens
         for r, row in enumerate(rows):
             row.augment_tokens = [list(new[m][expand[r]]) for m in range(len(new))]
         states = self.augments.prefill(
             [[(row.id, new[m][r]) for r, row in enumerate(leaders)] for m in range(len(new))], keep, copies)
-        logits, cache, _, _ = await self._forward_with(states, ids, mask, None, inputs, all_logits=echo)
+        logits, cache, _, _ = await self._forward_with(states, ids, mask, None, inputs, self._row_bridges(leaders),
+                                                       all_logits=echo)
         cache.texts = texts
         if copies:  # every row gets its leader's logits and cache rows
             index = torch.tensor(expand, dtype=torch.long, device=self.device)
@@ -553,11 +625,11 @@ class DecodeEngine:
         # what each augmenting cache of each row holds: counted here, no device sync
         seen = [torch.tensor([len(r.augment_tokens[m]) for r in rows]) for m in range(len(self._cache.augment_masks))]
         texts, inputs = self.aligner.step(new, torch.ones_like(new), self._cache.texts, seen)
-        inputs = _bare_rows_fed_nothing(rows, inputs)
+        inputs = self._fed_by_their_compositions(rows, inputs)
         closed = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per row: 0, 1 or more tokens
         states = self._augment_states(ids, closed)
         logits, self._cache, waited, call_s = await self._forward_with(states, new, torch.ones_like(new),
-                                                                       self._cache, inputs)
+                                                                       self._cache, inputs, self._row_bridges(rows))
         self._cache.texts = texts
         for r, row in enumerate(rows):  # only now: the call above re-sends these histories on a miss
             for m, tokens_m in enumerate(closed):
@@ -572,7 +644,7 @@ class DecodeEngine:
         self._compact()
         self.timers["step_s"] += time.perf_counter() - t0
 
-    async def _forward_with(self, states_call, ids, mask, cache, augment_inputs, all_logits=False):
+    async def _forward_with(self, states_call, ids, mask, cache, augment_inputs, row_bridges, all_logits=False):
         """The anchor forward with the augmenting states that ``states_call`` (a coroutine) returns.
 
         Returns (last logits, cache, seconds the forward waited for the states, seconds the call took).
@@ -585,7 +657,7 @@ class DecodeEngine:
             t0 = time.perf_counter()
             states = await states_call
             waited = time.perf_counter() - t0
-            return (*self._forward(ids, mask, states, cache, augment_inputs, all_logits), waited, waited)
+            return (*self._forward(ids, mask, states, cache, augment_inputs, row_bridges, all_logits), waited, waited)
         started = time.perf_counter()
         pending = asyncio.run_coroutine_threadsafe(states_call, asyncio.get_running_loop())
         answered = []
@@ -602,10 +674,33 @@ class DecodeEngine:
 
         try:
             logits, new_cache = await asyncio.to_thread(self._forward, ids, mask, deferred_states, cache,
-                                                        augment_inputs, all_logits)
+                                                        augment_inputs, row_bridges, all_logits)
         finally:
             pending.cancel()  # only if the forward failed before it needed the states (or we are cancelled)
         return logits, new_cache, waited, answered[0] - started
+
+    def _row_bridges(self, rows: list[_Row]) -> torch.Tensor | None:
+        """[rows, bridges] bool, the bridges of each row's composition; None when every row takes all."""
+        return self.model.bridges_of([r.request.composition for r in rows])
+
+    def _fed_by_their_compositions(self, rows: list[_Row], inputs: list[AugmentInputs]) -> list[AugmentInputs]:
+        """``inputs`` with each augmenting model's tokens turned to padding, nothing visible, in the rows whose
+        composition does not read it (the bare anchor's rows: in every model): the model is not run for them,
+        and their bridges on it see no key. The identity shortcut (the anchor's mask for the augmenting side's)
+        no longer holds for a model such a row skips, so those steps take the general rule (the same values for
+        the other rows)."""
+        out = []
+        for m, inp in enumerate(inputs):
+            skip = [r for r, row in enumerate(rows) if m not in self._feeds[row.request.composition]]
+            if not skip:
+                out.append(inp)
+                continue
+            index = torch.tensor(skip)
+            mask, visible = inp.attention_mask.clone(), inp.visible.clone()
+            mask[index], visible[index] = 0, 0
+            first = int(mask.any(0).long().argmax()) if mask.any() else mask.shape[1]  # columns left of it: padding
+            out.append(AugmentInputs(inp.input_ids[:, first:], mask[:, first:], visible, identity=False))
+        return out
 
     def _augment_history(self, augment: int, request_id: str) -> list[int]:
         """The tokens augmenting model ``augment``'s cache of a live row holds."""
@@ -623,12 +718,12 @@ class DecodeEngine:
         return {index: empty for index in encoder.indices}
 
     @torch.no_grad()
-    def _forward(self, ids, mask, states, cache, augment_inputs, all_logits=False):
+    def _forward(self, ids, mask, states, cache, augment_inputs, row_bridges, all_logits=False):
         """Anchor + bridges on new tokens ids/mask [rows, new]; returns (last logits [rows, vocab], cache), or
         with ``all_logits`` every position's logits [rows, new, vocab] (float32).
 
         ``augment_inputs``: per augmenting model the new tokens' alignment (``composition.alignment.AugmentInputs``)
-        that ``states`` are the states of.
+        that ``states`` are the states of; ``row_bridges``: the bridges of each row's composition (None: all).
         """
         augment_inputs = [AugmentInputs(i.input_ids.to(self.device), i.attention_mask.to(self.device),
                                         i.visible.to(self.device), i.identity) for i in augment_inputs]
@@ -640,6 +735,7 @@ class DecodeEngine:
             cache=cache,
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
+            row_bridges=row_bridges,
         )
         return (out.logits.float() if all_logits else out.logits[:, -1].float()), out.cache
 
@@ -650,24 +746,6 @@ def _logprob_entry(logp: torch.Tensor, token: int, k: int) -> dict:
     top = torch.topk(logp, k) if k else None
     return {"id": token, "logprob": float(logp[token]),
             "top": [] if top is None else [[int(t), float(v)] for v, t in zip(top.values, top.indices)]}
-
-
-def _bare_rows_fed_nothing(rows: list[_Row], inputs: list[AugmentInputs]) -> list[AugmentInputs]:
-    """``inputs`` with the bare-anchor rows' augmenting tokens turned to padding and nothing visible: their
-    bridges see no key and add zero. The identity shortcut (the anchor's mask for the augmenting side's) no
-    longer holds while such a row is in the batch, so those steps take the general rule (the same values for
-    the other rows)."""
-    bare = [r for r, row in enumerate(rows) if not row.request.bridges]
-    if not bare:
-        return inputs
-    index = torch.tensor(bare)
-    out = []
-    for inp in inputs:
-        mask, visible = inp.attention_mask.clone(), inp.visible.clone()
-        mask[index], visible[index] = 0, 0
-        first = int(mask.any(0).long().argmax()) if mask.any() else mask.shape[1]  # columns left of it: padding
-        out.append(AugmentInputs(inp.input_ids[:, first:], mask[:, first:], visible, identity=False))
-    return out
 
 
 def _real_tokens(inputs: AugmentInputs) -> list[list[int]]:

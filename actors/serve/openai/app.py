@@ -52,6 +52,7 @@ from actors.serve.openai.schemas import (
     Usage,
 )
 from actors.serve.openai.structured import Structured, ToolCallText, compile_structured, structured_output
+from composition.model import DEFAULT
 
 
 # ---------------------------------------------------------------------- the frontend
@@ -125,7 +126,9 @@ class OpenAIFrontend:
 
     Args:
         tokenizer: a Hugging Face tokenizer (its chat template serves /v1/chat/completions).
-        model_name: the composed model's id (a request's ``model``, when given, must be it or ``anchor_name``).
+        model_name: the served compositions: their ids (a request's ``model``) -> the engine's composition names
+            (``ComposedModel.compositions``); the first answers a request without ``model``. One id alone: the
+            engine's model's one composition (``DEFAULT``).
         anchor_name: the bare anchor's id (its rows feed no augmenting model: no bridge adds anything); None:
             the bare anchor is not served.
         limits: context and max_tokens limits, timeout, retries.
@@ -138,14 +141,18 @@ class OpenAIFrontend:
         overloaded: exceptions meaning "queue full": answered 503.
     """
 
-    def __init__(self, tokenizer, model_name: str, limits: Limits,
+    def __init__(self, tokenizer, model_name: str | dict[str, str], limits: Limits,
                  open_stream: Callable[[GenerationRequest], AsyncIterator[dict]],
                  retryable: tuple[type[BaseException], ...] = (), overloaded: tuple[type[BaseException], ...] = (),
                  grammars=None, anchor_name: str | None = None):
         self.tokenizer = tokenizer
         self.anchor_name = anchor_name
         self.grammars = grammars
-        self.model_name = model_name
+        self.compositions = {model_name: DEFAULT} if isinstance(model_name, str) else dict(model_name)
+        if not self.compositions or anchor_name in self.compositions:
+            raise ValueError(f"serve at least one composition, each under an id other than the anchor's "
+                             f"({anchor_name!r}): got {list(self.compositions)}")
+        self.model_name = next(iter(self.compositions))  # the default
         self.limits = limits
         self.open_stream = open_stream
         self.retryable = retryable
@@ -157,8 +164,8 @@ class OpenAIFrontend:
 
     # ------------------------------------------------------------------ endpoints
     def models(self) -> dict:
-        cards = [ModelCard(id=self.model_name, created=self.created, max_model_len=self.limits.context,
-                           parent=self.anchor_name)]
+        cards = [ModelCard(id=name, created=self.created, max_model_len=self.limits.context, parent=self.anchor_name)
+                 for name in self.compositions]
         if self.anchor_name is not None:
             cards.append(ModelCard(id=self.anchor_name, created=self.created, max_model_len=self.limits.context))
         return ModelList(data=cards).model_dump()
@@ -201,10 +208,12 @@ class OpenAIFrontend:
     # ------------------------------------------------------------------ what the field constraints cannot say
     def _prepare(self, req: CompletionBody | ChatBody, kind: str) -> _Prepared:
         """Checks that need the model (its name, context, vocabulary, chat template) or refuse a feature."""
-        served = [self.model_name] + ([self.anchor_name] if self.anchor_name is not None else [])
+        served = [*self.compositions] + ([self.anchor_name] if self.anchor_name is not None else [])
         if req.model is not None and req.model not in served:
-            raise ApiError(404, f"the model '{req.model}' does not exist: this server serves "
-                                f"{' and '.join(repr(m) for m in served)} (GET /v1/models)", param="model",
+            names = [repr(m) for m in served]
+            listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+            raise ApiError(404, f"the model '{req.model}' does not exist: this server serves {listed} "
+                                f"(GET /v1/models)", param="model",
                            type_="invalid_request_error", code="model_not_found")
         model = req.model or self.model_name
         _refuse_unsupported(req, kind)
@@ -253,7 +262,8 @@ class OpenAIFrontend:
             eos_ids=[] if req.ignore_eos else self.eos_ids, n=req.n or 1, logprobs=logprobs,
             prompt_logprobs=echo and logprobs is not None, logit_bias=self._logit_bias(req.logit_bias),
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            grammar=structured.grammar if structured else None, bridges=model == self.model_name)
+            grammar=structured.grammar if structured else None,
+            composition=self.compositions.get(model))  # None: the bare anchor
         usage = bool(req.stream_options and req.stream_options.include_usage)
         return _Prepared(kind, model, generation, stop, req.stream, usage, echo=echo, prompt_text=prompt_text,
                          structured=structured)
