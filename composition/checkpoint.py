@@ -86,7 +86,11 @@ def check_model_matches(role: str, saved: dict, model: nn.Module,
                                    "override") -> None:
     """Refuse a model whose ``fingerprint`` differs from ``saved`` (the one the bridges were trained with):
     ValueError naming the first field that differs, and ``fix``, what the caller can do about it."""
-    got = fingerprint(model)
+    check_fingerprint(role, saved, fingerprint(model), fix)
+
+
+def check_fingerprint(role: str, saved: dict, got: dict, fix: str) -> None:
+    """``check_model_matches`` on a fingerprint computed elsewhere (a model in another process)."""
     for key, value in saved.items():
         if got.get(key) != value:
             raise ValueError(

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = "calm-test"
 MODEL = "calm-test-model"
 BETA, GAMMA, ANCHOR_MODEL = "calm-test-beta", "calm-test-gamma", "calm-test-anchor"
+ADMIN_KEY = "calm-test-admin-key"
 CONTEXT = 512
 PROMPTS = [
     "The key of door seven is",
@@ -138,22 +139,48 @@ def reference(pair):
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, pair):
-    """Base URL of the served application; Serve's HTTP proxy bound to 127.0.0.1 on a free port."""
+def s3():
+    """moto's S3 server (compositions are loaded from it at runtime); its credentials in this process's
+    environment for the test's own uploads."""
+    from actors import storage
+    from tests import s3_server
+
+    handle, s3 = s3_server.start()
+    saved = {k: os.environ.get(k) for k in s3.env}
+    os.environ.update(s3.env)
+    storage._S3_CACHE.clear()
+    yield s3
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    storage._S3_CACHE.clear()
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, pair, s3):
+    """Base URL of the served application; Serve's HTTP proxy bound to 127.0.0.1 on a free port. No user API
+    keys; compositions may be loaded at runtime (two at a time) with ``ADMIN_KEY``."""
     if not ray.is_initialized():
         ray.init(address=ray_cluster.address, namespace="serve")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    admin_keys = Path(pair.bridges).parent / "admin_keys"
+    admin_keys.write_text(ADMIN_KEY + "\n")
     settings = ServingArgs(compositions=[{"name": name, "augments": [augment], "bridges": bridges}
                                          for name, (augment, bridges) in compositions(pair).items()],
                            anchor_name=ANCHOR_MODEL, anchor=pair.anchor,
                            max_batch_size=8, max_context=CONTEXT, default_max_tokens=16, request_timeout_s=90,
-                           augment_retry_s=90,
+                           augment_retry_s=90, max_loaded_compositions=2, admin_key_file=str(admin_keys),
                            torch_threads=1)
-    assert settings.deployment_names() == ["Ingress", "Anchor", "Augment0", "Augment1"]  # BETA shares Augment0
+    # BETA shares Augment0; Compositions: the registry of those loaded at runtime
+    assert settings.deployment_names() == ["Ingress", "Anchor", "Compositions", "Augment0", "Augment1"]
     options = {
         "Ingress": {"ray_actor_options": {"num_cpus": 0.1}},
-        "Anchor": {"ray_actor_options": {"num_cpus": 0.3}, "max_ongoing_requests": 8, "max_queued_requests": 16},
+        "Anchor": {"ray_actor_options": {"num_cpus": 0.3, "runtime_env": {"env_vars": s3.env}},
+                   "max_ongoing_requests": 8, "max_queued_requests": 16},
         "Augment0": {"ray_actor_options": {"num_cpus": 0.3}},
         "Augment1": {"ray_actor_options": {"num_cpus": 0.1}},
     }
@@ -243,6 +270,119 @@ def test_compositions_stream_concurrently_and_each_equals_its_own_solo_answer(se
                 else reference_completion(alone[name], tok, ids, 12))
         assert text == tok.decode(want, skip_special_tokens=True), (name, prompt)
     assert len(set(texts[:4])) == 4, "the compositions and the anchor give different answers: the test can tell"
+
+
+def admin_post(server, path: str, body, key: str | None = ADMIN_KEY) -> httpx.Response:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    return httpx.post(f"{server}{path}", content=json.dumps(body), headers=headers, timeout=120)
+
+
+def served_ids(server) -> list[str]:
+    return [m["id"] for m in httpx.get(f"{server}/v1/models", timeout=10).json()["data"]]
+
+
+def test_a_composition_loaded_from_s3_at_runtime_streams_beside_the_others_and_unloads_without_touching_them(
+        server, pair, s3):
+    """POST /v1/load_composition with bridges on S3 (moto), then streams of it and of a configured composition
+    at once, each equal to its composition alone; unloaded while both stream, its stream still finishes whole,
+    the other is untouched, and a new request for it is a 404."""
+    from actors.storage import publish_folder
+    from tests.fixtures import Pair
+
+    delta = "calm-test-delta"
+    uri = s3.uri("bridges/delta")
+    publish_folder(compositions(pair)[BETA][1], uri)  # beta's bridges, as another team would publish theirs
+    r = admin_post(server, "/v1/load_composition", {"name": delta, "bridges": uri, "augments": [pair.augment]})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"object": "composition", "id": delta, "parent": ANCHOR_MODEL, "status": "loaded"}
+    cards = {m["id"]: m["parent"] for m in httpx.get(f"{server}/v1/models", timeout=10).json()["data"]}
+    assert cards[delta] == ANCHOR_MODEL
+
+    tok = load_tokenizer(pair.anchor)
+    alone = {name: load_in_process(Pair(pair.anchor, pair.augment, bridges, pair.tokenizer_no_template))
+             for name, bridges in [(delta, compositions(pair)[BETA][1]), (MODEL, pair.bridges)]}
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", timeout=120, max_retries=0)
+
+    async def stream(name, prompt, tokens, started=None):
+        out = await client.completions.create(model=name, prompt=prompt, max_tokens=tokens, temperature=0,
+                                              stream=True, extra_body={"ignore_eos": True})
+        text = ""
+        async for chunk in out:
+            text += chunk.choices[0].text if chunk.choices else ""
+            if started is not None and text:
+                started.set()
+        return text
+
+    async def main():
+        started = asyncio.Event()
+        runs = [asyncio.ensure_future(stream(delta, PROMPTS[0], 40, started)),
+                asyncio.ensure_future(stream(MODEL, PROMPTS[2], 40))]
+        await started.wait()  # delta is decoding: unload it now
+        unloaded = await asyncio.to_thread(admin_post, server, "/v1/unload_composition", {"name": delta})
+        return unloaded, await asyncio.gather(*runs)
+
+    unloaded, (delta_text, model_text) = asyncio.run(main())
+    assert unloaded.status_code == 200 and unloaded.json()["status"] == "unloaded", unloaded.text
+
+    def want(name, prompt, tokens):
+        ids = alone[name].generate(torch.tensor([tok(prompt)["input_ids"]]), max_new_tokens=tokens)[0]
+        return tok.decode(ids[len(tok(prompt)["input_ids"]):], skip_special_tokens=True)
+
+    assert delta_text == want(delta, PROMPTS[0], 40)  # it finished whole after the unload
+    assert model_text == want(MODEL, PROMPTS[2], 40)
+    r = post(server, "/v1/completions", {"model": delta, "prompt": "a", "max_tokens": 2})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    assert delta not in served_ids(server)
+    assert_serves(server)
+
+
+def test_every_bad_load_is_a_4xx_naming_the_problem_and_the_server_is_unchanged(server, pair, s3, tmp_path):
+    import shutil
+
+    from tests.fixtures import build_pair
+
+    before = served_ids(server)
+    beta = Path(compositions(pair)[BETA][1])
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    shutil.copy(beta / "composition_config.json", missing)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(beta, truncated)
+    data = (truncated / "bridges.safetensors").read_bytes()
+    (truncated / "bridges.safetensors").write_bytes(data[: len(data) // 2])
+    other = build_pair(tmp_path / "other_anchor", seed=5)  # the same shapes, another anchor's weights
+
+    def load(body, key=ADMIN_KEY):
+        return admin_post(server, "/v1/load_composition", {"augments": [pair.augment], **body}, key)
+
+    cases = [
+        (load({"name": "x", "bridges": str(beta)}, key=None), 401, "no API key"),
+        (load({"name": "x", "bridges": str(beta)}, key="not-the-admin-key"), 401, "takes an admin key"),
+        (load({"name": "x", "bridges": other.bridges}), 400, "trained for the anchor of composition 'x'"),
+        (load({"name": "x", "bridges": str(missing)}), 400, "is not a bridges checkpoint"),
+        (load({"name": "x", "bridges": str(truncated)}), 400, "cannot be loaded"),
+        (load({"name": "x", "bridges": str(beta), "augments": [other.augment]}), 400,
+         "is not an augmenting model this server deploys"),
+        (load({"name": "x", "bridges": s3.uri("bridges/delta", bucket="no-such-bucket")}), 400, "no-such-bucket"),
+        (load({"name": "x", "bridges": s3.uri("nothing/here")}), 400, "cannot be loaded"),
+        (load({"name": MODEL, "bridges": str(beta)}), 409, "is served already"),
+        (load({"name": ANCHOR_MODEL, "bridges": str(beta)}), 409, "is served already"),
+        (load({"name": "x", "bridges": str(beta), "bridge": "typo"}), 400, "'bridge' is not a parameter"),
+        (admin_post(server, "/v1/unload_composition", {"name": MODEL}), 400, "composition of the config"),
+        (admin_post(server, "/v1/unload_composition", {"name": "nothing"}), 404, "no composition named 'nothing'"),
+    ]
+    for r, status, words in cases:
+        assert r.status_code == status and words in r.json()["error"]["message"], (status, words, r.text)
+        assert served_ids(server) == before
+    # the limit: two at a time (max_loaded_compositions), a third is a 409, an unload makes room
+    for name in ("x1", "x2"):
+        assert load({"name": name, "bridges": str(beta)}).status_code == 200
+    r = load({"name": "x3", "bridges": str(beta)})
+    assert r.status_code == 409 and "max_loaded_compositions: 2" in r.json()["error"]["message"], r.text
+    for name in ("x1", "x2"):
+        assert admin_post(server, "/v1/unload_composition", {"name": name}).status_code == 200
+    assert served_ids(server) == before
+    assert_serves(server)
 
 
 def test_greedy_chat_uses_the_chat_template_and_equals_in_process_generate(client, reference):

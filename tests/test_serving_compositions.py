@@ -13,7 +13,6 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
 
 from actors.serve.augment_client import LocalAugments
 from actors.serve.augment_rows import AugmentRows

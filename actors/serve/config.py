@@ -22,7 +22,7 @@ from composition.config import ConfigError, check_augment_tokenizers, did_you_me
 
 APP_IMPORT_PATH = "jobs.serve:app_builder"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-INGRESS, ANCHOR = "Ingress", "Anchor"
+INGRESS, ANCHOR, COMPOSITIONS = "Ingress", "Anchor", "Compositions"
 
 
 def augment_deployment_name(index: int) -> str:
@@ -110,6 +110,12 @@ class ServingArgs(StrictModel):
     # API keys, one per line (with any in $CALM_RAY_API_KEY, comma-separated); read by every Ingress replica
     # at start, so the file must exist on every node that runs one. None and no env: no keys, an open server
     api_key_file: str | None = None
+    # compositions that POST /v1/load_composition may add at runtime, at most this many at a time (0: the
+    # load and unload endpoints are off); they need an admin key (admin_key_file, $CALM_RAY_ADMIN_KEY)
+    max_loaded_compositions: int = Field(0, ge=0)
+    # admin keys, one per line (with any in $CALM_RAY_ADMIN_KEY): the only keys the load and unload endpoints
+    # take (user API keys do not); read by every Ingress replica at start
+    admin_key_file: str | None = None
     max_retries: int = 2  # resumes of a request whose anchor replica died
     augment_retry_s: float = 30.0  # how long an engine keeps trying to reach an augmenting replica
     torch_threads: int | None = None  # torch.set_num_threads in each replica (None: torch's default)
@@ -172,13 +178,13 @@ class ServingArgs(StrictModel):
         return v.lower() if isinstance(v, str) else v
 
     @classmethod
-    def from_dict(cls, args: dict[str, Any]) -> "ServingArgs":
+    def from_dict(cls, args: dict[str, Any]) -> ServingArgs:
         """Validated args; a ServeConfigError naming each bad or unknown key."""
         if isinstance(args, ServingArgs):
             return args
         return parse(cls, args, ServeConfigError, where="args.")
 
-    def resolved(self) -> "ServingArgs":
+    def resolved(self) -> ServingArgs:
         """A copy whose relative paths are absolute, taken from the project root when they exist there.
 
         Replicas do not share the caller's working directory, so ``models/anchor`` in a config
@@ -195,7 +201,8 @@ class ServingArgs(StrictModel):
 
         return self.model_copy(update={"anchor": fix(self.anchor), "tokenizer": fix(self.tokenizer),
                                        "compositions": [self._paths(c, fix) for c in self.compositions],
-                                       "api_key_file": fix(self.api_key_file)})
+                                       "api_key_file": fix(self.api_key_file),
+                                       "admin_key_file": fix(self.admin_key_file)})
 
     @staticmethod
     def _paths(c: CompositionArgs, fix) -> CompositionArgs:
@@ -235,13 +242,17 @@ class ServingArgs(StrictModel):
                 "; ".join(missing) + ": copy or train the model pair there first, or point the config at existing "
                 "Hugging Face folders"
             )
+        if self.admin_key_file is not None and not Path(self.admin_key_file).expanduser().is_file():
+            raise ServeConfigError(
+                f"admin_key_file {self.admin_key_file!r} does not exist: write the admin keys there (one per line, "
+                f"chmod 600) on every node that runs an Ingress replica")
         if self.api_key_file is not None and not Path(self.api_key_file).expanduser().is_file():
             raise ServeConfigError(
                 f"api_key_file {self.api_key_file!r} does not exist: write the API keys there (one per line, "
                 f"chmod 600) on every node that runs an Ingress replica, or remove api_key_file to serve without keys"
             )
 
-    def localized(self, anchor: bool = True, augments: list[int] | None = None, bridges: bool = True) -> "ServingArgs":
+    def localized(self, anchor: bool = True, augments: list[int] | None = None, bridges: bool = True) -> ServingArgs:
         """A copy whose URIs are folders in this node's cache (``actors.storage.fetch_folder``): each replica calls
         it for what it loads. ``augments``: the augmenting slots (``augment_slots``) to fetch (None: all);
         tokenizers always."""
@@ -269,7 +280,19 @@ class ServingArgs(StrictModel):
             "compositions": [compose(c) for c in self.compositions]})
 
     def deployment_names(self) -> list[str]:
-        return [INGRESS, ANCHOR] + [augment_deployment_name(i) for i in range(len(self.augment_slots()))]
+        registry = [COMPOSITIONS] if self.max_loaded_compositions else []
+        return [INGRESS, ANCHOR, *registry] + [augment_deployment_name(i) for i in range(len(self.augment_slots()))]
+
+    def localized_composition(self, composition: CompositionArgs) -> CompositionArgs:
+        """``composition`` with its URIs fetched into this node's cache (a composition loaded at runtime)."""
+        def local(path):
+            return path if path is None or not is_uri(path) else str(fetch_folder(path, composition.name))
+
+        return self._paths(composition, local)
+
+    def resolved_composition(self, composition: CompositionArgs) -> CompositionArgs:
+        """``composition``'s relative paths made absolute as ``resolved`` makes the config's."""
+        return self.model_copy(update={"compositions": [composition]}).resolved().compositions[0]
 
 
 def _unknown(path: str, key, valid) -> str:

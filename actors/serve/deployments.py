@@ -53,26 +53,30 @@ from actors.serve.augment_client import AugmentClient, AugmentUnavailable
 from actors.serve.augment_protocol import Extend, Missing, Prefill, Release, States
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.batch_cache import check_batchable
-from actors.serve.config import ANCHOR, INGRESS, CompositionArgs, ServingArgs, augment_deployment_name
+from actors.serve.compositions import Admin, CompositionRegistry, Synced
+from actors.serve.config import ANCHOR, COMPOSITIONS, INGRESS, CompositionArgs, ServingArgs, augment_deployment_name
 from actors.serve.engine import DecodeEngine, GenerationRequest
 from actors.serve.grammar import grammars_for
 from actors.serve.openai import guard
 from actors.serve.openai.app import Limits, OpenAIFrontend
+from actors.serve.openai.errors import ApiError
 from actors.serve.openai.schemas import (
     ChatBody,
     ChatCompletion,
     Completion,
     CompletionBody,
+    CompositionStatus,
     ErrorBody,
     Health,
     ModelList,
+    UnloadBody,
     body_schemas,
     request_body,
 )
 from actors.serve.reasons import public_reason
 from composition.alignment import TokenizerError
 from composition.augment import AugmentEncoder
-from composition.checkpoint import check_model_matches, check_tokenizers, read_meta
+from composition.checkpoint import check_fingerprint, check_model_matches, check_tokenizers, fingerprint, read_meta
 from composition.loading import load_causal_lm, load_tokenizer, resolve_tokenizers
 from composition.model import ComposedModel
 
@@ -199,6 +203,7 @@ class AugmentDeployment:
                                         model, SERVE_THE_TRAINED_MODELS)
                     indices |= {a for m, a, _ in meta["links"] if m == i}
         self.index = index
+        self.fingerprint = fingerprint(model)  # what a composition loaded at runtime is checked against
         self.encoder = AugmentEncoder(model, sorted(indices))
         self.lock = threading.Lock()  # one model call at a time: the encoder's hooks hold per-call state
         self.model_thread = settings.model_thread is True  # "auto" is about the anchor's overlap: not here
@@ -236,6 +241,9 @@ class AugmentDeployment:
     async def ready(self) -> bool:
         """True: the model is loaded (``__init__`` is done)."""
         return True
+
+    async def model_fingerprint(self) -> dict:
+        return self.fingerprint
 
 
 class ServeAugments(AugmentClient):
@@ -300,11 +308,15 @@ class ServeAugments(AugmentClient):
 class AnchorDeployment:
     """The anchor with its bridges, decoding all its requests in one continuously batched engine."""
 
-    def __init__(self, settings: ServingArgs, *augments: DeploymentHandle):
+    def __init__(self, settings: ServingArgs, registry: DeploymentHandle | None, *augments: DeploymentHandle):
         _threads(settings)
         settings = settings.localized()  # URIs: into this node's cache (the augmenting folders for their configs)
         anchor = load_causal_lm(settings.anchor, settings.dtype, settings.device)
         model = load_stack(settings, anchor)
+        self.settings = settings
+        self.synced = Synced(registry)  # compositions loaded at runtime (actors/serve/compositions.py)
+        self.loaded: dict[str, CompositionArgs] = {}  # those this engine serves now
+        self.checked: dict[str, tuple[CompositionArgs, ComposedModel]] = {}  # built by a check, for the load
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a replica (tests)
@@ -327,6 +339,8 @@ class AnchorDeployment:
 
     async def generate(self, request: GenerationRequest):
         """Stream ``{"token_ids": [...], "finish_reason": ...}`` chunks for one request."""
+        await self._sync(now=request.composition is not None and request.composition not in self.loaded
+                         and request.composition not in self.engine.model.compositions)
         stream = self.engine.generate(request)
         try:
             async for chunk in stream:
@@ -335,6 +349,58 @@ class AnchorDeployment:
             # Serve cancels a request by raising CancelledError at our `yield`, which would leave the
             # engine's generator suspended (its row decoding on); closing it frees the row now.
             await stream.aclose()
+
+    def _part(self, composition: CompositionArgs) -> ComposedModel:
+        """A composition loaded at runtime, built on this replica's anchor and augmenting shells (blocking: it
+        fetches and reads the bridges). ValueError and the like for what does not match."""
+        composition = self.settings.localized_composition(composition)
+        meta = read_meta(composition.bridges)
+        model = self.engine.model
+        check_model_matches(f"the anchor of composition {composition.name!r}", meta["anchor"], model.anchor,
+                            SERVE_THE_TRAINED_MODELS)
+        if len(meta["augments"]) != len(composition.augments):
+            raise ValueError(f"the bridges compose {len(meta['augments'])} augmenting model(s), the request names "
+                             f"{len(composition.augments)}: name the ones they were trained with, in their order")
+        shells = [model.encoders[s].model for s in self.settings.slots_of(composition)]
+        return ComposedModel.from_pretrained(composition.bridges, model.anchor, shells, check_models=False,
+                                             tokenizers=serving_tokenizers(self.settings, composition, meta))
+
+    async def check_composition(self, composition: CompositionArgs) -> str | None:
+        """None when ``composition`` can be served over this anchor and the deployed augmenting models (its
+        bridges read, and their fingerprints match the anchor, the tokenizers and each augmenting replica's
+        model); else why not. The model built is kept for the load that follows."""
+        try:
+            part = await asyncio.to_thread(self._part, composition)
+            meta = read_meta(self.settings.localized_composition(composition).bridges)
+            for i, slot in enumerate(self.settings.slots_of(composition)):
+                got = await self.augment_handles[slot].model_fingerprint.remote()
+                check_fingerprint(f"augmenting model {i} of composition {composition.name!r}", meta["augments"][i],
+                                  got, SERVE_THE_TRAINED_MODELS)
+        except Exception as e:  # noqa: BLE001 - whatever the bridges' files or URI hold, the answer is a 400
+            return public_reason(e, limit=400, paths=True)  # to the admin who named them
+        self.checked[composition.name] = (composition, part)
+        return None
+
+    async def _sync(self, now: bool = False) -> None:
+        """Serve the registry's compositions: load the new ones, unload the ones that went (between steps)."""
+        wanted = await self.synced.changed(now)
+        if wanted is None:
+            return
+        wanted = {c.name: c for c in wanted}
+        for name in [n for n, c in self.loaded.items() if wanted.get(n) != c]:
+            self.engine.unload(name)  # its running rows finish
+            del self.loaded[name]
+        for name, c in wanted.items():
+            if name in self.loaded:
+                continue
+            try:
+                checked = self.checked.pop(name, None)
+                part = checked[1] if checked and checked[0] == c else await asyncio.to_thread(self._part, c)
+                await self.engine.load(name, part)
+                self.loaded[name] = c
+            except Exception as e:  # noqa: BLE001 - one composition that cannot load now must not stop the rest
+                log.warning("composition %s not loaded yet: %s", name, public_reason(e))
+                self.synced.version = -1  # ask again at the next sync
 
     async def ready(self) -> bool:
         """True once this replica (its model loaded: ``__init__`` is done) and a replica of every augmenting
@@ -400,7 +466,8 @@ _ANSWERS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}
 class Ingress:
     """OpenAI-shaped HTTP front: /v1/completions, /v1/chat/completions, /v1/models, /health."""
 
-    def __init__(self, settings: ServingArgs, anchor: DeploymentHandle, vocab_size: int):
+    def __init__(self, settings: ServingArgs, anchor: DeploymentHandle, vocab_size: int,
+                 registry: DeploymentHandle | None = None):
         settings = settings.localized(anchor=False, augments=[], bridges=False)  # the tokenizer only
         # what the (pickled) app's RequestGuard reads in this process; a missing key file fails the replica
         admits = guard.configure(INGRESS_GUARD, settings)
@@ -421,6 +488,9 @@ class Ingress:
             retryable=TRANSIENT, overloaded=(BackPressureError,), grammars=grammars_for(tokenizer, vocab_size),
             anchor_name=settings.anchor_name,
         )
+        self.synced = Synced(registry)
+        self.admin = Admin(settings, registry, anchor) if registry is not None else None
+        self.runtime: list[CompositionArgs] = []  # compositions loaded at runtime, as of the last sync
 
     @api.api_route("/health", methods=["GET", "HEAD"], response_model=Health, responses={503: {"model": Health}})
     async def health(self):
@@ -446,20 +516,60 @@ class Ingress:
         """Liveness: 200 while this HTTP front answers, models loaded or not."""
         return {"status": "ok"}
 
+    async def _sync(self, model: str | None = None) -> None:
+        """The served ids: the config's compositions and those loaded at runtime (asked for now when ``model``
+        is new here, else at most every ``SYNC_S`` seconds)."""
+        loaded = await self.synced.changed(now=model is not None and model not in self.frontend.compositions
+                                           and model != self.frontend.anchor_name)
+        if loaded is not None:
+            self.runtime = loaded
+            self.frontend.compositions = {name: name for name in self.admin.served(loaded)}
+
     @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> dict:
+        await self._sync()
         return self.frontend.models()
 
     # each route reads its body itself, so that pydantic-core parses it once (guard.read_body)
     @api.post("/v1/completions", response_model=Completion, responses=_ANSWERS,
               openapi_extra=request_body(CompletionBody))
     async def completions(self, request: Request):
-        return await self.frontend.completions(await guard.read_body(request, CompletionBody))
+        body = await guard.read_body(request, CompletionBody)
+        await self._sync(body.model)
+        return await self.frontend.completions(body)
 
     @api.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ANSWERS,
               openapi_extra=request_body(ChatBody))
     async def chat_completions(self, request: Request):
-        return await self.frontend.chat_completions(await guard.read_body(request, ChatBody))
+        body = await guard.read_body(request, ChatBody)
+        await self._sync(body.model)
+        return await self.frontend.chat_completions(body)
+
+    @api.post("/v1/load_composition", response_model=CompositionStatus, responses=_ERRORS,
+              openapi_extra=request_body(CompositionArgs))
+    async def load_composition(self, request: Request):
+        """Serve another composition over this anchor from now on (admin key; ``max_loaded_compositions``)."""
+        body = await guard.read_body(request, CompositionArgs)
+        await self._sync(body.name)
+        answer = await self._admin().load(body, self.runtime)
+        self.synced.asked_at = -float("inf")  # this replica lists it at once
+        await self._sync()
+        return answer
+
+    @api.post("/v1/unload_composition", response_model=CompositionStatus, responses=_ERRORS,
+              openapi_extra=request_body(UnloadBody))
+    async def unload_composition(self, request: Request):
+        """Stop serving a composition loaded at runtime: its running requests finish, new ones get a 404."""
+        body = await guard.read_body(request, UnloadBody)
+        answer = await self._admin().unload(body.name)
+        self.synced.asked_at = -float("inf")
+        await self._sync()
+        return answer
+
+    def _admin(self) -> Admin:
+        if self.admin is None:  # the guard answers first on such a server; this is its second line
+            raise ApiError(404, "loading compositions at runtime is off on this server", code="not_found")
+        return self.admin
 
 
 def build_app(settings: ServingArgs, deployment_options: dict[str, dict] | None = None):
@@ -490,6 +600,8 @@ def build_app(settings: ServingArgs, deployment_options: dict[str, dict] | None 
         AugmentDeployment.options(**opts(augment_deployment_name(i))).bind(settings, i)
         for i in range(len(settings.augment_slots()))
     ]
+    registry = (CompositionRegistry.options(**opts(COMPOSITIONS)).bind(settings.max_loaded_compositions)
+                if settings.max_loaded_compositions else None)
     anchor_options = opts(ANCHOR, max_ongoing_requests=settings.max_batch_size)
-    anchor = AnchorDeployment.options(**anchor_options).bind(settings, *augments)
-    return Ingress.options(**opts(INGRESS)).bind(settings, anchor, vocab_size)
+    anchor = AnchorDeployment.options(**anchor_options).bind(settings, registry, *augments)
+    return Ingress.options(**opts(INGRESS)).bind(settings, anchor, vocab_size, registry)

@@ -15,13 +15,16 @@ _INTERNALS = re.compile(r"ray::\S+|\((?:pid|ip)=[^)]*\)|\b(?:pid|ip|actor_id|tas
                         r"|\b[0-9a-f]{16,}\b")
 
 
-def public_reason(e: BaseException, limit: int = 200) -> str:
+def public_reason(e: BaseException, limit: int = 200, paths: bool = False) -> str:
     """``"Type: first line of the message"`` of an exception: a RayTaskError gives its cause, only the first
-    line that says something is kept (no colour codes, no traceback), pids, addresses, paths and ids are cut."""
+    line that says something is kept (no colour codes, no traceback), pids, addresses, paths and ids are cut.
+    ``paths=True`` keeps them: a message about an admin's own input (the folder or URI it named), told back to
+    that admin."""
     cause = getattr(e, "cause", None)  # RayTaskError wraps the exception the replica raised
     if isinstance(cause, BaseException):
         e = cause
-    lines = [re.sub(r"\s{2,}", " ", _INTERNALS.sub("", line)).strip(" :,")
+    cut = (lambda line: line) if paths else (lambda line: _INTERNALS.sub("", line))
+    lines = [re.sub(r"\s{2,}", " ", cut(line)).strip(" :,")
              for line in _ANSI.sub("", str(e)).strip().splitlines()]
     text = next((line for line in lines if line), "")
     if len(text) > limit:

@@ -6,7 +6,8 @@ For each HTTP request, in order:
 
 1. ``RequestGuard`` (plain ASGI middleware), API keys (when any are configured): ``Authorization: Bearer <key>``
    compared in constant time against every key; ``/health`` and ``/health/live`` stay open (probes); anything
-   else without a valid key is a 401 ``invalid_api_key``.
+   else without a valid key is a 401 ``invalid_api_key``. The admin paths (loading and unloading compositions)
+   take the admin keys only, and are a 404 on a server that has none.
 2. ``RequestGuard`` reads the body, never past ``max_body_bytes`` (a larger ``Content-Length`` is refused before
    reading; a chunked body is counted while it arrives): 413. The body is then replayed to the app.
 3. The route reads it once (``read_body``): pydantic-core parses the bytes straight into the request's model
@@ -41,7 +42,9 @@ from actors.serve.openai.errors import ApiError, body_error
 log = logging.getLogger("calm_ray.api")
 
 API_KEY_ENV = "CALM_RAY_API_KEY"
+ADMIN_KEY_ENV = "CALM_RAY_ADMIN_KEY"
 OPEN_PATHS = frozenset({"/health", "/health/live"})  # readiness and liveness probes
+ADMIN_PATHS = frozenset({"/v1/load_composition", "/v1/unload_composition"})  # admin keys only
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -51,25 +54,28 @@ class GuardSettings:
 
     max_body_bytes: int = ServingArgs.model_fields["max_body_bytes"].default
     api_keys: list[bytes] = field(default_factory=list, repr=False)  # never printed
+    admin_keys: list[bytes] = field(default_factory=list, repr=False)  # none: the admin paths are off
 
 
-def load_api_keys(api_key_file: str | None = None, environ=os.environ) -> list[bytes]:
-    """The keys from ``$CALM_RAY_API_KEY`` (comma-separated) and ``api_key_file`` (one per line, ``#`` comments).
+def load_api_keys(api_key_file: str | None = None, environ=os.environ, env: str = API_KEY_ENV,
+                  key: str = "api_key_file") -> list[bytes]:
+    """The keys from ``$CALM_RAY_API_KEY`` (comma-separated) and ``api_key_file`` (one per line, ``#`` comments);
+    the admin keys with ``env=ADMIN_KEY_ENV`` and their file.
 
     Raises FileNotFoundError naming the file when ``api_key_file`` is given and missing, ValueError when it
     holds no key. No key at all: [] (the server is open).
     """
-    keys = [k.strip() for k in environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    keys = [k.strip() for k in environ.get(env, "").split(",") if k.strip()]
     if api_key_file:
         path = Path(api_key_file).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
-                f"api_key_file {str(path)!r} does not exist on this node: write the API keys there (one per line, "
-                f"mode 600) on every node that runs an Ingress replica, or drop api_key_file from the args")
+                f"{key} {str(path)!r} does not exist on this node: write the keys there (one per line, "
+                f"mode 600) on every node that runs an Ingress replica, or drop {key} from the args")
         from_file = [line.strip() for line in path.read_text().splitlines()
                      if line.strip() and not line.strip().startswith("#")]
         if not from_file:
-            raise ValueError(f"api_key_file {str(path)!r} holds no key: write one key per line")
+            raise ValueError(f"{key} {str(path)!r} holds no key: write one key per line")
         keys += from_file
     return [k.encode() for k in dict.fromkeys(keys)]
 
@@ -91,6 +97,14 @@ def configure(name: str, args: ServingArgs) -> GuardSettings:
     settings = settings_for(name)
     settings.max_body_bytes = args.max_body_bytes
     settings.api_keys = load_api_keys(args.api_key_file)
+    settings.admin_keys = []
+    if args.max_loaded_compositions:
+        settings.admin_keys = load_api_keys(args.admin_key_file, env=ADMIN_KEY_ENV, key="admin_key_file")
+        if not settings.admin_keys:
+            raise ValueError("max_loaded_compositions allows loading compositions at runtime, which needs an admin "
+                             f"key: set admin_key_file (or ${ADMIN_KEY_ENV}) on every node that runs an Ingress")
+        if set(settings.admin_keys) & set(settings.api_keys):
+            raise ValueError("an admin key is also a user API key: give admins keys of their own")
     return settings
 
 
@@ -190,7 +204,7 @@ class RequestGuard:
             if error is not None:
                 return await _send_error(tracked_send, error)
             await self.app(scope, receive, tracked_send)
-        except Exception as exc:  # noqa: BLE001 - the one place an unexpected error becomes a 500
+        except Exception as exc:
             rid = uuid.uuid4().hex[:12]
             log.error("request %s %s %s failed: %s", rid, scope.get("method"), scope.get("path"), type(exc).__name__)
             log.debug("request %s traceback", rid, exc_info=exc)
@@ -205,8 +219,14 @@ class RequestGuard:
                 pass
 
     def _unauthorized(self, scope) -> ApiError | None:
-        keys = self.settings.api_keys
-        if not keys or scope.get("path") in OPEN_PATHS:
+        path = scope.get("path")
+        admin = path in ADMIN_PATHS
+        keys = self.settings.admin_keys if admin else self.settings.api_keys
+        if admin and not keys:
+            return ApiError(404, f"{path} is off on this server: set max_loaded_compositions and an admin key "
+                                 f"(admin_key_file) in its args to load compositions at runtime",
+                            type_="invalid_request_error", code="not_found")
+        if not keys or path in OPEN_PATHS:
             return None
         given = b""
         for name, value in scope.get("headers") or []:
@@ -222,6 +242,9 @@ class RequestGuard:
         for key in keys:  # every key, so the time taken does not say which one came close
             matched |= hmac.compare_digest(given, key)
         if not matched:
+            if admin:
+                return ApiError(401, f"{path} takes an admin key (admin_key_file), not a user API key: send it as "
+                                     f"'Authorization: Bearer <admin key>'", code="invalid_api_key")
             return ApiError(401, "the API key is not valid: send one of this server's keys as "
                                  "'Authorization: Bearer <key>'", code="invalid_api_key")
         return None

@@ -286,6 +286,21 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class UnloadBody(_RequestBody):
+    """POST /v1/unload_composition (the load's body is a config entry: ``actors.serve.config.CompositionArgs``)."""
+
+    name: str
+
+
+class CompositionStatus(BaseModel):
+    """The answer to a load or unload of a composition at runtime."""
+
+    object: Literal["composition"] = "composition"
+    id: str
+    parent: str | None = None  # the bare anchor's id, when it is served
+    status: Literal["loaded", "unloaded"]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
