@@ -387,6 +387,7 @@ class AnchorDeployment:
         if wanted is None:
             return
         wanted = {c.name: c for c in wanted}
+        self.checked = {n: v for n, v in self.checked.items() if n in wanted}  # checks the registry did not take
         for name in [n for n, c in self.loaded.items() if wanted.get(n) != c]:
             self.engine.unload(name)  # its running rows finish
             del self.loaded[name]

@@ -380,7 +380,7 @@ class DecodeEngine:
 
     async def _run(self) -> None:
         while True:
-            if not self._waiting and not self._running:
+            if not self._waiting and not self._running and not self._unloading:
                 if self._release_pending:  # in the loop, so it cannot overtake the next prefill
                     self._release_pending = False
                     try:
