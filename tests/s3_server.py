@@ -59,3 +59,20 @@ def start(bucket: str = "calm"):
                                      headers={"Content-Type": "text/plain"})
     urllib.request.urlopen(request, timeout=10).read()
     return server, s3
+
+
+_SHARED = None
+
+
+def shared(bucket: str = "calm"):
+    """The one server of this process (started on first use, stopped at exit): moto keeps its IAM and its
+    authentication switch in process-wide state, so after one server turned authentication on a second one could
+    not create its user. Every test module that needs S3 shares this one. Returns the ``S3Server``."""
+    global _SHARED
+    if _SHARED is None:
+        import atexit
+
+        server, s3 = start(bucket)
+        atexit.register(server.stop)
+        _SHARED = s3
+    return _SHARED

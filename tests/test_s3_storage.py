@@ -1,6 +1,6 @@
 """Shared storage on a real S3 server (moto's standalone server over HTTP, ``endpoint_override``).
 
-One server per module, with authentication on (tests/s3_server.py). The multi-node test runs on the
+One server per test process, with authentication on (tests/s3_server.py: shared). The multi-node test runs on the
 session's cluster plus the second raylet of tests/test_cluster.py: training with ``storage_path`` on S3
 pinned to that node, a killed worker resumed from the S3 checkpoint, then the node stopped and the job
 resumed on the head from S3, the bridges exported to S3 (manifest written last), then served from S3 by
@@ -42,7 +42,7 @@ RAY_BIN = str(Path(sys.executable).with_name("ray"))
 @pytest.fixture(scope="module")
 def s3():
     """The server, and its credentials in this process's environment (the drivers' and checks' chain)."""
-    server, handle = s3_server.start()
+    handle = s3_server.shared()
     saved = {k: os.environ.get(k) for k in handle.env}
     os.environ.update(handle.env)
     storage._S3_CACHE.clear()
@@ -53,7 +53,6 @@ def s3():
         else:
             os.environ[k] = v
     storage._S3_CACHE.clear()
-    server.stop()
 
 
 def bucket_objects(s3, bucket=None) -> dict[str, str]:

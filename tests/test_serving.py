@@ -145,7 +145,7 @@ def s3():
     from actors import storage
     from tests import s3_server
 
-    handle, s3 = s3_server.start()
+    s3 = s3_server.shared()
     saved = {k: os.environ.get(k) for k in s3.env}
     os.environ.update(s3.env)
     storage._S3_CACHE.clear()
@@ -156,7 +156,6 @@ def s3():
         else:
             os.environ[k] = v
     storage._S3_CACHE.clear()
-    handle.stop()
 
 
 @pytest.fixture(scope="module")

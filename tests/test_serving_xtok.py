@@ -43,20 +43,20 @@ def args(pair, **extra) -> ServingArgs:
 
 # ---------------------------------------------------------------------- which tokenizers a replica serves with
 def test_an_augmenting_model_with_its_own_tokenizer_is_served_across_tokenizers(pair):
-    tokenizers = serving_tokenizers(args(pair), read_meta(pair.bridges))
+    tokenizers = serving_tokenizers(args(pair), args(pair).compositions[0], read_meta(pair.bridges))
     assert tokenizers is not None and len(tokenizers) == 2
     assert len(tokenizers[0]) != len(tokenizers[1])  # byte-level BPE and SentencePiece
 
 
 def test_models_sharing_one_tokenizer_keep_the_shared_tokenizer_path(tmp_path):
     shared = build_pair(tmp_path)
-    assert serving_tokenizers(args(shared), read_meta(shared.bridges)) is None
+    assert serving_tokenizers(args(shared), args(shared).compositions[0], read_meta(shared.bridges)) is None
 
 
 def test_a_tokenizer_other_than_the_bridges_recorded_is_refused(pair):
     wrong = args(pair, augment_tokenizers=[pair.anchor])  # the anchor's tokenizer for the augmenting model
     with pytest.raises(ValueError, match="tokenizer of augmenting model 0 is not the one the bridges"):
-        serving_tokenizers(wrong, read_meta(pair.bridges))
+        serving_tokenizers(wrong, wrong.compositions[0], read_meta(pair.bridges))
 
 
 def test_augment_tokenizers_needs_one_entry_per_augmenting_model(pair):
@@ -64,7 +64,7 @@ def test_augment_tokenizers_needs_one_entry_per_augmenting_model(pair):
         ServingArgs.from_dict({"anchor": pair.anchor, "augments": [pair.augment], "bridges": pair.bridges,
                                "augment_tokenizers": [None, pair.augment]})
     parsed = ServingArgs.from_dict({"anchor": "a", "augments": "b,c", "bridges": "d", "augment_tokenizers": ",t"})
-    assert parsed.augment_tokenizers == [None, "t"]
+    assert parsed.compositions[0].augment_tokenizers == [None, "t"]
 
 
 # ---------------------------------------------------------------------- over HTTP
