@@ -119,3 +119,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server over HTTP (one per test process: ``tests.s3_server.shared``), with its credentials in this
+    process's environment for the module's drivers and checks; the environment is restored after the module."""
+    from actors import storage
+    from tests import s3_server
+
+    server = s3_server.shared()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    storage._S3_CACHE.clear()
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    storage._S3_CACHE.clear()

@@ -27,7 +27,7 @@ import yaml
 pytest.importorskip("moto")
 
 from actors import storage
-from tests import s3_server, test_cluster, test_train_job
+from tests import test_cluster, test_train_job
 from tests.test_cluster import SIM_ANCHOR, SIM_AUGMENT
 from tests.test_train_job import RESUME_LINE, steps_in, wait_job, write_config
 
@@ -37,22 +37,6 @@ gpu_node_stand_in = test_cluster.gpu_node_stand_in
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """The server, and its credentials in this process's environment (the drivers' and checks' chain)."""
-    handle = s3_server.shared()
-    saved = {k: os.environ.get(k) for k in handle.env}
-    os.environ.update(handle.env)
-    storage._S3_CACHE.clear()
-    yield handle
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    storage._S3_CACHE.clear()
 
 
 def bucket_objects(s3, bucket=None) -> dict[str, str]:

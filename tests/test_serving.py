@@ -139,26 +139,6 @@ def reference(pair):
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server (compositions are loaded from it at runtime); its credentials in this process's
-    environment for the test's own uploads."""
-    from actors import storage
-    from tests import s3_server
-
-    s3 = s3_server.shared()
-    saved = {k: os.environ.get(k) for k in s3.env}
-    os.environ.update(s3.env)
-    storage._S3_CACHE.clear()
-    yield s3
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    storage._S3_CACHE.clear()
-
-
-@pytest.fixture(scope="module")
 def server(ray_cluster, pair, s3):
     """Base URL of the served application; Serve's HTTP proxy bound to 127.0.0.1 on a free port. No user API
     keys; compositions may be loaded at runtime (two at a time) with ``ADMIN_KEY``."""
