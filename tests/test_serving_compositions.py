@@ -86,7 +86,7 @@ def stacked(request, tmp_path_factory):
 
 
 def test_the_stack_shares_an_augmenting_model_between_compositions_and_keeps_bridges_apart(stacked):
-    _, spec, model, _ = stacked
+    _, _, model, _ = stacked
     assert len(model.encoders) == 2  # alpha and beta read one augmenting model: one of the stack
     assert set(model.compositions) == {"alpha", "beta", "gamma"}
     assert model.composition_augments("alpha") == model.composition_augments("beta") == [0]
@@ -146,7 +146,7 @@ def test_equal_prompts_of_different_compositions_do_not_share_a_prefill(stacked)
 
 
 def test_an_unknown_composition_is_refused_by_the_engine(stacked):
-    _, _, model, tok = stacked
+    _, _, model, _ = stacked
     engine = stack_engine(model)
     with pytest.raises(ValueError, match="no composition named 'delta'.*'alpha', 'beta', 'gamma'"):
         asyncio.run(collect(engine, GenerationRequest([3, 4], 2, composition="delta")))
@@ -174,7 +174,7 @@ def served(tmp_path_factory):
 
 
 def test_http_models_lists_each_composition_with_the_anchor_as_parent(served):
-    url, _, spec, _ = served
+    url, _, _, _ = served
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     cards = {m.id: m.parent for m in client.models.list().data}
     assert cards == {"alpha": "tiny-anchor", "beta": "tiny-anchor", "gamma": "tiny-anchor", "tiny-anchor": None}
@@ -231,7 +231,7 @@ def test_a_composition_loaded_while_others_stream_is_served_and_an_unloaded_one_
         early = [asyncio.ensure_future(request(0, "alpha", 30)), asyncio.ensure_future(request(1, "gamma", 30))]
         while engine.counters["steps"] < 3:  # both rows decode before beta arrives
             await asyncio.sleep(0.01)
-        augment, bridges, own = spec["beta"]  # beta shares alpha's augmenting model: built on the stack's modules
+        _, bridges, _ = spec["beta"]  # beta shares alpha's augmenting model: built on the stack's modules
         part = ComposedModel.from_pretrained(bridges, model.anchor, [model.encoders[0].model])
         await engine.load("beta", part)
         late = [asyncio.ensure_future(request(2, "beta")), asyncio.ensure_future(request(3, "alpha"))]
