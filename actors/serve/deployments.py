@@ -350,9 +350,9 @@ class AnchorDeployment:
             # engine's generator suspended (its row decoding on); closing it frees the row now.
             await stream.aclose()
 
-    def _part(self, composition: CompositionArgs) -> ComposedModel:
-        """A composition loaded at runtime, built on this replica's anchor and augmenting shells (blocking: it
-        fetches and reads the bridges). ValueError and the like for what does not match."""
+    def _part(self, composition: CompositionArgs) -> tuple[ComposedModel, dict]:
+        """A composition loaded at runtime, built on this replica's anchor and augmenting shells, and its bridges'
+        metadata (blocking: it fetches and reads the bridges). ValueError and the like for what does not match."""
         composition = self.settings.localized_composition(composition)
         meta = read_meta(composition.bridges)
         model = self.engine.model
@@ -362,16 +362,16 @@ class AnchorDeployment:
             raise ValueError(f"the bridges compose {len(meta['augments'])} augmenting model(s), the request names "
                              f"{len(composition.augments)}: name the ones they were trained with, in their order")
         shells = [model.encoders[s].model for s in self.settings.slots_of(composition)]
-        return ComposedModel.from_pretrained(composition.bridges, model.anchor, shells, check_models=False,
+        part = ComposedModel.from_pretrained(composition.bridges, model.anchor, shells, check_models=False,
                                              tokenizers=serving_tokenizers(self.settings, composition, meta))
+        return part, meta
 
     async def check_composition(self, composition: CompositionArgs) -> str | None:
         """None when ``composition`` can be served over this anchor and the deployed augmenting models (its
         bridges read, and their fingerprints match the anchor, the tokenizers and each augmenting replica's
         model); else why not. The model built is kept for the load that follows."""
         try:
-            part = await asyncio.to_thread(self._part, composition)
-            meta = read_meta(self.settings.localized_composition(composition).bridges)
+            part, meta = await asyncio.to_thread(self._part, composition)
             for i, slot in enumerate(self.settings.slots_of(composition)):
                 got = await self.augment_handles[slot].model_fingerprint.remote()
                 check_fingerprint(f"augmenting model {i} of composition {composition.name!r}", meta["augments"][i],
@@ -396,7 +396,7 @@ class AnchorDeployment:
                 continue
             try:
                 checked = self.checked.pop(name, None)
-                part = checked[1] if checked and checked[0] == c else await asyncio.to_thread(self._part, c)
+                part = checked[1] if checked and checked[0] == c else (await asyncio.to_thread(self._part, c))[0]
                 await self.engine.load(name, part)
                 self.loaded[name] = c
             except Exception as e:  # noqa: BLE001 - one composition that cannot load now must not stop the rest
