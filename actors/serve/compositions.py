@@ -84,7 +84,12 @@ class Synced:
         if self.registry is None or (not now and time.monotonic() - self.asked_at < SYNC_S):
             return None
         async with self.lock:
-            version, loaded = await self.registry.compositions.remote()
+            try:
+                version, loaded = await self.registry.compositions.remote()
+            except Exception as e:  # noqa: BLE001 - the registry is away: serve on with the last list
+                log.warning("the compositions registry did not answer (%s): serving the last list", type(e).__name__)
+                self.asked_at = time.monotonic()  # ask again in SYNC_S, not on every request
+                return None
             self.asked_at = time.monotonic()
             if version == self.version:
                 return None
