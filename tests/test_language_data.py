@@ -114,8 +114,28 @@ def write_fortunes(root: Path) -> Path:
     return base
 
 
+# gettext catalogues: "tar" is held out for test, "grep" for valid; "Write error on the output" is in tar and sed
+CATALOGUES = {
+    "sed": {"Write error on the output": "Error de escritura en la salida",
+            "The stream editor stops here": "El editor de flujo se detiene aquí"},
+    "tar": {"Write error on the output": "Error de escritura en la salida",
+            "Extract files from an archive": "Extraer ficheros de un archivo"},
+    "grep": {"Print lines that match patterns": "Imprimir las líneas que coinciden"},
+}
+GETTEXT_SETTINGS = {"gettext_packages": ("sed", "tar", "grep"), "gettext_languages": ("es",),
+                    "gettext_test_packages": ("tar",), "gettext_valid_packages": ("grep",)}
+
+
+def write_catalogues(root: Path) -> None:
+    from tests.test_language_gettext import write_mo
+
+    for package, messages in CATALOGUES.items():
+        write_mo(root / "usr/share/locale/es/LC_MESSAGES" / f"{package}.mo", messages, charset="ISO-8859-1")
+
+
 def tiny_settings(**changes) -> DataSettings:
-    base = dict(test_books=("Ruth", "Phlm", "Jude"), valid_books=("Esth",), min_test_pairs=1, **FORTUNE_SETTINGS)
+    base = dict(test_books=("Ruth", "Phlm", "Jude"), valid_books=("Esth",), min_test_pairs=1, **FORTUNE_SETTINGS,
+                **GETTEXT_SETTINGS)
     base.update(changes)
     return DataSettings(**base)
 
@@ -125,6 +145,7 @@ def source(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("extracted")
     write_bibles(root)
     write_fortunes(root)
+    write_catalogues(root)
     return root
 
 
@@ -256,6 +277,17 @@ def test_stage_writes_disjoint_splits(prepared):
     assert splits["bpc"]["es"]["train"][0]["text"] in ("Refrán uno.", "Refrán dos.")
     assert summary["heldout"]["fortune_files"]["de"]["test"] == ["stilblueten"]
     assert summary["sizes"]["fortunes"]["de"]["test"]["rows"] == len(de["test"])
+    # gettext: whole packages held out; the message tar shares with sed is held out too; read as Latin-1
+    gettext = {split: {r["en"]: r for r in rows} for split, rows in splits["gettext"].items()}
+    assert set(gettext["train"]) == {"The stream editor stops here"}
+    assert set(gettext["test"]) == {"Write error on the output", "Extract files from an archive"}
+    assert set(gettext["valid"]) == {"Print lines that match patterns"}
+    assert gettext["train"]["The stream editor stops here"] == {
+        "package": "sed", "lang": "es", "en": "The stream editor stops here", "xx": "El editor de flujo se detiene aquí"}
+    assert summary["sizes"]["gettext"]["es"] == {"train": 1, "valid": 1, "test": 2}
+    assert summary["checks"]["gettext"] == {"english_messages": {"test_in_valid": 0, "test_in_train": 0,
+                                                                 "valid_in_train": 0}}
+    assert summary["heldout"]["gettext_packages"] == {"test": ["tar"], "valid": ["grep"]}
 
 
 def test_check_disjoint_counts_a_leak():
@@ -283,6 +315,13 @@ def test_stage_refuses_changed_settings(prepared, source: Path):
 def test_stage_refuses_too_few_test_pairs(source: Path, tmp_path: Path):
     with pytest.raises(SystemExit, match="fewer than min_test_pairs=300"):
         prepare(tmp_path / "data", tiny_settings(min_test_pairs=300), from_dir=source)
+
+
+def test_held_out_gettext_packages_must_be_read_and_in_one_split(source: Path, tmp_path: Path):
+    with pytest.raises(SystemExit, match=r"held-out gettext packages \['wget'\] are not in gettext_packages"):
+        prepare(tmp_path / "data", tiny_settings(gettext_test_packages=("wget",)), from_dir=source)
+    with pytest.raises(SystemExit, match=r"\['tar'\] are in both gettext_test_packages and gettext_valid_packages"):
+        prepare(tmp_path / "data", tiny_settings(gettext_valid_packages=("tar",)), from_dir=source)
 
 
 def test_settings_naming_a_missing_file_are_refused(source: Path, tmp_path: Path):

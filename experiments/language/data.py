@@ -6,11 +6,13 @@
 Inputs (all offline, from Debian packages; see README.md for licences):
     sword-text-kjv, sword-text-sparv   King James Version and Reina-Valera 1909 (SWORD zText modules)
     fortunes-de, -es, -it, -ru          fortune files (texts separated by "%" lines)
+    coreutils, tar, grep, sed, ...      gettext catalogues: English -> XX messages (gettext_pairs.py)
 
 Outputs in ``--out`` (one JSON object a line):
     bible_<split>.jsonl           aligned verse pairs {ref, book, chapter, verse, en, es, overlap}
     kjv_<split>.jsonl             every KJV verse of the split's books {ref, text} (English bits per char)
     fortunes_<lang>_<split>.jsonl {file, text}
+    gettext_<split>.jsonl         English -> XX messages {package, lang, en, xx}, whole packages held out
     data.json                     settings, sizes, held-out books and files, packages (version, sha256),
                                   input file fingerprints, the alignment report and the disjointness checks
 
@@ -48,6 +50,7 @@ from experiments.common import as_json, changed_settings, read_jsonl, write_json
 
 from . import fortunes as fortune_files_mod
 from .bible import AlignmentSettings, align
+from .gettext_pairs import LOCALE_ROOT, read_pairs, split_by_package
 from .sword import ZTextModule
 from .versification import BOOK_NAMES, BOOKS, VERSES
 
@@ -80,6 +83,14 @@ class DataSettings:
     # Left out: the offensive collections (fortune -o), and ASCII art that is not language
     exclude_files: tuple[str, ...] = ("off", "asciiart", "banner")
     alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
+    # gettext catalogues (usr/share/locale/<lang>/LC_MESSAGES/<package>.mo) of these packages, in these
+    # languages: English -> XX messages. Whole packages are held out; an English message also in a held-out
+    # package belongs to the held-out split only (gettext_pairs.split_by_package). Empty: no gettext data.
+    gettext_packages: tuple[str, ...] = ("coreutils", "tar", "grep", "sed", "findutils", "diffutils", "bash",
+                                         "gawk", "cpio", "wget", "make")
+    gettext_languages: tuple[str, ...] = ("es", "de", "it", "pt", "fr", "nl", "pl", "ru", "uk")
+    gettext_test_packages: tuple[str, ...] = ("wget", "make")
+    gettext_valid_packages: tuple[str, ...] = ("cpio",)
     # Translation pairs (load_splits()["translation"]) keep verses whose both sides have this many characters
     translation_chars: tuple[int, int] = (20, 400)
     min_test_pairs: int = 300
@@ -87,7 +98,8 @@ class DataSettings:
     min_contained_chars: int = 40
 
     def packages(self) -> list[str]:
-        return list(self.bible_packages) + [f"fortunes-{lang}" for lang in self.languages]
+        return (list(self.bible_packages) + [f"fortunes-{lang}" for lang in self.languages]
+                + list(self.gettext_packages))
 
     @classmethod
     def from_json(cls, data: dict) -> DataSettings:
@@ -97,7 +109,8 @@ class DataSettings:
         data = dict(data)
         if "alignment" in data:
             data["alignment"] = AlignmentSettings(**data["alignment"])
-        for key in ("bible_packages", "languages", "test_books", "valid_books", "exclude_files", "translation_chars"):
+        for key in ("bible_packages", "languages", "test_books", "valid_books", "exclude_files", "translation_chars",
+                    "gettext_packages", "gettext_languages", "gettext_test_packages", "gettext_valid_packages"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -113,6 +126,14 @@ class DataSettings:
             both = set(self.test_files.get(lang, [])) & set(self.valid_files.get(lang, []))
             if both:
                 raise SystemExit(f"error: fortune files {sorted(both)} ({lang}) are in both test_files and valid_files")
+        held = set(self.gettext_test_packages) | set(self.gettext_valid_packages)
+        if self.gettext_packages and not held <= set(self.gettext_packages):
+            raise SystemExit(f"error: held-out gettext packages {sorted(held - set(self.gettext_packages))} are not "
+                             f"in gettext_packages {list(self.gettext_packages)}")
+        both = set(self.gettext_test_packages) & set(self.gettext_valid_packages)
+        if both:
+            raise SystemExit(f"error: gettext packages {sorted(both)} are in both gettext_test_packages and "
+                             "gettext_valid_packages")
 
 
 # ------------------------------------------------------------------------------------------- text keys
@@ -358,7 +379,7 @@ def _package_root(settings: DataSettings, out: Path, cache: Path | None, from_di
         root, packages = fetch_packages(settings.packages(), Path(cache) if cache else out.parent / "debs")
         return Path(root).resolve(), packages
     root = Path(from_dir)
-    for sub in (SWORD_ROOT, FORTUNES_ROOT):
+    for sub in (SWORD_ROOT, FORTUNES_ROOT) + ((LOCALE_ROOT,) if settings.gettext_packages else ()):
         if not (root / sub).is_dir():
             raise SystemExit(f"error: --from-dir {root} has no {sub}/: extract each package there "
                              f"(dpkg -x FILE.deb {root}) first")
@@ -424,14 +445,33 @@ def _write_splits(out: Path, bible: dict, kjv: dict, fortune_rows: dict, setting
     return sizes
 
 
+def read_gettext(root: Path, settings: DataSettings) -> tuple[dict, dict]:
+    """The gettext splits (whole packages held out; :func:`gettext_pairs.split_by_package`), their sizes per
+    language and the proof (SystemExit unless 0) that no held-out English message is in a lower split."""
+    if not settings.gettext_packages:
+        return {s: [] for s in SPLITS}, {}
+    pairs = read_pairs(root, list(settings.gettext_languages), list(settings.gettext_packages))
+    splits = split_by_package(pairs, {"valid": list(settings.gettext_valid_packages),
+                                      "test": list(settings.gettext_test_packages)})
+    rows = {s: [p.row() for p in splits[s]] for s in SPLITS}
+    english = {s: {normalise(r["en"]) for r in rows[s]} for s in SPLITS}
+    checks = {"test_in_valid": len(english["test"] & english["valid"]),
+              "test_in_train": len(english["test"] & english["train"]),
+              "valid_in_train": len(english["valid"] & english["train"])}
+    if any(checks.values()):
+        raise SystemExit(f"error: held-out gettext messages reach a lower split: {checks}")
+    sizes = {lang: {s: sum(r["lang"] == lang for r in rows[s]) for s in SPLITS} for lang in settings.gettext_languages}
+    return rows, {"sizes": sizes, "checks": checks}
+
+
 def prepare(out: Path, settings: DataSettings | None = None, cache: Path | None = None,
             from_dir: Path | None = None) -> dict:
     """Run the data stage into ``out`` and return its summary (data.json). Resumes: a finished ``out``
     with the same settings is left untouched; one with other settings is refused (SystemExit).
 
     ``from_dir`` is a folder holding the packages' files already extracted (``usr/share/sword``,
-    ``usr/share/games/fortunes``), e.g. after ``dpkg -x`` of each .deb into it, or ``/`` where the
-    packages are installed. Without it the packages are fetched into ``cache`` (default
+    ``usr/share/games/fortunes``, ``usr/share/locale``), e.g. after ``dpkg -x`` of each .deb into it, or ``/``
+    where the packages are installed. Without it the packages are fetched into ``cache`` (default
     ``<out>/../debs``) with ``apt-get download``."""
     settings = settings or DataSettings()
     settings.check()
@@ -448,12 +488,20 @@ def prepare(out: Path, settings: DataSettings | None = None, cache: Path | None 
     removed = _drop_heldout_texts(bible_data, fortune_rows, settings)
     bible, kjv = bible_data["bible"], bible_data["kjv"]
     checks = _proof(bible, kjv, fortune_rows, settings)
+    gettext_rows, gettext_info = read_gettext(root, settings)
     sizes = _write_splits(out, bible, kjv, fortune_rows, settings)
+    for s in SPLITS:
+        write_jsonl(gettext_rows[s], out / f"gettext_{s}.jsonl")
+    if gettext_info:
+        sizes["gettext"] = gettext_info["sizes"]
+        checks["gettext"] = {"english_messages": gettext_info["checks"]}
     summary = {
         "settings": as_json(settings),
         "heldout": {"test_books": [BOOK_NAMES[b] for b in settings.test_books],
                     "valid_books": [BOOK_NAMES[b] for b in settings.valid_books],
-                    "fortune_files": {lang: fortune_info[lang]["files"] for lang in settings.languages}},
+                    "fortune_files": {lang: fortune_info[lang]["files"] for lang in settings.languages},
+                    "gettext_packages": {"test": list(settings.gettext_test_packages),
+                                         "valid": list(settings.gettext_valid_packages)}},
         "sizes": sizes,
         "removed_as_repeats": removed,
         "alignment": alignment_report,
@@ -486,6 +534,7 @@ def load_splits(folder: Path) -> dict:
     ``["bpc"][lang][split]``     [{"text", "source"}] for bits per character: lang "de", "es", "it", "ru"
                                  (fortunes; source "fortunes-de:stilblueten") and "en" (KJV verses;
                                  source "kjv:Ruth 1:1")
+    ``["gettext"][split]``       [{"package", "lang", "en", "xx"}] gettext messages (empty without gettext data)
     ``["summary"]``              data.json
 
     split is "train", "valid" or "test"."""
@@ -495,8 +544,10 @@ def load_splits(folder: Path) -> dict:
         raise FileNotFoundError(f"{folder} holds no data.json: run 'python -m experiments.language.data --out {folder}'")
     summary = json.loads(summary_path.read_text())
     bounds = summary["settings"]["translation_chars"]
-    result: dict = {"summary": summary, "bible": {}, "translation": {}, "bpc": {}}
+    result: dict = {"summary": summary, "bible": {}, "translation": {}, "bpc": {}, "gettext": {}}
     for s in SPLITS:
+        path = folder / f"gettext_{s}.jsonl"
+        result["gettext"][s] = read_jsonl(path) if path.is_file() else []
         result["bible"][s] = read_jsonl(folder / f"bible_{s}.jsonl")
         result["translation"][s] = _translation_pairs(result["bible"][s], bounds)
     result["bpc"]["en"] = {s: [{"text": r["text"], "source": f"kjv:{r['ref']}"}
@@ -522,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None,
                         help="where the .deb files are downloaded and unpacked (default: <out>/../debs)")
     parser.add_argument("--from-dir", type=Path, default=None,
-                        help="use packages already extracted under this folder (usr/share/sword, usr/share/games/fortunes)")
+                        help="use packages already extracted under this folder (usr/share/sword, "
+                             "usr/share/games/fortunes, usr/share/locale)")
     parser.add_argument("--settings", type=Path, default=None,
                         help="JSON file overriding DataSettings fields (e.g. {\"test_books\": [\"Ruth\", ...]})")
     args = parser.parse_args(argv)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import gettext
 import random
 import re
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,13 +79,15 @@ def is_sentence(english: str, translation: str, min_chars: int = 20, max_chars: 
 
 
 def clean(text: str) -> str:
-    """One line: gettext messages carry newlines and trailing colons of UI layouts; whitespace is collapsed."""
-    return " ".join(text.split())
+    """One line: gettext messages carry newlines and UI layouts (whitespace is collapsed) and control characters
+    (bash's "\\a" bell before "timed out waiting for input"), which are dropped."""
+    return " ".join("".join(c for c in text if unicodedata.category(c) != "Cc" or c.isspace()).split())
 
 
 def read_pairs(root: str | Path, languages: list[str], packages: list[str], min_chars: int = 20,
                max_chars: int = 200) -> list[Pair]:
     """Every kept message of ``packages`` in ``languages`` under ``root`` (a folder packages were unpacked into).
+    A message several packages ship comes once per package: :func:`split_by_package` keeps one.
 
     A language folder may be a locale with a region (pt_BR, zh_CN): name it as it is. A package without a
     catalogue for a language is skipped for it; a language no package translates is an error naming it.
@@ -105,7 +108,7 @@ def read_pairs(root: str | Path, languages: list[str], packages: list[str], min_
         if not found:
             raise ValueError(f"no catalogue of {packages} for language {lang!r} under {root}: unpack those packages "
                              f"there, or drop {lang!r}")
-    return dedupe(pairs)
+    return pairs
 
 
 def dedupe(pairs: list[Pair]) -> list[Pair]:
@@ -113,17 +116,23 @@ def dedupe(pairs: list[Pair]) -> list[Pair]:
     seen: set[tuple[str, str]] = set()
     out = []
     for p in pairs:
-        if (p.lang, p.en) not in seen:
-            seen.add((p.lang, p.en))
+        if (p.lang, english_key(p.en)) not in seen:
+            seen.add((p.lang, english_key(p.en)))
             out.append(p)
     return out
+
+
+def english_key(text: str) -> str:
+    """What makes two English messages the same one: case and whitespace ignored."""
+    return " ".join(text.casefold().split())
 
 
 def split_by_package(pairs: list[Pair], heldout: dict[str, list[str]]) -> dict[str, list[Pair]]:
     """Splits holding out whole packages: ``heldout`` maps a split (valid, test) to its packages; the rest is train.
 
     An English text is kept in the highest split it occurs in (test > valid > train), so no held-out
-    sentence is trained on, in any language.
+    sentence is trained on, in any language; and once per language in it (:func:`dedupe`). Texts are compared
+    case-folded ("Write error" is "write error").
     """
     owner = {package: split for split, names in heldout.items() for package in names}
     clash = [p for p, n in ((p, sum(p in v for v in heldout.values())) for p in owner) if n > 1]
@@ -134,14 +143,14 @@ def split_by_package(pairs: list[Pair], heldout: dict[str, list[str]]) -> dict[s
     highest: dict[str, str] = {}
     for p in pairs:
         split = owner.get(p.package, "train")
-        if rank[split] > rank[highest.get(p.en, "train")]:
-            highest[p.en] = split
+        if rank[split] > rank[highest.get(english_key(p.en), "train")]:
+            highest[english_key(p.en)] = split
     splits: dict[str, list[Pair]] = defaultdict(list)
     for p in pairs:
         split = owner.get(p.package, "train")
-        if highest.get(p.en, "train") == split:
+        if highest.get(english_key(p.en), "train") == split:
             splits[split].append(p)
-    return {split: splits.get(split, []) for split in order}
+    return {split: dedupe(splits.get(split, [])) for split in order}
 
 
 def composition_share(rows: list, share: float, seed: int = 0) -> list:
@@ -156,8 +165,9 @@ def composition_share(rows: list, share: float, seed: int = 0) -> list:
     return [rows[i] for i in picked]
 
 
-def check_languages_disjoint(composition: list[Pair], unseen: list[str]) -> None:
-    """Raise unless no composition row is in a language the evaluation calls unseen."""
-    leaked = sorted({p.lang for p in composition} & set(unseen))
+def check_languages_disjoint(composition_languages, unseen: list[str]) -> None:
+    """Raise unless no language of the composition data (each row's language) is one the evaluation calls
+    unseen."""
+    leaked = sorted(set(composition_languages) & set(unseen))
     if leaked:
         raise ValueError(f"languages {leaked} are in the composition data but evaluated as unseen")
