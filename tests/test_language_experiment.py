@@ -11,7 +11,7 @@ import pytest
 
 from actors.config import parse
 from composition.config import CompositionConfig, ConfigError
-from experiments.language.config import LANGUAGES, SHOTS, LanguageConfig, find_shots, translation_prompt
+from experiments.language.config import LANGUAGES, SHOTS, ArmsConfig, LanguageConfig, find_shots, translation_prompt
 from experiments.language.mix import build_mix, check_heldout, eval_sets, packed
 
 
@@ -109,13 +109,15 @@ CONFIGS = sorted(str(p) for p in Path("experiments/language/configs").rglob("*.y
 
 
 def test_every_shipped_configuration_is_tested():
-    assert {Path(c).stem for c in CONFIGS} >= {"quick", "full", "gpu", "probe_layers_a", "probe_layers_b", "probe_lr"}
+    assert {Path(c).stem for c in CONFIGS} >= {"quick", "full", "gpu", "probe_layers_a", "probe_layers_b", "probe_lr",
+                                               "arms_quick", "arms_full"}
 
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_the_shipped_configurations_validate(path):
-    """Every configuration, the trials' too, loads, and its bridges fit SmolLM2 (30 layers) and Gemma-3 (18)."""
-    cfg = LanguageConfig.load(path)
+    """Every configuration, the trials' and the arms' too, loads, and its bridges fit SmolLM2 (30 layers) and
+    Gemma-3 (18)."""
+    cfg = (ArmsConfig if Path(path).stem.startswith("arms_") else LanguageConfig).load(path)
     assert cfg.device == ("cuda" if Path(path).stem == "gpu" else "cpu")
     pairs = CompositionConfig.from_dict(cfg.composition).mappings[0].resolve(augment_layers=18, anchor_layers=30)
     assert all(0 <= a <= 18 and 0 <= b <= 30 for a, b in pairs)

@@ -18,6 +18,9 @@ LANGUAGE_NAMES = {"de": "German", "es": "Spanish", "it": "Italian", "ru": "Russi
 SHOTS = ({"ref": "Genesis 1:3", "es": "Y dijo Dios: Sea la luz: y fué la luz.",
           "en": "And God said, Let there be light: and there was light."},)
 INSTRUCTION = "Translate Spanish to English."
+# The languages a prompt can name (gettext catalogues; experiments/language/arms.py)
+NAMES = {"en": "English", "es": "Spanish", "de": "German", "it": "Italian", "pt": "Portuguese", "fr": "French",
+         "nl": "Dutch", "pl": "Polish", "ru": "Russian", "uk": "Ukrainian"}
 
 
 class Mix(StrictModel):
@@ -78,11 +81,13 @@ class LanguageConfig(ExperimentSettings):
         return self
 
 
-def translation_prompt(spanish: str, shots: list[dict]) -> str:
-    lines = [INSTRUCTION, ""]
+def translation_prompt(text: str, shots: list[dict], source: str = "es", target: str = "en") -> str:
+    """The one prompt format: an instruction, ``shots`` (dicts holding both languages' texts under their codes)
+    and ``text``, in ``source``, to translate into ``target``. Spanish to English is the experiment's prompt."""
+    lines = [f"Translate {NAMES[source]} to {NAMES[target]}.", ""]
     for shot in shots:
-        lines += [f"Spanish: {shot['es']}", f"English: {shot['en']}", ""]
-    return "\n".join(lines + [f"Spanish: {spanish}", "English:"])
+        lines += [f"{NAMES[source]}: {shot[source]}", f"{NAMES[target]}: {shot[target]}", ""]
+    return "\n".join(lines + [f"{NAMES[source]}: {text}", f"{NAMES[target]}:"])
 
 
 def find_shots(train_pairs: list[dict]) -> list[dict]:
@@ -94,3 +99,43 @@ def find_shots(train_pairs: list[dict]) -> list[dict]:
             raise SystemExit(f"error: the prompt's shot {shot['ref']} is not a training verse pair with the text "
                              f"the prompt gives ({found}); was the data stage run with other settings?")
     return list(SHOTS)
+
+
+class DomainMix(StrictModel):
+    """Shares of the specialist's rows (normalised): Spanish -> English verses, Spanish -> English gettext
+    messages, English -> Spanish verses, and Spanish text (fortunes)."""
+
+    translation: float = Field(0.45, ge=0)
+    gettext: float = Field(0.2, ge=0)
+    reverse: float = Field(0.15, ge=0)
+    es: float = Field(0.2, ge=0)
+
+
+class ArmsConfig(LanguageConfig):
+    """The two arms of experiments/language/arms.py (issue 32). The domain's training split is the specialist's
+    rows: ``specialist_steps x batch_size`` of them, each seen once. The composition data is ``composition_share``
+    of those rows; CALM and LoRA train ``steps x batch_size`` rows drawn from it (several epochs)."""
+
+    output: str = "runs/language/arms_quick"
+    results: str = "results/language_specialist_quick.json"  # arm 1
+    transfer_results: str = "results/language_transfer_quick.json"  # arm 2
+    domain_mix: DomainMix = Field(default_factory=DomainMix)
+    specialist_steps: int = Field(40, ge=1)
+    specialist_rank: int = Field(64, ge=1)
+    specialist_lr: float = Field(5e-4, gt=0)
+    composition_share: float = Field(0.05, gt=0, le=1)
+    lora_full: bool = True  # LoRA on the whole split (the specialist's rows and steps): the upper reference
+    unseen_languages: list[str] = Field(default_factory=lambda: ["de", "it", "pt", "fr", "nl", "pl", "ru", "uk"])
+    eval_messages: int = Field(40, ge=1)  # held-out gettext messages per language (the same English across them)
+    max_length: int = Field(160, ge=16)
+    bootstrap_samples: int = Field(1000, ge=100)
+
+    @model_validator(mode="after")
+    def _check_arms(self):
+        unknown = [lang for lang in self.unseen_languages if lang not in NAMES or lang in ("es", "en")]
+        if unknown:
+            raise ValueError(f"unseen_languages: {unknown} cannot be unseen languages; pick from "
+                             f"{[k for k in NAMES if k not in ('es', 'en')]}")
+        if sum(self.domain_mix.model_dump().values()) <= 0:
+            raise ValueError("domain_mix: every share is 0; give at least one positive share")
+        return self

@@ -20,8 +20,10 @@ def stop_ids(tok) -> list[int]:
 
 
 @torch.no_grad()
-def translate(model, tok, pairs: list[dict], shots: list[dict], batch_size: int, label: str) -> list[str]:
-    """Greedy translations (the first line of each continuation), in the order of ``pairs``."""
+def translate(model, tok, pairs: list[dict], shots: list[dict], batch_size: int, label: str,
+              source: str = "es") -> list[str]:
+    """Greedy translations into English (the first line of each continuation) of each pair's ``source`` text,
+    in the order of ``pairs``."""
     from tqdm import tqdm
 
     from composition.generate import generate
@@ -29,8 +31,8 @@ def translate(model, tok, pairs: list[dict], shots: list[dict], batch_size: int,
     model.eval()
     device = next(model.parameters()).device
     stops = stop_ids(tok)
-    prompts = [translation_prompt(p["es"], shots) for p in pairs]
-    source_len = [len(tok(p["es"], add_special_tokens=False)["input_ids"]) for p in pairs]
+    prompts = [translation_prompt(p[source], shots, source) for p in pairs]
+    source_len = [len(tok(p[source], add_special_tokens=False)["input_ids"]) for p in pairs]
     order = sorted(range(len(pairs)), key=lambda i: source_len[i])
     out = [""] * len(pairs)
     for start in tqdm(range(0, len(order), batch_size), desc=f"[{label}] translate", file=sys.stdout, mininterval=10):

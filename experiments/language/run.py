@@ -102,12 +102,14 @@ def _lora_inputs(cfg: LanguageConfig, bridge_params: int) -> dict:
 
 
 # ---------------------------------------------------------------- stages 4-5: training
-def fit_bridges(cfg: LanguageConfig, out: Path, augment: Path, bridges: Path, name: str) -> list[dict]:
-    """Fit the bridges through the Ray Train job on ``<output>/mix/train.jsonl``; the per-step history."""
+def fit_bridges(cfg: LanguageConfig, out: Path, augment: Path, bridges: Path, name: str,
+                train_file: Path | None = None) -> list[dict]:
+    """Fit the bridges through the Ray Train job on ``train_file`` (``<output>/mix/train.jsonl``); the per-step
+    history."""
     from actors.train.pipeline import run as run_job
 
     job = bridge_job(
-        name, cfg.anchor, augment, cfg.composition, out / "mix" / "train.jsonl", cfg.max_length,
+        name, cfg.anchor, augment, cfg.composition, train_file or out / "mix" / "train.jsonl", cfg.max_length,
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0, seed=cfg.seed,
         checkpoint_every=max(10, cfg.steps // 10), log_every=max(1, min(25, cfg.steps // 10)),
         # one training worker and one Gemma actor, a core each: Gemma encodes the next batch while the anchor trains
@@ -117,8 +119,10 @@ def fit_bridges(cfg: LanguageConfig, out: Path, augment: Path, bridges: Path, na
     return loss_history(run_job(job, address=cfg.ray_address).history)
 
 
-def lora(cfg: LanguageConfig, out: Path, rows: list[dict], bridge_params: int) -> dict:
-    """LoRA on the anchor with at least the bridges' trainable parameter count: same rows, batch size, steps."""
+def lora(cfg: LanguageConfig, out: Path, rows: list[dict], bridge_params: int, name: str = "lora",
+         steps: int | None = None) -> dict:
+    """LoRA on the anchor with at least the bridges' trainable parameter count: same rows, batch size and steps
+    (``steps``: the config's). The adapter goes to ``<out>/<name>``."""
     from composition import load_causal_lm, load_tokenizer
 
     unit = lora_parameters_per_rank(load_causal_lm(cfg.anchor, dtype="float32"))
@@ -129,12 +133,13 @@ def lora(cfg: LanguageConfig, out: Path, rows: list[dict], bridge_params: int) -
     for p in model.parameters():  # the adapters train in float32 over the frozen bf16 anchor, as the bridges do
         if p.requires_grad:
             p.data = p.data.float()
-    settings = TrainSettings(lr=cfg.lora_lr, steps=cfg.steps, warmup_steps=warmup(cfg.steps), weight_decay=0.0)
+    steps = steps or cfg.steps
+    settings = TrainSettings(lr=cfg.lora_lr, steps=steps, warmup_steps=warmup(steps), weight_decay=0.0)
     history = train(PlainLM(model), encode_rows(tok, rows, cfg.max_length, add_special_tokens=True), settings,
-                    cfg.batch_size, tok.pad_token_id, cfg.seed, checkpoint=out / "lora.ckpt",
-                    checkpoint_every=max(10, cfg.steps // 10), label="lora", log_every=max(1, min(25, cfg.steps // 10)),
+                    cfg.batch_size, tok.pad_token_id, cfg.seed, checkpoint=out / f"{name}.ckpt",
+                    checkpoint_every=max(10, steps // 10), label=name, log_every=max(1, min(25, steps // 10)),
                     device=cfg.device)
-    with atomic_folder(out / "lora") as tmp:
+    with atomic_folder(out / name) as tmp:
         model.save_pretrained(tmp)
     return {"history": loss_history(history), "rank": rank, "parameters": rank * unit}
 

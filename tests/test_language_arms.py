@@ -1,0 +1,84 @@
+"""experiments/language/domain.py: the rows of issue 32's two arms. The specialist's rows come from the training
+split only, the composition data is a seeded 5% of them in Spanish and English only, the evaluation sets hold the
+same English messages in every language, and the held-out check counts a leak."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from experiments.language.config import ArmsConfig, translation_prompt
+from experiments.language.domain import check_heldout, composition_rows, domain_rows, eval_sets, gettext_shot
+
+UNSEEN = ["de", "ru"]
+SHOT = {"ref": "Genesis 1:3", "es": "Y dijo Dios: Sea la luz: y fué la luz.",
+        "en": "And God said, Let there be light: and there was light."}
+
+
+def message(package: str, lang: str, english: str) -> dict:
+    return {"package": package, "lang": lang, "en": english, "xx": f"[{lang}] {english}"}
+
+
+def splits() -> dict:
+    verses = {s: [{"ref": f"{book} 1:{i}", "es": f"Versículo {book} {i}.", "en": f"Verse {book} {i}."}
+                  for i in range(1, n + 1)] for s, book, n in (("train", "Genesis", 200), ("test", "Ruth", 30))}
+    verses["train"].append(dict(SHOT))
+    train_messages = [message("sed", lang, f"Training message number {i}") for lang in ["es", *UNSEEN]
+                      for i in range(60)]
+    test_messages = [message("tar", lang, f"Held out message number {i}") for lang in ["es", *UNSEEN]
+                     for i in range(20)]
+    test_messages.append(message("tar", "es", "Only in Spanish"))  # not in every language: never evaluated
+    texts = {lang: {s: [{"text": f"{lang} {s} text {i}. " * 8, "source": f"fortunes-{lang}:f{s}"} for i in range(200)]
+                    for s in ("train", "test")} for lang in ("es", "de", "it", "ru")}
+    texts["en"] = {s: [{"text": f"English verse {s} {i}.", "source": f"kjv:{i}"} for i in range(200)]
+                   for s in ("train", "test")}
+    return {"translation": verses, "bible": {"train": verses["train"], "valid": [], "test": verses["test"]},
+            "gettext": {"train": train_messages, "valid": [], "test": test_messages}, "bpc": texts}
+
+
+def config(**changes) -> ArmsConfig:
+    return ArmsConfig(**{"specialist_steps": 25, "batch_size": 8, "composition_share": 0.05, "unseen_languages": UNSEEN,
+                         "eval_verses": 10, "eval_messages": 12, "bpc_texts": 3, "bpc_chars": (10, 900), **changes})
+
+
+def test_the_specialist_sees_the_training_split_and_the_composition_data_is_five_percent_of_it():
+    cfg, data = config(), splits()
+    shot = gettext_shot(data["gettext"]["train"], ["es", *UNSEEN])
+    rows, made = domain_rows(cfg, data, [SHOT], shot)
+    assert len(rows) == 200 and sum(made.values()) == 200
+    assert made == {"translation": 90, "gettext": 40, "reverse": 30, "es": 40}
+    assert {r["kind"] for r in rows} == {"translation", "gettext", "reverse", "es"}
+    assert {r["lang"] for r in rows} <= {"es", "en"}
+    assert not any(r["source"] == "Genesis 1:3" for r in rows)  # the prompt's shot is not a row
+    reverse = next(r for r in rows if r["kind"] == "reverse")
+    assert reverse["prompt"].startswith("Translate English to Spanish.") and reverse["completion"].startswith(" Versículo")
+    message_row = next(r for r in rows if r["kind"] == "gettext")
+    assert message_row["prompt"].startswith(f"Translate Spanish to English.\n\nSpanish: {shot['es']}\nEnglish: {shot['en']}")
+    share = composition_rows(cfg, rows)
+    assert len(share) == 10 and all(r in rows for r in share)
+    assert share == composition_rows(cfg, rows) != composition_rows(config(seed=1), rows)
+
+
+def test_the_evaluation_holds_the_same_english_in_every_language_and_nothing_the_rows_hold():
+    cfg, data = config(), splits()
+    rows, _ = domain_rows(cfg, data, [SHOT], gettext_shot(data["gettext"]["train"], ["es", *UNSEEN]))
+    evals = eval_sets(cfg, data)
+    assert list(evals["messages"]) == ["es", "de", "ru"]
+    english = [[m["en"] for m in evals["messages"][lang]] for lang in evals["messages"]]
+    assert len(english[0]) == 12 and english[0] == english[1] == english[2]
+    assert "Only in Spanish" not in english[0]
+    assert evals["messages"]["de"][0]["de"] == "[de] " + english[0][0]
+    assert len(evals["verses"]) == 10 and list(evals["bpc"]) == ["en", "es", "de", "it", "ru"]
+    packages = {"test": ["tar"], "valid": []}
+    assert not any(check_heldout(rows, evals, data, packages).values())
+    leaked = [*rows, {"prompt": "", "completion": " x", "kind": "gettext", "lang": "es",
+                      "source": f"tar:{evals['messages']['es'][0]['en']}"}]
+    counts = check_heldout(leaked, evals, data, packages)
+    assert counts["eval_messages_in_rows"] == 3 and counts["rows_from_heldout_packages"] == 1
+
+
+def test_a_language_cannot_be_both_trained_and_unseen():
+    with pytest.raises(ValidationError, match=r"\['es'\] cannot be unseen languages"):
+        config(unseen_languages=["es", "de"])
+    assert translation_prompt("Hallo Welt", [{"de": "Guten Tag", "en": "Good day"}], "de") == (
+        "Translate German to English.\n\nGerman: Guten Tag\nEnglish: Good day\n\nGerman: Hallo Welt\nEnglish:")
