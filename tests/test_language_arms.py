@@ -82,3 +82,46 @@ def test_a_language_cannot_be_both_trained_and_unseen():
         config(unseen_languages=["es", "de"])
     assert translation_prompt("Hallo Welt", [{"de": "Guten Tag", "en": "Good day"}], "de") == (
         "Translate German to English.\n\nGerman: Guten Tag\nEnglish: Good day\n\nGerman: Hallo Welt\nEnglish:")
+
+
+def test_the_report_gives_each_arm_its_systems_targets_seeds_and_paired_bootstrap(tmp_path):
+    """arms.py's report from evaluations made up here: arm 1 maps CALM to the specialist composition and the
+    untrained augment to Gemma-3's; arm 2 averages the unseen languages; the bootstrap tells a clearly better
+    system (p < 0.05) from an identical one (p = 1); a second seed is reported beside the first and averaged."""
+    from experiments.common import StageLog
+    from experiments.language.arms import Run, arm1_results, arm2_results
+
+    cfg = config(extra_seeds=[1], bootstrap_samples=200, output=str(tmp_path))
+    refs = [f"the file number {i} was copied to the disk" for i in range(30)]
+    evals = {"verses": [{"ref": f"Ruth 1:{i}", "es": "x", "en": r} for i, r in enumerate(refs)],
+             "messages": {lang: [{"ref": f"tar:{r}", lang: "x", "en": r} for r in refs] for lang in ["es", *UNSEEN]}}
+    good, bad = list(refs), ["nothing at all here" for _ in refs]
+
+    def system(hyps: list[str], chrf: float) -> dict:
+        sets = ["bible", "es", *UNSEEN]
+        return {"chrf": dict.fromkeys(sets, chrf), "translations": dict.fromkeys(sets, hyps),
+                "bits_per_char": {lang: 1.0 for lang in ("en", "es", "de", "it", "ru")}}
+
+    results = {name: system(bad, 10.0) for name in ("anchor", "augment", "specialist", "calm_random_augment", "lora",
+                                                    "lora_full", "lora_seed1")}
+    results.update(calm_specialist=system(good, 90.0), calm_augment=system(good, 80.0),
+                   calm_specialist_seed1=system(good, 70.0), calm_augment_seed1=system(bad, 20.0))
+    run = Run(cfg, StageLog(tmp_path, None), results=results)
+    run.__dict__["evals"] = evals
+    arm1 = arm1_results(run, {})
+    assert arm1["chrf"]["calm"] == {"bible": 90.0, "gettext": 90.0}
+    assert arm1["chrf"]["calm_untrained_augment"] == {"bible": 80.0, "gettext": 80.0}
+    assert arm1["paired_bootstrap_p"]["calm_vs_lora"]["bible"] < 0.05
+    assert arm1["paired_bootstrap_p"]["calm_vs_calm_untrained_augment"]["bible"] == 1.0  # same translations
+    assert arm1["targets"]["calm_at_least_lora_plus_3_significant"]["holds"]
+    assert arm1["targets"]["calm_at_least_untrained_augment_plus_3"]["holds"]  # 90 >= 80 + 3
+    assert arm1["chrf_by_seed"]["calm"] == {"seeds": {"0": {"bible": 90.0, "gettext": 90.0},
+                                                      "1": {"bible": 70.0, "gettext": 70.0}},
+                                            "mean": {"bible": 80.0, "gettext": 80.0}}
+    arm2 = arm2_results(run, {})
+    assert arm2["trained_languages"] == ["es"] and arm2["unseen_languages"] == UNSEEN
+    assert arm2["chrf"]["calm"] == {"es": 80.0, "de": 80.0, "ru": 80.0} and arm2["chrf_mean_unseen"]["calm"] == 80.0
+    assert arm2["targets"]["calm_significantly_above_lora_on_6_of_8"]["languages"] == UNSEEN
+    assert arm2["targets"]["random_augment_at_least_3_below_calm"]["holds"]
+    assert arm2["chrf_by_seed"]["calm"]["mean"]["de"] == 50.0
+    assert set(arm2["paired_bootstrap_p"]) == {"calm_vs_lora", "calm_vs_calm_random_augment", "calm_specialist_vs_lora"}

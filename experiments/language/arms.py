@@ -74,6 +74,12 @@ from experiments.language.domain import (
 from experiments.language.evaluation import bits_per_char, translate
 
 BRIDGES = {"calm_specialist": "specialist", "calm_augment": "augment", "calm_random_augment": "random_augment"}
+SEEDED = ("calm_specialist", "calm_augment", "lora")  # trained again for each of extra_seeds
+
+
+def seeded(name: str, seed: int) -> str:
+    """A system trained with an extra seed: ``calm_augment_seed1``."""
+    return f"{name}_seed{seed}"
 
 
 @dataclass
@@ -194,12 +200,15 @@ def specialist(run: Run) -> None:
 def compose(run: Run) -> None:
     """5. The same bridges, rows and steps onto the specialist, Gemma-3 and the random Gemma-3."""
     cfg, out = run.cfg, run.out
-    for name, augment in BRIDGES.items():
+    jobs = [(name, augment, cfg) for name, augment in BRIDGES.items()]
+    jobs += [(seeded(name, seed), BRIDGES[name], cfg.model_copy(update={"seed": seed}))
+             for seed in cfg.extra_seeds for name in SEEDED if name in BRIDGES]
+    for name, augment, job_cfg in jobs:
         run.log.stage(f"compose: {name}", (out / f"bridges_{name}" / "bridges.safetensors").is_file(),
-                      lambda name=name, augment=augment: {"history": language.fit_bridges(
-                          cfg, out, run.folders[augment], out / f"bridges_{name}", f"arms_{name}",
+                      lambda name=name, augment=augment, job_cfg=job_cfg: {"history": language.fit_bridges(
+                          job_cfg, out, run.folders[augment], out / f"bridges_{name}", f"arms_{name}",
                           train_file=run.rows_folder / "composition.jsonl")},
-                      key=f"compose_{name}", inputs=_compose_inputs(cfg),
+                      key=f"compose_{name}", inputs={**_compose_inputs(job_cfg)},
                       folder=f"{out / f'bridges_{name}'} and {out / 'ray_runs'}")
     run.bridge_params = language._bridge_params(out / "bridges_calm_specialist")
 
@@ -212,6 +221,13 @@ def lora(run: Run) -> None:
     run.log.stage("lora", (out / "lora" / "adapter_config.json").is_file(),
                   lambda: language.lora(cfg, out, read_jsonl(run.rows_folder / "composition.jsonl"), run.bridge_params),
                   inputs=inputs, folder=f"{out / 'lora'} and {out / 'lora.ckpt'}")
+    for seed in cfg.extra_seeds:
+        seed_cfg, name = cfg.model_copy(update={"seed": seed}), seeded("lora", seed)
+        run.log.stage(name, (out / name / "adapter_config.json").is_file(),
+                      lambda seed_cfg=seed_cfg, name=name: language.lora(
+                          seed_cfg, out, read_jsonl(run.rows_folder / "composition.jsonl"), run.bridge_params, name=name),
+                      inputs={**_compose_inputs(seed_cfg), "bridge_params": run.bridge_params},
+                      folder=f"{out / name} and {out / f'{name}.ckpt'}")
     if cfg.lora_full:
         run.log.stage("lora_full", (out / "lora_full" / "adapter_config.json").is_file(),
                       lambda: language.lora(cfg, out, read_jsonl(run.rows_folder / "specialist.jsonl"),
@@ -250,6 +266,13 @@ def systems(run: Run) -> dict:
                        calm(folders[augment], out / f"bridges_{name}"))
     for name in ("lora", "lora_full") if cfg.lora_full else ("lora",):
         table[name] = ([folders["anchor"], out / name], adapter(out / name))
+    for seed in cfg.extra_seeds:
+        for name in SEEDED:
+            if name in BRIDGES:
+                table[seeded(name, seed)] = ([folders["anchor"], folders[BRIDGES[name]], out / f"bridges_{seeded(name, seed)}"],
+                                             calm(folders[BRIDGES[name]], out / f"bridges_{seeded(name, seed)}"))
+            else:
+                table[seeded(name, seed)] = ([folders["anchor"], out / seeded(name, seed)], adapter(out / seeded(name, seed)))
     return table
 
 
@@ -291,15 +314,20 @@ def evaluate(run: Run) -> None:
 
 # ---------------------------------------------------------------- report
 def paired_p(baseline: list[str], system: list[str], refs: list[str], samples: int, seed: int) -> float:
-    """sacrebleu's paired bootstrap (``--paired-bs``) on chrF: the p-value of the two systems' difference."""
+    """sacrebleu's paired bootstrap (``--paired-bs``) on chrF: the p-value of the two systems' difference. Two
+    systems with the same translations get 1: sacrebleu's test counts resampled differences *above* the real
+    one, so a real difference of 0 would get its smallest p-value."""
     from sacrebleu.metrics import CHRF
     from sacrebleu.significance import PairedTest
 
+    if baseline == system:
+        return 1.0
     test = PairedTest([("baseline", baseline), ("system", system)], {"chrf": CHRF()}, [refs], test_type="bs",
                       n_samples=samples)
     test._seed = seed + 1  # PairedTest reads its seed from here (0 would mean "unseeded")
     _, scores = test()
-    return round(float(scores["chrf"][1].p_value), 4)
+    metric = next(k for k in scores if k != "System")  # named by the metric's signature: "chrF2"
+    return round(float(scores[metric][1].p_value), 4)
 
 
 def _refs(evals: dict, test_set: str) -> list[str]:
@@ -313,6 +341,18 @@ def _compare(run: Run, pairs: dict, test_sets: list[str]) -> dict:
     return {label: {t: paired_p(r[b]["translations"][t], r[a]["translations"][t], _refs(run.evals, t),
                                 run.cfg.bootstrap_samples, run.cfg.seed) for t in test_sets}
             for label, (a, b) in pairs.items()}
+
+
+def by_seed(run: Run, names: dict, test_sets: list[str]) -> dict:
+    """For each system trained with several seeds: its chrF per seed and the mean over seeds, per test set."""
+    out = {}
+    for label, system in names.items():
+        if system not in SEEDED or not run.cfg.extra_seeds:
+            continue
+        runs = {run.cfg.seed: system, **{seed: seeded(system, seed) for seed in run.cfg.extra_seeds}}
+        per = {str(seed): {t: run.results[name]["chrf"][t] for t in test_sets} for seed, name in runs.items()}
+        out[label] = {"seeds": per, "mean": {t: round(sum(p[t] for p in per.values()) / len(per), 2) for t in test_sets}}
+    return out
 
 
 def _target(holds: bool, **figures) -> dict:
@@ -345,6 +385,10 @@ def arm1_results(run: Run, common: dict) -> dict:
     }
     domain_record = stages.get("domain", {})
     return {"arm": "specialist (the paper's setting)", "chrf": chrf, "paired_bootstrap_p": p,
+            "chrf_by_seed": {k: {**v, "seeds": {seed: {t: per[s] for t, s in sets.items()}
+                                                for seed, per in v["seeds"].items()},
+                                 "mean": {t: v["mean"][s] for t, s in sets.items()}}
+                             for k, v in by_seed(run, names, list(sets.values())).items()},
             "bits_per_char_en": en, "targets": targets, "systems": names,
             "data": {"specialist_rows": domain_record.get("rows"), "composition_rows": domain_record.get("composition_rows"),
                      "composition_kinds": domain_record.get("composition_kinds"),
@@ -382,6 +426,7 @@ def arm2_results(run: Run, common: dict) -> dict:
     }
     return {"arm": "languages the bridges never saw", "trained_languages": ["es"], "unseen_languages": unseen,
             "chrf": chrf, "chrf_mean_unseen": means, "bits_per_char": bpc, "paired_bootstrap_p": p, "targets": targets,
+            "chrf_by_seed": by_seed(run, names, ["es", *unseen]),
             "systems": names, "data": {"composition_rows": run.log.records.get("domain", {}).get("composition_rows"),
                                        "eval_messages_per_language": len(run.evals["messages"]["es"])},
             "examples": _examples(run, names, unseen[0]), **common}
@@ -407,7 +452,7 @@ def _bars(axes, chrf: dict, groups: list[str], title: str) -> None:
 def report(run: Run) -> None:
     """8. The two results files, their PNGs and tables."""
     cfg = run.cfg
-    common = {"config": json.loads(cfg.model_dump_json()), "seeds": [cfg.seed], "stage_seconds": stage_seconds(run.log.records),
+    common = {"config": json.loads(cfg.model_dump_json()), "seeds": [cfg.seed, *cfg.extra_seeds], "stage_seconds": stage_seconds(run.log.records),
               "machine": machine(), "date": time.strftime("%Y-%m-%d"),
               "heldout": {"gettext_packages": run.splits["summary"]["heldout"]["gettext_packages"],
                           "test_books": run.splits["summary"]["heldout"]["test_books"]},

@@ -129,6 +129,9 @@ class ArmsConfig(LanguageConfig):
     eval_messages: int = Field(40, ge=1)  # held-out gettext messages per language (the same English across them)
     max_length: int = Field(160, ge=16)
     bootstrap_samples: int = Field(1000, ge=100)
+    # more training seeds for CALM (onto the specialist and onto Gemma-3) and LoRA on the 5%: each trains again
+    # with that seed (initialisation and row order) and is evaluated; the report gives each seed and the mean
+    extra_seeds: list[int] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_arms(self):
@@ -138,4 +141,6 @@ class ArmsConfig(LanguageConfig):
                              f"{[k for k in NAMES if k not in ('es', 'en')]}")
         if sum(self.domain_mix.model_dump().values()) <= 0:
             raise ValueError("domain_mix: every share is 0; give at least one positive share")
+        if self.seed in self.extra_seeds or len(set(self.extra_seeds)) < len(self.extra_seeds):
+            raise ValueError(f"extra_seeds {self.extra_seeds} must differ from each other and from seed {self.seed}")
         return self
