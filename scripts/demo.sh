@@ -6,7 +6,8 @@
 #      Gemma-3-270m (multilingual) through the bridges the language experiment trained
 #      (configs/serve_language.yaml, bridges in assets/language_pair/bridges)
 #   4. ask it to translate a Spanish sentence with the official openai client, print the answer beside the
-#      anchor's own answer to the same prompt, and shut the server down.
+#      anchor's own answer (served by the same replica, over HTTP) and the augmenting model's (in this process:
+#      it is not served alone), and shut the server down.
 #
 #   scripts/demo.sh "¿Dónde está la biblioteca?"   # another sentence
 #   scripts/demo.sh --kv                            # the key-value pair instead (configs/serve_tiny.yaml)
@@ -67,16 +68,27 @@ from experiments.language.evaluation import stop_ids
 spanish = sys.argv[1]
 prompt = translation_prompt(spanish, list(SHOTS))
 client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none-needed-on-127.0.0.1")
-composed = client.completions.create(model="calm-smollm2-gemma3", prompt=prompt, max_tokens=60, temperature=0,
-                                     stop=["\n"])
-# the anchor alone, in this process, with the same prompt and greedy decoding
-tok = load_tokenizer("models/smollm2-135m")
-anchor = load_causal_lm("models/smollm2-135m", dtype="float32")
-enc = tok(prompt, return_tensors="pt")
-with torch.no_grad():
-    ids = anchor.generate(**enc, max_new_tokens=60, do_sample=False, eos_token_id=stop_ids(tok), pad_token_id=tok.eos_token_id)
-alone = tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).split("\n")[0].strip()
-print(f"\nSpanish:                       {spanish}")
-print(f"SmolLM2 alone:                 {alone}")
-print(f"SmolLM2 + Gemma-3 (CALM, HTTP): {composed.choices[0].text.strip()}")
+
+
+def served(model: str) -> str:
+    """Greedy, one line, over HTTP: the composition, or the bare anchor the same replica serves."""
+    answer = client.completions.create(model=model, prompt=prompt, max_tokens=60, temperature=0, stop=["\n"])
+    return answer.choices[0].text.strip()
+
+
+def alone(folder: str) -> str:
+    """The augmenting model is not served on its own: greedy in this process, with the same prompt."""
+    tok = load_tokenizer(folder)
+    model = load_causal_lm(folder, dtype="float32")
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**enc, max_new_tokens=60, do_sample=False, eos_token_id=stop_ids(tok),
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).split("\n")[0].strip()
+
+
+print(f"\nSpanish:                                {spanish}")
+print(f"SmolLM2 alone (anchor, HTTP):           {served('smollm2-135m-instruct')}")
+print(f"SmolLM2 + Gemma-3 (CALM, HTTP):         {served('calm-smollm2-gemma3')}")
+print(f"Gemma-3 alone (augmenting, in process): {alone('models/gemma3-270m')}")
 PY
