@@ -71,7 +71,7 @@ from experiments.language.domain import (
     eval_sets,
     gettext_shot,
 )
-from experiments.language.evaluation import bits_per_char, translate
+from experiments.language.evaluation import Loaders, bits_per_char, loaded, translate
 
 BRIDGES = {"calm_specialist": "specialist", "calm_augment": "augment", "calm_random_augment": "random_augment"}
 SEEDED = ("calm_specialist", "calm_augment", "lora")  # trained again for each of extra_seeds
@@ -237,42 +237,21 @@ def lora(run: Run) -> None:
 
 def systems(run: Run) -> dict:
     """name -> (folders whose weights define it, loader returning (model, tokenizer))."""
-    from composition import ComposedModel, load_causal_lm, load_tokenizer
+    cfg, out, folders, load = run.cfg, run.out, run.folders, Loaders(run.cfg)
 
-    cfg, out, folders, dtype = run.cfg, run.out, run.folders, run.cfg.eval_dtype
-    anchor_tok = load_tokenizer(cfg.anchor)
+    def calm(name: str, augment: str) -> tuple:
+        return [folders["anchor"], folders[augment], out / f"bridges_{name}"], load.calm(folders[augment],
+                                                                                        out / f"bridges_{name}")
 
-    def plain(folder):
-        return lambda: (PlainLM(load_causal_lm(str(folder), dtype=dtype)).to(cfg.device), load_tokenizer(str(folder)))
-
-    def calm(augment: Path, bridges: Path):
-        def load():
-            model = ComposedModel.from_pretrained(bridges, load_causal_lm(cfg.anchor, dtype=dtype),
-                                                  [load_causal_lm(str(augment), dtype=dtype)],
-                                                  tokenizers=[anchor_tok, load_tokenizer(str(augment))])
-            return model.to(cfg.device), anchor_tok
-        return load
-
-    def adapter(folder: Path):
-        def load():
-            from peft import PeftModel
-
-            return PlainLM(PeftModel.from_pretrained(load_causal_lm(cfg.anchor, dtype=dtype), str(folder))).to(cfg.device), anchor_tok
-        return load
-
-    table = {name: ([folders[name]], plain(folders[name])) for name in ("anchor", "augment", "specialist")}
-    for name, augment in BRIDGES.items():
-        table[name] = ([folders["anchor"], folders[augment], out / f"bridges_{name}"],
-                       calm(folders[augment], out / f"bridges_{name}"))
+    table = {name: ([folders[name]], load.plain(folders[name])) for name in ("anchor", "augment", "specialist")}
+    table.update({name: calm(name, augment) for name, augment in BRIDGES.items()})
     for name in ("lora", "lora_full") if cfg.lora_full else ("lora",):
-        table[name] = ([folders["anchor"], out / name], adapter(out / name))
+        table[name] = ([folders["anchor"], out / name], load.lora(out / name))
     for seed in cfg.extra_seeds:
         for name in SEEDED:
-            if name in BRIDGES:
-                table[seeded(name, seed)] = ([folders["anchor"], folders[BRIDGES[name]], out / f"bridges_{seeded(name, seed)}"],
-                                             calm(folders[BRIDGES[name]], out / f"bridges_{seeded(name, seed)}"))
-            else:
-                table[seeded(name, seed)] = ([folders["anchor"], out / seeded(name, seed)], adapter(out / seeded(name, seed)))
+            trained = seeded(name, seed)
+            table[trained] = (calm(trained, BRIDGES[name]) if name in BRIDGES
+                              else ([folders["anchor"], out / trained], load.lora(out / trained)))
     return table
 
 
@@ -282,23 +261,17 @@ def scorer(run: Run):
     import sacrebleu
 
     cfg, evals = run.cfg, run.evals
+    sets = {"bible": (evals["verses"], run.shots, "es"),
+            **{lang: (items, [run.message_shot], lang) for lang, items in evals["messages"].items()}}
 
     def score(name: str, load) -> dict:
-        torch.manual_seed(cfg.seed)
-        model, tok = load()
-        try:
-            hyps = {"bible": translate(model, tok, evals["verses"], run.shots, cfg.eval_batch_size, f"{name}/bible")}
-            for lang, items in evals["messages"].items():
-                hyps[lang] = translate(model, tok, items, [run.message_shot], cfg.eval_batch_size, f"{name}/{lang}",
-                                       source=lang)
-            refs = {"bible": [p["en"] for p in evals["verses"]],
-                    **{lang: [m["en"] for m in items] for lang, items in evals["messages"].items()}}
-            chrf = {k: round(sacrebleu.corpus_chrf(h, [refs[k]]).score, 2) for k, h in hyps.items()}
+        with loaded(load, cfg.seed) as (model, tok):
+            hyps = {key: translate(model, tok, items, shots, cfg.eval_batch_size, f"{name}/{key}", source=source)
+                    for key, (items, shots, source) in sets.items()}
             bpc = {lang: round(bits_per_char(model, tok, evals["bpc"][lang], 4, f"{name}/{lang}"), 4)
                    for lang in BPC_LANGUAGES}
-        finally:
-            if hasattr(model, "remove_hooks"):
-                model.remove_hooks()
+        chrf = {key: round(sacrebleu.corpus_chrf(hyps[key], [[p["en"] for p in items]]).score, 2)
+                for key, (items, _, _) in sets.items()}
         return {"chrf": chrf, "bits_per_char": bpc, "translations": hyps}
 
     return score

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -79,40 +80,73 @@ def bits_per_char(model, tok, texts: list[dict], batch_size: int, label: str) ->
     return nats / math.log(2) / chars
 
 
-def systems(cfg: LanguageConfig, out: Path, folders: dict) -> dict:
-    """name -> (folders whose weights define it, loader returning (model, tokenizer))."""
-    from composition import ComposedModel, load_causal_lm, load_tokenizer
+class Loaders:
+    """How each kind of system is loaded for evaluation, as ``(model, tokenizer)`` in ``cfg.eval_dtype`` on
+    ``cfg.device``: a plain model folder, the anchor composed through bridges, the anchor with a LoRA adapter."""
 
-    dtype = cfg.eval_dtype
-    anchor_tok = load_tokenizer(cfg.anchor)
+    def __init__(self, cfg: LanguageConfig):
+        from composition import load_tokenizer
 
-    def plain(folder):
-        return lambda: (PlainLM(load_causal_lm(str(folder), dtype=dtype)).to(cfg.device), load_tokenizer(str(folder)))
+        self.cfg = cfg
+        self.anchor_tok = load_tokenizer(cfg.anchor)
 
-    def calm(augment: Path, bridges: Path):
+    def plain(self, folder):
+        from composition import load_causal_lm, load_tokenizer
+
+        cfg = self.cfg
+        return lambda: (PlainLM(load_causal_lm(str(folder), dtype=cfg.eval_dtype)).to(cfg.device),
+                        load_tokenizer(str(folder)))
+
+    def calm(self, augment: Path, bridges: Path):
+        from composition import ComposedModel, load_causal_lm, load_tokenizer
+
+        cfg = self.cfg
+
         def load():
-            aug_tok = load_tokenizer(str(augment))
-            model = ComposedModel.from_pretrained(bridges, load_causal_lm(cfg.anchor, dtype=dtype),
-                                                  [load_causal_lm(str(augment), dtype=dtype)],
-                                                  tokenizers=[anchor_tok, aug_tok])
-            return model.to(cfg.device), anchor_tok
+            model = ComposedModel.from_pretrained(bridges, load_causal_lm(cfg.anchor, dtype=cfg.eval_dtype),
+                                                  [load_causal_lm(str(augment), dtype=cfg.eval_dtype)],
+                                                  tokenizers=[self.anchor_tok, load_tokenizer(str(augment))])
+            return model.to(cfg.device), self.anchor_tok
         return load
 
-    def lora_system():
-        from peft import PeftModel
+    def lora(self, adapter: Path):
+        from composition import load_causal_lm
 
-        return PlainLM(PeftModel.from_pretrained(load_causal_lm(cfg.anchor, dtype=dtype), str(out / "lora"))).to(cfg.device), anchor_tok
+        cfg = self.cfg
 
+        def load():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(load_causal_lm(cfg.anchor, dtype=cfg.eval_dtype), str(adapter))
+            return PlainLM(model).to(cfg.device), self.anchor_tok
+        return load
+
+
+@contextmanager
+def loaded(load, seed: int):
+    """``(model, tokenizer)`` from ``load`` with torch seeded; a composed model's hooks are removed after."""
+    torch.manual_seed(seed)
+    model, tok = load()
+    try:
+        yield model, tok
+    finally:
+        if hasattr(model, "remove_hooks"):
+            model.remove_hooks()
+
+
+def systems(cfg: LanguageConfig, out: Path, folders: dict) -> dict:
+    """name -> (folders whose weights define it, loader returning (model, tokenizer))."""
+    load = Loaders(cfg)
     table = {
-        "anchor": ([folders["anchor"]], plain(folders["anchor"])),
-        "augment": ([folders["augment"]], plain(folders["augment"])),
-        "calm": ([folders["anchor"], folders["augment"], out / "bridges"], calm(folders["augment"], out / "bridges")),
+        "anchor": ([folders["anchor"]], load.plain(folders["anchor"])),
+        "augment": ([folders["augment"]], load.plain(folders["augment"])),
+        "calm": ([folders["anchor"], folders["augment"], out / "bridges"], load.calm(folders["augment"], out / "bridges")),
     }
     if cfg.lora_ablation:
-        table["lora"] = ([folders["anchor"], out / "lora"], lora_system)
+        table["lora"] = ([folders["anchor"], out / "lora"], load.lora(out / "lora"))
     if cfg.random_augment_ablation:
         table["calm_random_augment"] = ([folders["anchor"], folders["random_augment"], out / "bridges_random"],
-                                        calm(folders["random_augment"], out / "bridges_random"))
+                                        load.calm(folders["random_augment"], out / "bridges_random"))
     return table
 
 
@@ -123,16 +157,11 @@ def scorer(cfg: LanguageConfig, evals: dict, shots: list[dict]):
     refs = [p["en"] for p in evals["translation"]]
 
     def score(name: str, load) -> dict:
-        torch.manual_seed(cfg.seed)
-        model, tok = load()
-        try:
+        with loaded(load, cfg.seed) as (model, tok):
             hyps = translate(model, tok, evals["translation"], shots, cfg.eval_batch_size, name)
             chrf = round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2)
             bpc = {lang: round(bits_per_char(model, tok, evals["bpc"][lang], 4, f"{name}/{lang}"), 4)
                    for lang in LANGUAGES}
-        finally:
-            if hasattr(model, "remove_hooks"):
-                model.remove_hooks()
         return {"chrf": chrf, "bits_per_char": bpc, "translations": hyps}
 
     return score
