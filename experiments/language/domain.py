@@ -11,9 +11,8 @@ from __future__ import annotations
 import random
 
 from experiments.language.config import ArmsConfig, translation_prompt
-from experiments.language.data import sample_texts
 from experiments.language.gettext_pairs import check_languages_disjoint, composition_share, english_key
-from experiments.language.mix import packed, passages
+from experiments.language.mix import bpc_sets, packed
 
 BPC_LANGUAGES = ("en", "es", "de", "it", "ru")  # English (KJV) and the languages with held-out fortunes
 
@@ -91,13 +90,7 @@ def eval_sets(cfg: ArmsConfig, splits: dict) -> dict:
     chosen = sorted(rng.sample(common, min(cfg.eval_messages, len(common))))
     messages = {lang: [{"ref": f"{by_lang[lang][k]['package']}:{by_lang[lang][k]['en']}", lang: by_lang[lang][k]["xx"],
                         "en": by_lang[lang][k]["en"]} for k in chosen] for lang in languages}
-    bpc = {}
-    for lang in BPC_LANGUAGES:
-        texts = splits["bpc"][lang]["test"]
-        if lang == "en":
-            texts = passages(texts, cfg.bpc_chars[1])
-        bpc[lang] = sample_texts(texts, cfg.bpc_texts, cfg.bpc_chars[0], cfg.bpc_chars[1], seed=cfg.seed)
-    return {"verses": verses, "messages": messages, "bpc": bpc}
+    return {"verses": verses, "messages": messages, "bpc": bpc_sets(cfg, splits, BPC_LANGUAGES)}
 
 
 def check_heldout(rows: list[dict], evals: dict, splits: dict, packages: dict) -> dict:

@@ -75,18 +75,23 @@ def build_mix(cfg: LanguageConfig, splits: dict, shots: list[dict]) -> tuple[lis
     return rows, made
 
 
+def bpc_sets(cfg: LanguageConfig, splits: dict, languages) -> dict:
+    """Held-out texts for bits per character, ``cfg.bpc_texts`` per language (English: passages of KJV verses)."""
+    bpc = {}
+    for lang in languages:
+        rows = splits["bpc"][lang]["test"]
+        if lang == "en":
+            rows = passages(rows, cfg.bpc_chars[1])
+        bpc[lang] = sample_texts(rows, cfg.bpc_texts, cfg.bpc_chars[0], cfg.bpc_chars[1], seed=cfg.seed)
+    return bpc
+
+
 def eval_sets(cfg: LanguageConfig, splits: dict) -> dict:
     """The held-out evaluation sets: verse pairs to translate and texts per language."""
     rng = random.Random(cfg.seed + 1)
     test = splits["translation"]["test"]
     verses = sorted(rng.sample(range(len(test)), min(cfg.eval_verses, len(test))))
-    bpc = {}
-    for lang in LANGUAGES:
-        rows = splits["bpc"][lang]["test"]
-        if lang == "en":
-            rows = passages(rows, cfg.bpc_chars[1])
-        bpc[lang] = sample_texts(rows, cfg.bpc_texts, cfg.bpc_chars[0], cfg.bpc_chars[1], seed=cfg.seed)
-    return {"translation": [test[i] for i in verses], "bpc": bpc}
+    return {"translation": [test[i] for i in verses], "bpc": bpc_sets(cfg, splits, LANGUAGES)}
 
 
 def check_heldout(rows: list[dict], evals: dict, splits: dict) -> dict:
