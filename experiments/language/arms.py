@@ -17,12 +17,13 @@ Stages (resumable, as experiments/language/run.py's; what each measured is in ``
 
 1. data        the Debian packages' Bibles, fortunes and gettext catalogues (experiments/language/data.py)
 2. models      SmolLM2 and Gemma-3 from their GGUF packages, and a random Gemma-3
-3. domain      the specialist's rows, the composition share, the evaluation sets (experiments/language/domain.py)
-4. specialist  LoRA on Gemma-3 over the specialist's rows, merged into ``<output>/specialist``
-5. compose     the bridges onto the specialist, onto Gemma-3 and onto the random Gemma-3 (the Ray Train job)
-6. lora        LoRA on the anchor: on the composition rows, and on the whole split
-7. evaluate    per system: chrF per test set and language, bits per character (cached while nothing changed)
-8. report      results/language_specialist*.json (arm 1) and results/language_transfer*.json (arm 2), PNGs
+3. domain      the specialist's rows and the composition share (experiments/language/domain.py)
+4. heldout     the evaluation sets, checked to share nothing with the rows
+5. specialist  LoRA on Gemma-3 over the specialist's rows, merged into ``<output>/specialist``
+6. compose     the bridges onto the specialist, onto Gemma-3 and onto the random Gemma-3 (the Ray Train job)
+7. lora        LoRA on the anchor: on the composition rows, and on the whole split
+8. evaluate    per system: chrF per test set and language, bits per character (cached while nothing changed)
+9. report      results/language_specialist*.json (arm 1) and results/language_transfer*.json (arm 2), PNGs
 """
 
 from __future__ import annotations
@@ -100,9 +101,13 @@ class Run:
     def rows_folder(self) -> Path:
         return self.out / "domain"
 
+    @property
+    def eval_folder(self) -> Path:
+        return self.out / "eval"
+
     @cached_property
     def evals(self) -> dict:
-        return json.loads((self.rows_folder / "eval.json").read_text())
+        return json.loads((self.eval_folder / "eval.json").read_text())
 
     @cached_property
     def message_shot(self) -> dict:
@@ -111,8 +116,12 @@ class Run:
 
 def _domain_inputs(cfg: ArmsConfig) -> dict:
     return {k: getattr(cfg, k) for k in ("domain_mix", "specialist_steps", "batch_size", "composition_share",
-                                         "unseen_languages", "eval_verses", "eval_messages", "bpc_texts", "bpc_chars",
-                                         "pack_chars", "seed")}
+                                         "unseen_languages", "pack_chars", "seed")}
+
+
+def _test_set_inputs(cfg: ArmsConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ("unseen_languages", "eval_verses", "eval_messages", "bpc_texts", "bpc_chars",
+                                         "seed")}
 
 
 def _specialist_inputs(cfg: ArmsConfig) -> dict:
@@ -137,24 +146,39 @@ def models(run: Run) -> None:
 
 
 def domain(run: Run) -> None:
-    """3. The specialist's rows, the composition share, and the evaluation sets, once the held-out check passes."""
+    """3. The specialist's rows and the composition share."""
     cfg, folder = run.cfg, run.rows_folder
 
     def make() -> dict:
         rows, made = domain_rows(cfg, run.splits, run.shots, run.message_shot)
         share = composition_rows(cfg, rows)
+        with atomic_folder(folder) as tmp:
+            write_jsonl(rows, tmp / "specialist.jsonl")
+            write_jsonl(share, tmp / "composition.jsonl")
+        return {"rows": made, "composition_rows": len(share),
+                "composition_kinds": {k: sum(r["kind"] == k for r in share) for k in made}}
+
+    run.log.stage("domain", (folder / "composition.jsonl").is_file(), make, inputs=_domain_inputs(cfg), folder=folder,
+                  timed=False)
+
+
+def heldout(run: Run) -> None:
+    """4. The evaluation sets, written once the held-out check against the specialist's rows passes (their own
+    stage: their size does not change what was trained)."""
+    cfg, folder = run.cfg, run.eval_folder
+
+    def make() -> dict:
+        rows = read_jsonl(run.rows_folder / "specialist.jsonl")
         evals = eval_sets(cfg, run.splits)
         checks = check_heldout(rows, evals, run.splits, run.splits["summary"]["heldout"]["gettext_packages"])
         if any(checks.values()):
             raise RuntimeError(f"held-out items reached the training rows: {checks}")
         with atomic_folder(folder) as tmp:
-            write_jsonl(rows, tmp / "specialist.jsonl")
-            write_jsonl(share, tmp / "composition.jsonl")
             (tmp / "eval.json").write_text(json.dumps(evals, ensure_ascii=False) + "\n")
-        return {"rows": made, "composition_rows": len(share),
-                "composition_kinds": {k: sum(r["kind"] == k for r in share) for k in made}, "checks": checks}
+        return {"checks": checks, "verses": len(evals["verses"]),
+                "messages_per_language": len(next(iter(evals["messages"].values())))}
 
-    run.log.stage("domain", (folder / "eval.json").is_file(), make, inputs=_domain_inputs(cfg), folder=folder,
+    run.log.stage("heldout", (folder / "eval.json").is_file(), make, inputs=_test_set_inputs(cfg), folder=folder,
                   timed=False)
 
 
@@ -189,7 +213,7 @@ def fit_specialist(cfg: ArmsConfig, out: Path, rows: list[dict]) -> dict:
 
 
 def specialist(run: Run) -> None:
-    """4. The specialist: Gemma-3 trained on the domain's whole training split."""
+    """5. The specialist: Gemma-3 trained on the domain's whole training split."""
     cfg, out = run.cfg, run.out
     run.log.stage("specialist", (out / "specialist" / "config.json").is_file(),
                   lambda: fit_specialist(cfg, out, read_jsonl(run.rows_folder / "specialist.jsonl")),
@@ -198,7 +222,7 @@ def specialist(run: Run) -> None:
 
 
 def compose(run: Run) -> None:
-    """5. The same bridges, rows and steps onto the specialist, Gemma-3 and the random Gemma-3."""
+    """6. The same bridges, rows and steps onto the specialist, Gemma-3 and the random Gemma-3."""
     cfg, out = run.cfg, run.out
     jobs = [(name, augment, cfg) for name, augment in BRIDGES.items()]
     jobs += [(seeded(name, seed), BRIDGES[name], cfg.model_copy(update={"seed": seed}))
@@ -214,7 +238,7 @@ def compose(run: Run) -> None:
 
 
 def lora(run: Run) -> None:
-    """6. LoRA on the anchor with at least the bridges' parameters: on the composition rows (same steps), and on
+    """7. LoRA on the anchor with at least the bridges' parameters: on the composition rows (same steps), and on
     the specialist's rows (the whole split, the specialist's steps)."""
     cfg, out = run.cfg, run.out
     inputs = {**_compose_inputs(cfg), "bridge_params": run.bridge_params}
@@ -278,9 +302,9 @@ def scorer(run: Run):
 
 
 def evaluate(run: Run) -> None:
-    """7. Every system on every test set (cached per system while its weights and the sets are unchanged)."""
+    """8. Every system on every test set (cached per system while its weights and the sets are unchanged)."""
     run.log.begin("evaluate", False)
-    stamp = [weights_fingerprint(run.rows_folder) + files_signature([run.rows_folder / "eval.json"]), run.cfg.eval_dtype]
+    stamp = [weights_fingerprint(run.rows_folder) + files_signature([run.eval_folder / "eval.json"]), run.cfg.eval_dtype]
     run.results = evaluate_systems(run.log, systems(run), stamp, scorer(run), "result",
                                    lambda r: f"chrF {r['chrf']}")
 
@@ -366,7 +390,8 @@ def arm1_results(run: Run, common: dict) -> dict:
             "data": {"specialist_rows": domain_record.get("rows"), "composition_rows": domain_record.get("composition_rows"),
                      "composition_kinds": domain_record.get("composition_kinds"),
                      "composition_share": run.cfg.composition_share, "eval_verses": len(run.evals["verses"]),
-                     "eval_messages": len(run.evals["messages"]["es"]), "checks": domain_record.get("checks")},
+                     "eval_messages": len(run.evals["messages"]["es"]),
+                     "checks": stages.get("heldout", {}).get("checks")},
             "specialist": {k: v for k, v in stages.get("specialist", {}).items() if k != "history"},
             "examples": _examples(run, names, "bible"), **common}
 
@@ -423,7 +448,7 @@ def _bars(axes, chrf: dict, groups: list[str], title: str) -> None:
 
 
 def report(run: Run) -> None:
-    """8. The two results files, their PNGs and tables."""
+    """9. The two results files, their PNGs and tables."""
     cfg = run.cfg
     common = {"config": json.loads(cfg.model_dump_json()), "seeds": [cfg.seed, *cfg.extra_seeds], "stage_seconds": stage_seconds(run.log.records),
               "machine": machine(), "date": time.strftime("%Y-%m-%d"),
@@ -446,7 +471,7 @@ def report(run: Run) -> None:
     print(f"\nall stages: {fmt_time(sum(common['stage_seconds'].values()))}", flush=True)
 
 
-STAGES = [data, models, domain, specialist, compose, lora, evaluate, report]
+STAGES = [data, models, domain, heldout, specialist, compose, lora, evaluate, report]
 
 
 def main(argv: list[str] | None = None) -> int:
