@@ -232,7 +232,7 @@ def compose(run: Run) -> None:
                       lambda name=name, augment=augment, job_cfg=job_cfg: {"history": language.fit_bridges(
                           job_cfg, out, run.folders[augment], out / f"bridges_{name}", f"arms_{name}",
                           train_file=run.rows_folder / "composition.jsonl")},
-                      key=f"compose_{name}", inputs={**_compose_inputs(job_cfg)},
+                      key=f"compose_{name}", inputs=_compose_inputs(job_cfg),
                       folder=f"{out / f'bridges_{name}'} and {out / 'ray_runs'}")
     run.bridge_params = language._bridge_params(out / "bridges_calm_specialist")
 
@@ -241,22 +241,17 @@ def lora(run: Run) -> None:
     """7. LoRA on the anchor with at least the bridges' parameters: on the composition rows (same steps), and on
     the specialist's rows (the whole split, the specialist's steps)."""
     cfg, out = run.cfg, run.out
-    inputs = {**_compose_inputs(cfg), "bridge_params": run.bridge_params}
-    run.log.stage("lora", (out / "lora" / "adapter_config.json").is_file(),
-                  lambda: language.lora(cfg, out, read_jsonl(run.rows_folder / "composition.jsonl"), run.bridge_params),
-                  inputs=inputs, folder=f"{out / 'lora'} and {out / 'lora.ckpt'}")
-    for seed in cfg.extra_seeds:
-        seed_cfg, name = cfg.model_copy(update={"seed": seed}), seeded("lora", seed)
-        run.log.stage(name, (out / name / "adapter_config.json").is_file(),
-                      lambda seed_cfg=seed_cfg, name=name: language.lora(
-                          seed_cfg, out, read_jsonl(run.rows_folder / "composition.jsonl"), run.bridge_params, name=name),
-                      inputs={**_compose_inputs(seed_cfg), "bridge_params": run.bridge_params},
-                      folder=f"{out / name} and {out / f'{name}.ckpt'}")
+    composition, split = run.rows_folder / "composition.jsonl", run.rows_folder / "specialist.jsonl"
+    runs = [("lora", cfg, composition, None)]
+    runs += [(seeded("lora", seed), cfg.model_copy(update={"seed": seed}), composition, None) for seed in cfg.extra_seeds]
     if cfg.lora_full:
-        run.log.stage("lora_full", (out / "lora_full" / "adapter_config.json").is_file(),
-                      lambda: language.lora(cfg, out, read_jsonl(run.rows_folder / "specialist.jsonl"),
-                                            run.bridge_params, name="lora_full", steps=cfg.specialist_steps),
-                      inputs=inputs, folder=f"{out / 'lora_full'} and {out / 'lora_full.ckpt'}")
+        runs.append(("lora_full", cfg, split, cfg.specialist_steps))
+    for name, run_cfg, rows, steps in runs:
+        run.log.stage(name, (out / name / "adapter_config.json").is_file(),
+                      lambda name=name, run_cfg=run_cfg, rows=rows, steps=steps: language.lora(
+                          run_cfg, out, read_jsonl(rows), run.bridge_params, name=name, steps=steps),
+                      inputs={**_compose_inputs(run_cfg), "bridge_params": run.bridge_params},
+                      folder=f"{out / name} and {out / f'{name}.ckpt'}")
 
 
 def systems(run: Run) -> dict:
