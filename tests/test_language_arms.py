@@ -125,3 +125,65 @@ def test_the_report_gives_each_arm_its_systems_targets_seeds_and_paired_bootstra
     assert arm2["targets"]["random_augment_at_least_3_below_calm"]["holds"]
     assert arm2["chrf_by_seed"]["calm"]["mean"]["de"] == 50.0
     assert set(arm2["paired_bootstrap_p"]) == {"calm_vs_lora", "calm_vs_calm_random_augment", "calm_specialist_vs_lora"}
+
+
+def test_a_trial_starts_from_its_base_runs_specialist_and_held_out_sets_and_checks_them(tmp_path):
+    """``trial_of``: the base run's specialist and held-out sets are hard-linked (no copy, same fingerprints), the
+    evaluations of the untrained systems are kept and the trained ones dropped; a trial that changes only the
+    composition share keeps the specialist, one that changes the specialist's settings is stopped."""
+    import json
+
+    from experiments.common import StageLog, as_json
+    from experiments.language.arms import _specialist_inputs, start_trial
+
+    base_cfg = config(output=str(tmp_path / "base"))
+    base = tmp_path / "base"
+    (base / "specialist").mkdir(parents=True)
+    (base / "specialist" / "config.json").write_text("{}")
+    (base / "specialist" / "model.safetensors").write_bytes(b"weights")
+    (base / "eval").mkdir()
+    (base / "eval" / "eval.json").write_text("{}")
+    evaluations = {name: {"result": name} for name in ("anchor", "augment", "specialist", "calm_specialist", "lora")}
+    (base / "stages.json").write_text(json.dumps({
+        "specialist": {"wall_s": 9.0, "inputs": as_json(_specialist_inputs(base_cfg))}, "heldout": {"inputs": {}},
+        "compose_calm_specialist": {"wall_s": 1.0}, "evaluate": evaluations}))
+
+    with pytest.raises(SystemExit, match="no finished specialist and heldout stage"):
+        start_trial(config(output=str(tmp_path / "t0"), trial_of=str(tmp_path / "nothing")))
+
+    trial = config(output=str(tmp_path / "trial"), trial_of=str(base), composition_share=0.25)
+    start_trial(trial)
+    out = tmp_path / "trial"
+    assert (out / "specialist" / "model.safetensors").stat().st_ino == (base / "specialist" / "model.safetensors").stat().st_ino
+    assert (out / "eval" / "eval.json").stat().st_ino == (base / "eval" / "eval.json").stat().st_ino
+    log = StageLog(out, None)
+    assert sorted(log.records["evaluate"]) == ["anchor", "augment", "specialist"]
+    assert "compose_calm_specialist" not in log.records
+    assert not log.begin("specialist", True, "specialist", _specialist_inputs(trial), out / "specialist")  # reused
+    changed = config(output=str(out), trial_of=str(base), specialist_lr=1e-3)
+    with pytest.raises(SystemExit, match=r"specialist_lr changed"):
+        log.begin("specialist", True, "specialist", _specialist_inputs(changed), out / "specialist")
+    with pytest.raises(ValidationError, match="needs an output of its own"):
+        config(output=str(base), trial_of=str(base))
+
+
+def test_without_the_random_twin_arm_2_says_its_target_was_not_run(tmp_path):
+    from experiments.common import StageLog
+    from experiments.language.arms import Run, arm2_results, systems, trained_bridges
+
+    cfg = config(random_augment_ablation=False, output=str(tmp_path), bootstrap_samples=100)
+    assert sorted(trained_bridges(cfg)) == ["calm_augment", "calm_specialist"]
+    refs = [f"message {i} was read" for i in range(10)]
+    evals = {"verses": [], "messages": {lang: [{"en": r} for r in refs] for lang in ["es", *UNSEEN]}}
+    sets = ["es", *UNSEEN]
+    results = {name: {"chrf": dict.fromkeys(sets, 20.0), "translations": dict.fromkeys(sets, refs),
+                      "bits_per_char": {"en": 1.0}}
+               for name in ("anchor", "augment", "specialist", "calm_augment", "calm_specialist", "lora")}
+    run = Run(cfg, StageLog(tmp_path, None), results=results)
+    run.__dict__["evals"] = evals
+    arm2 = arm2_results(run, {})
+    assert "calm_random_augment" not in arm2["chrf"]
+    assert set(arm2["paired_bootstrap_p"]) == {"calm_vs_lora", "calm_specialist_vs_lora"}
+    assert arm2["targets"]["random_augment_at_least_3_below_calm"]["holds"] is None
+    run.folders = {"anchor": tmp_path, "augment": tmp_path, "specialist": tmp_path, "random_augment": tmp_path}
+    assert "calm_random_augment" not in systems(run)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -78,6 +79,12 @@ BRIDGES = {"calm_specialist": "specialist", "calm_augment": "augment", "calm_ran
 SEEDED = ("calm_specialist", "calm_augment", "lora")  # trained again for each of extra_seeds
 
 
+def trained_bridges(cfg: ArmsConfig) -> dict:
+    """The compositions this configuration trains: :data:`BRIDGES`, less the random-Gemma twin when
+    ``random_augment_ablation`` is off (a trial that needs only arm 1's comparisons)."""
+    return {k: v for k, v in BRIDGES.items() if cfg.random_augment_ablation or k != "calm_random_augment"}
+
+
 def seeded(name: str, seed: int) -> str:
     """A system trained with an extra seed: ``calm_augment_seed1``."""
     return f"{name}_seed{seed}"
@@ -114,9 +121,14 @@ class Run:
         return gettext_shot(self.splits["gettext"]["train"], ["es", *self.cfg.unseen_languages])
 
 
+def _rows_inputs(cfg: ArmsConfig) -> dict:
+    """What the specialist's rows are drawn with (not the composition share: that picks among them)."""
+    return {k: getattr(cfg, k) for k in ("domain_mix", "specialist_steps", "batch_size", "unseen_languages",
+                                         "pack_chars", "seed")}
+
+
 def _domain_inputs(cfg: ArmsConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ("domain_mix", "specialist_steps", "batch_size", "composition_share",
-                                         "unseen_languages", "pack_chars", "seed")}
+    return {**_rows_inputs(cfg), "composition_share": cfg.composition_share}
 
 
 def _test_set_inputs(cfg: ArmsConfig) -> dict:
@@ -125,12 +137,40 @@ def _test_set_inputs(cfg: ArmsConfig) -> dict:
 
 
 def _specialist_inputs(cfg: ArmsConfig) -> dict:
-    return {**_domain_inputs(cfg), **{k: getattr(cfg, k) for k in ("specialist_rank", "specialist_lr", "max_length",
-                                                                   "train_dtype")}}
+    return {**_rows_inputs(cfg), **{k: getattr(cfg, k) for k in ("specialist_rank", "specialist_lr", "max_length",
+                                                                 "train_dtype")}}
 
 
 def _compose_inputs(cfg: ArmsConfig) -> dict:
-    return {**_specialist_inputs(cfg), **{k: getattr(cfg, k) for k in ("composition", "steps", "lr", "lora_lr")}}
+    return {**_domain_inputs(cfg), **_specialist_inputs(cfg),
+            **{k: getattr(cfg, k) for k in ("composition", "steps", "lr", "lora_lr")}}
+
+
+UNTRAINED = ("anchor", "augment", "specialist")  # the systems a trial (``trial_of``) takes from its base run
+
+
+def start_trial(cfg: ArmsConfig) -> None:
+    """A trial's first run: hard-link its base run's specialist and held-out sets into ``cfg.output``, with their
+    stage records and the evaluations of :data:`UNTRAINED`. The stages then check them against this config as
+    they check any finished stage (a trial that changes the specialist's or the held-out sets' settings stops with
+    what changed), and the evaluation reuses what it would compute again (same weights, same sets)."""
+    base, out = Path(cfg.trial_of), Path(cfg.output)
+    if (out / "stages.json").is_file():
+        return  # started before: it resumes
+    records = json.loads((base / "stages.json").read_text()) if (base / "stages.json").is_file() else {}
+    missing = [name for name in ("specialist", "heldout") if name not in records]
+    if missing or not (base / "specialist" / "config.json").is_file():
+        raise SystemExit(f"error: trial_of: {base} holds no finished {' and '.join(missing) or 'specialist'} stage; "
+                         f"run its configuration first (python -m experiments.language.arms --config ...)")
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in ("specialist", "eval"):
+        shutil.copytree(base / folder, out / folder, copy_function=os.link)
+    kept = {name: records[name] for name in ("models", "specialist", "heldout") if name in records}
+    kept["evaluate"] = {k: v for k, v in records.get("evaluate", {}).items() if k in UNTRAINED}
+    kept["trial_of"] = {"base": str(base), "reused": sorted(kept["evaluate"])}
+    (out / "stages.json").write_text(json.dumps(kept, indent=1) + "\n")
+    print(f"[trial] from {base}: its specialist, held-out sets and the evaluations of {sorted(kept['evaluate'])}",
+          flush=True)
 
 
 # ---------------------------------------------------------------- stages
@@ -224,7 +264,7 @@ def specialist(run: Run) -> None:
 def compose(run: Run) -> None:
     """6. The same bridges, rows and steps onto the specialist, Gemma-3 and the random Gemma-3."""
     cfg, out = run.cfg, run.out
-    jobs = [(name, augment, cfg) for name, augment in BRIDGES.items()]
+    jobs = [(name, augment, cfg) for name, augment in trained_bridges(cfg).items()]
     jobs += [(seeded(name, seed), BRIDGES[name], cfg.model_copy(update={"seed": seed}))
              for seed in cfg.extra_seeds for name in SEEDED if name in BRIDGES]
     for name, augment, job_cfg in jobs:
@@ -263,7 +303,7 @@ def systems(run: Run) -> dict:
                                                                                         out / f"bridges_{name}")
 
     table = {name: ([folders[name]], load.plain(folders[name])) for name in ("anchor", "augment", "specialist")}
-    table.update({name: calm(name, augment) for name, augment in BRIDGES.items()})
+    table.update({name: calm(name, augment) for name, augment in trained_bridges(cfg).items()})
     for name in ("lora", "lora_full") if cfg.lora_full else ("lora",):
         table[name] = ([folders["anchor"], out / name], load.lora(out / name))
     for seed in cfg.extra_seeds:
@@ -396,11 +436,13 @@ def arm2_results(run: Run, common: dict) -> dict:
     names = {"anchor": "anchor", "augment": "augment", "calm": "calm_augment", "lora": "lora",
              "calm_random_augment": "calm_random_augment", "specialist": "specialist",
              "calm_specialist": "calm_specialist"}
+    names = {k: v for k, v in names.items() if v in r}  # the random twin is not trained without its ablation
     chrf = {k: {lang: r[v]["chrf"][lang] for lang in ["es", *unseen]} for k, v in names.items()}
     bpc = {k: r[v]["bits_per_char"] for k, v in names.items()}
-    p = _compare(run, {"calm_vs_lora": ("calm_augment", "lora"),
-                       "calm_vs_calm_random_augment": ("calm_augment", "calm_random_augment"),
-                       "calm_specialist_vs_lora": ("calm_specialist", "lora")}, unseen)
+    pairs = {"calm_vs_lora": ("calm_augment", "lora"), "calm_vs_calm_random_augment": ("calm_augment",
+                                                                                      "calm_random_augment"),
+             "calm_specialist_vs_lora": ("calm_specialist", "lora")}
+    p = _compare(run, {k: v for k, v in pairs.items() if v[1] in r}, unseen)
 
     def mean(system: str) -> float:
         return round(sum(chrf[system][lang] for lang in unseen) / len(unseen), 2)
@@ -413,7 +455,8 @@ def arm2_results(run: Run, common: dict) -> dict:
         "calm_mean_at_least_anchor_plus_5": _target(means["calm"] >= means["anchor"] + 5, calm=means["calm"],
                                                     anchor=means["anchor"]),
         "random_augment_at_least_3_below_calm": _target(means["calm_random_augment"] <= means["calm"] - 3,
-                                                        calm=means["calm"], calm_random_augment=means["calm_random_augment"]),
+                                                        calm=means["calm"], calm_random_augment=means["calm_random_augment"])
+        if "calm_random_augment" in means else {"holds": None, "not_run": "random_augment_ablation: false"},
         "english_within_0.02_of_anchor": _target(bpc["calm"]["en"] <= bpc["anchor"]["en"] + 0.02,
                                                  calm=bpc["calm"]["en"], anchor=bpc["anchor"]["en"]),
     }
@@ -461,7 +504,8 @@ def report(run: Run) -> None:
         print(f"\n{results['arm']} ({path}):")
         print(markdown_table(["system", *groups], [[k, *(v[g] for g in groups)] for k, v in results["chrf"].items()]))
         for key, t in results["targets"].items():
-            print(f"  target {key}: {'holds' if t['holds'] else 'MISSED'} "
+            verdict = "not run" if t["holds"] is None else "holds" if t["holds"] else "MISSED"
+            print(f"  target {key}: {verdict} "
                   f"{json.dumps({k: v for k, v in t.items() if k != 'holds'})}")
     print(f"\nall stages: {fmt_time(sum(common['stage_seconds'].values()))}", flush=True)
 
@@ -476,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: {args.config}: device: cuda, but torch sees no CUDA device here")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if cfg.trial_of:
+        start_trial(cfg)
     run = Run(cfg, StageLog(Path(cfg.output), args.stop_after))
     return run_stages(STAGES, run, run.log)
 

@@ -3,6 +3,7 @@ fixed prompt every system translates with."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -132,6 +133,10 @@ class ArmsConfig(LanguageConfig):
     # more training seeds for CALM (onto the specialist and onto Gemma-3) and LoRA on the 5%: each trains again
     # with that seed (initialisation and row order) and is evaluated; the report gives each seed and the mean
     extra_seeds: list[int] = Field(default_factory=list)
+    # a trial of a finished run (its output folder): this run starts from that run's specialist, held-out sets and
+    # the evaluations of the systems a trial leaves as they are (the anchor, Gemma-3, the specialist), hard-linked
+    # and checked against this config like any finished stage; it trains and evaluates the rest itself
+    trial_of: str | None = None
 
     @model_validator(mode="after")
     def _check_arms(self):
@@ -141,6 +146,8 @@ class ArmsConfig(LanguageConfig):
                              f"{[k for k in NAMES if k not in ('es', 'en')]}")
         if sum(self.domain_mix.model_dump().values()) <= 0:
             raise ValueError("domain_mix: every share is 0; give at least one positive share")
+        if self.trial_of is not None and Path(self.trial_of).resolve() == Path(self.output).resolve():
+            raise ValueError(f"trial_of: {self.trial_of} is this run's own output; a trial needs an output of its own")
         if self.seed in self.extra_seeds or len(set(self.extra_seeds)) < len(self.extra_seeds):
             raise ValueError(f"extra_seeds {self.extra_seeds} must differ from each other and from seed {self.seed}")
         return self
