@@ -115,6 +115,7 @@ def test_the_report_gives_each_arm_its_systems_targets_seeds_and_paired_bootstra
     assert arm1["paired_bootstrap_p"]["calm_vs_calm_untrained_augment"]["bible"] == 1.0  # same translations
     assert arm1["targets"]["calm_at_least_lora_plus_3_significant"]["holds"]
     assert arm1["targets"]["calm_at_least_untrained_augment_plus_3"]["holds"]  # 90 >= 80 + 3
+    assert arm1["looping"]["calm"] == {"bible": 0.0, "gettext": 0.0}
     assert arm1["chrf_by_seed"]["calm"] == {"seeds": {"0": {"bible": 90.0, "gettext": 90.0},
                                                       "1": {"bible": 70.0, "gettext": 70.0}},
                                             "mean": {"bible": 80.0, "gettext": 80.0}}
@@ -187,3 +188,11 @@ def test_without_the_random_twin_arm_2_says_its_target_was_not_run(tmp_path):
     assert arm2["targets"]["random_augment_at_least_3_below_calm"]["holds"] is None
     run.folders = {"anchor": tmp_path, "augment": tmp_path, "specialist": tmp_path, "random_augment": tmp_path}
     assert "calm_random_augment" not in systems(run)
+
+
+def test_a_translation_that_repeats_a_phrase_counts_as_looping():
+    from experiments.language.arms import looping
+
+    assert looping("And the name of the son of the son of the son of the son of Jesse")
+    assert not looping("And the name of the man was Elimelech, and the name of his wife Naomi.")
+    assert not looping("")

@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -387,6 +388,21 @@ def by_seed(run: Run, names: dict, test_sets: list[str]) -> dict:
     return out
 
 
+def looping(text: str, n: int = 3, repeats: int = 4) -> bool:
+    """Whether a translation loops: one word ``n``-gram occurs ``repeats`` times or more ("the son of the son of
+    the son of ..."). Greedy decoding of a model trained on few rows does this; chrF counts it as noise."""
+    words = text.split()
+    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return bool(grams) and max(grams.values()) >= repeats
+
+
+def looping_share(run: Run, names: dict, test_sets: dict) -> dict:
+    """{system: {test set: share of its translations that loop}} (``test_sets``: label -> evaluation key)."""
+    r = run.results
+    return {k: {t: round(sum(map(looping, r[v]["translations"][s])) / max(1, len(r[v]["translations"][s])), 3)
+                for t, s in test_sets.items()} for k, v in names.items()}
+
+
 def _target(holds: bool, **figures) -> dict:
     return {**figures, "holds": bool(holds)}
 
@@ -421,7 +437,7 @@ def arm1_results(run: Run, common: dict) -> dict:
                                                 for seed, per in v["seeds"].items()},
                                  "mean": {t: v["mean"][s] for t, s in sets.items()}}
                              for k, v in by_seed(run, names, list(sets.values())).items()},
-            "bits_per_char_en": en, "targets": targets, "systems": names,
+            "bits_per_char_en": en, "looping": looping_share(run, names, sets), "targets": targets, "systems": names,
             "data": {"specialist_rows": domain_record.get("rows"), "composition_rows": domain_record.get("composition_rows"),
                      "composition_kinds": domain_record.get("composition_kinds"),
                      "composition_share": run.cfg.composition_share, "eval_verses": len(run.evals["verses"]),
@@ -462,6 +478,7 @@ def arm2_results(run: Run, common: dict) -> dict:
     }
     return {"arm": "languages the bridges never saw", "trained_languages": ["es"], "unseen_languages": unseen,
             "chrf": chrf, "chrf_mean_unseen": means, "bits_per_char": bpc, "paired_bootstrap_p": p, "targets": targets,
+            "looping": looping_share(run, names, {lang: lang for lang in ["es", *unseen]}),
             "chrf_by_seed": by_seed(run, names, ["es", *unseen]),
             "systems": names, "data": {"composition_rows": run.log.records.get("domain", {}).get("composition_rows"),
                                        "eval_messages_per_language": len(run.evals["messages"]["es"])},
