@@ -24,6 +24,9 @@ Stages (resumable, as experiments/language/run.py's; what each measured is in ``
 7. lora        LoRA on the anchor: on the composition rows, and on the whole split
 8. evaluate    per system: chrF per test set and language, bits per character (cached while nothing changed)
 9. report      results/language_specialist*.json (arm 1) and results/language_transfer*.json (arm 2), PNGs
+
+A trial (``trial_of: <a finished run's output>``) changes the composition step only: it starts from that run's
+specialist, held-out sets and untrained systems' evaluations (:func:`start_trial`), e.g. configs/trials/arms_*.yaml.
 """
 
 from __future__ import annotations
