@@ -24,6 +24,7 @@ class AugmentEncoder(nn.Module):
         self.info: DecoderInfo = describe_decoder(model)
         self.indices: list[int] = []
         self._captured: dict[int, torch.Tensor] | None = None
+        self._on_state = None  # during a forward given ``on_state``
         self._sites: dict[int, HiddenStateSite] = {}
         self.add_indices(indices)
 
@@ -42,6 +43,8 @@ class AugmentEncoder(nn.Module):
         def read(hidden: torch.Tensor) -> None:
             if self._captured is not None:
                 self._captured[index] = hidden
+                if self._on_state is not None:
+                    self._on_state(index, hidden)
 
         return read
 
@@ -53,6 +56,7 @@ class AugmentEncoder(nn.Module):
         position_ids: torch.Tensor,
         cache=None,
         use_cache: bool = False,
+        on_state=None,
     ) -> tuple[dict[int, torch.Tensor], object]:
         """Run the augmenting model on ``input_ids``.
 
@@ -61,10 +65,13 @@ class AugmentEncoder(nn.Module):
             attention_mask: [batch, cached + seq], 0 at padding (covers cached tokens too).
             position_ids: [batch, seq].
             cache: the model's own HF cache from the previous call, or None.
+            on_state: ``(index, states)``, called as soon as each index's states exist (from inside the
+                forward, at that layer), so a consumer can start on the low layers' states while the upper
+                layers still run.
         Returns:
             ({index: [batch, seq, d_augment] in the model's dtype}, the updated HF cache or None).
         """
-        self._captured = {}
+        self._captured, self._on_state = {}, on_state
         try:
             out = self.info.base(
                 input_ids=input_ids,
@@ -75,7 +82,7 @@ class AugmentEncoder(nn.Module):
             )
             states = self._captured
         finally:
-            self._captured = None
+            self._captured, self._on_state = None, None
         missing = [i for i in self.indices if i not in states]
         if missing:
             raise RuntimeError(f"{self.info.architecture}: hidden states at indices {missing} were not produced")

@@ -102,15 +102,16 @@ class CompositionCache:
             (keys, values) per bridge [batch, heads, seen + new, head_dim], and the buffers behind them
             (give both to the next CompositionCache). This cache's own fields are left as they were.
         """
-        all_keys, all_values, buffers = [], [], []
-        for b, (k, v) in enumerate(zip(keys, values)):
-            kbuf, vbuf = self.buffers[b] if b < len(self.buffers) else (None, None)
-            kbuf, k = append_seq(kbuf, self.bridge_keys[b], k)
-            vbuf, v = append_seq(vbuf, self.bridge_values[b], v)
-            all_keys.append(k)
-            all_values.append(v)
-            buffers.append((kbuf, vbuf))
-        return all_keys, all_values, buffers
+        out = [self.extend_bridge(b, k, v) for b, (k, v) in enumerate(zip(keys, values))]
+        return [k for k, _, _ in out], [v for _, v, _ in out], [buf for _, _, buf in out]
+
+    def extend_bridge(self, b: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """``extend_bridges`` for bridge ``b`` alone: (its keys, its values [batch, heads, seen + new, head_dim],
+        its buffers)."""
+        kbuf, vbuf = self.buffers[b] if b < len(self.buffers) else (None, None)
+        kbuf, keys = append_seq(kbuf, self.bridge_keys[b], keys)
+        vbuf, values = append_seq(vbuf, self.bridge_values[b], values)
+        return keys, values, (kbuf, vbuf)
 
     def add_bridges(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Append bridges (a composition added to a stack while rows decode): their keys/values over every row

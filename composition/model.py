@@ -51,22 +51,31 @@ class Link:
 class _Running:
     """What the anchor hooks need during one forward pass.
 
-    The bridges' keys and values are made on first use (``resolve``, at the first bridge site), so
-    augmenting states given as a callable are fetched only once the anchor's layers below it ran.
+    Each bridge's keys and values are made on first use (``resolve(b)``, at that bridge's site), so
+    augmenting states given as a callable are fetched bridge by bridge, each once the anchor's layers
+    below its bridge ran.
     """
 
-    make_keys_values: Callable[[], tuple[list, list, list]]  # -> (keys, values, cache buffers)
+    make_key_value: Callable[[int], tuple]  # bridge -> (keys, values, cache buffers)
+    num_bridges: int
     masks: list[torch.Tensor]  # per augmenting model [batch, 1, new, seen by that model] bool
     positions: torch.Tensor  # [batch, new]
     row_bridges: torch.Tensor | None = None  # [batch, bridges] bool: which bridges apply to each row (None: all)
     active: list[bool] | None = None  # per bridge: whether any row takes it (a bridge no row takes is skipped)
-    keys: list[torch.Tensor] | None = None  # per bridge [batch, heads, seen, head_dim], once resolved
-    values: list[torch.Tensor] | None = None
+    keys: list = field(default_factory=list)  # per bridge [batch, heads, seen, head_dim], None until resolved
+    values: list = field(default_factory=list)
     buffers: list = field(default_factory=list)  # the cache buffers behind keys/values
 
-    def resolve(self) -> None:
-        if self.keys is None:
-            self.keys, self.values, self.buffers = self.make_keys_values()
+    def __post_init__(self):
+        self.keys, self.values, self.buffers = ([None] * self.num_bridges for _ in range(3))
+
+    def resolve(self, b: int) -> None:
+        if self.keys[b] is None:
+            self.keys[b], self.values[b], self.buffers[b] = self.make_key_value(b)
+
+    def resolve_all(self) -> None:
+        for b in range(self.num_bridges):
+            self.resolve(b)
 
 
 @dataclass
@@ -327,7 +336,6 @@ class ComposedModel(nn.Module):
             run = self._running
             if run is None:  # the anchor is being called on its own
                 return None
-            run.resolve()
             out = hidden
             for b in self._members[anchor_index]:
                 mask = run.masks[self.links[b].augment]
@@ -335,6 +343,7 @@ class ComposedModel(nn.Module):
                     if not run.active[b]:
                         continue  # no row of this step takes it: it would add zero everywhere
                     mask = mask & run.row_bridges[:, b, None, None, None]  # other rows see no key: zero
+                run.resolve(b)
                 out = out + self.bridges[b](hidden, run.keys[b], run.values[b], mask, run.positions)
             return out
 
@@ -370,29 +379,33 @@ class ComposedModel(nn.Module):
                     f"augment_states[{link.augment}][{link.augment_index}] has shape {got}, expected {want}"
                 )
 
-    def _bridge_keys_values(self, states, positions: list[torch.Tensor], cache: CompositionCache | None,
-                            batch: int, seqs: list[int]) -> tuple[list, list, list]:
-        """Per bridge keys/values [batch, heads, seen, head_dim] over the cached and new tokens, and the
-        cache buffers behind them. ``states`` may be deferred (a callable): it is called (once) here.
-        ``positions``: per augmenting model, its new tokens' rotary positions [batch, new]."""
+    def _bridge_key_value(self, b: int, states, positions: list[torch.Tensor], cache: CompositionCache | None,
+                          batch: int, seqs: list[int]) -> tuple:
+        """Bridge ``b``'s keys/values [batch, heads, seen, head_dim] over the cached and new tokens, and the cache
+        buffers behind them. ``states`` may be deferred (a callable ``(augment, index) -> [batch, new, d_aug]``):
+        it is called here for this bridge's states. ``positions``: per augmenting model, its new tokens' rotary
+        positions [batch, new]."""
+        link = self.links[b]
         if callable(states):
-            states = states()
-            self._check_external_states(states, batch, seqs)
-        keys, values = [], []
-        for b, link in enumerate(self.links):
-            k, v = self.bridges[b].keys_values(states[link.augment][link.augment_index], positions[link.augment])
-            keys.append(k)
-            values.append(v)
+            s = states(link.augment, link.augment_index)
+            want = (batch, seqs[link.augment], self.encoders[link.augment].info.hidden_size)
+            if not isinstance(s, torch.Tensor) or tuple(s.shape) != want:
+                got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(f"deferred augment_states({link.augment}, {link.augment_index}) gave {got}, "
+                                 f"expected {want}")
+        else:
+            s = states[link.augment][link.augment_index]
+        k, v = self.bridges[b].keys_values(s, positions[link.augment])
         if cache is None:
-            return keys, values, []
-        return cache.extend_bridges(keys, values)  # appends in place of a full copy per step
+            return k, v, (None, None)
+        return cache.extend_bridge(b, k, v)  # appends in place of a full copy per step
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        augment_states: list[dict[int, torch.Tensor]] | Callable[[], list[dict[int, torch.Tensor]]] | None = None,
+        augment_states: list[dict[int, torch.Tensor]] | Callable[[int, int], torch.Tensor] | None = None,
         augment_inputs: list[AugmentInputs] | None = None,
         cache: CompositionCache | None = None,
         use_cache: bool = False,
@@ -408,8 +421,9 @@ class ComposedModel(nn.Module):
             labels: [batch, seq] for the next-token loss (shifted inside; padding is ignored).
             augment_states: precomputed augmenting hidden states, per model ``{index: [batch, seq, d_aug]}``
                 (e.g. streamed from Ray actors); None runs the augmenting models here. Or deferred states:
-                a zero-argument callable returning that list, called (once) at the first bridge site, so
-                the anchor's layers below it run first (e.g. while the states are still on their way).
+                a callable ``(augment, index) -> [batch, seq, d_aug]``, called at each bridge's site for the
+                states it reads, so the anchor's layers below a bridge run before its states are needed (e.g.
+                while they are still on their way, arriving layer by layer).
             augment_inputs: precomputed alignments (one AugmentInputs per augmenting model, e.g. from
                 ``composition.alignment.collate``); None derives them from ``input_ids`` with ``self.aligner``
                 (the identity when the models share a tokenizer). With ``augment_states`` they describe the
@@ -466,8 +480,8 @@ class ComposedModel(nn.Module):
             self._check_external_states(augment_states, batch, new_lengths)
 
         key_pos = [side.key_positions for side in sides]
-        run = _Running(lambda: self._bridge_keys_values(augment_states, key_pos, cache, batch, new_lengths),
-                       [side.mask for side in sides], positions, row_bridges,
+        run = _Running(lambda b: self._bridge_key_value(b, augment_states, key_pos, cache, batch, new_lengths),
+                       len(self.links), [side.mask for side in sides], positions, row_bridges,
                        None if row_bridges is None else row_bridges.any(0).tolist())
         out = self._run_anchor(run, input_ids, attention_mask, full_mask, positions, labels, cache, use_cache,
                                logits_to_keep, labelled_logits_only)
@@ -546,7 +560,7 @@ class ComposedModel(nn.Module):
             )
         finally:
             self._running = None
-        run.resolve()  # a no-op once a bridge site ran; keeps the cache complete otherwise
+        run.resolve_all()  # the bridges whose sites did not run them (no row took them): keeps the cache complete
         return out
 
     # ------------------------------------------------------------------ generation and checkpoints

@@ -489,7 +489,7 @@ def decode_with_external_states(model, ids, mask, steps, deferred, calls=None):
     """Prefill then greedy decode steps with augmenting states computed outside the model (as a server does).
 
     Returns (per-step last logits, the final CompositionCache). ``calls`` collects one entry per fetch
-    of deferred states.
+    of deferred states: ``states (augment, index)``.
     """
     from composition.model import positions_from_mask
 
@@ -502,10 +502,10 @@ def decode_with_external_states(model, ids, mask, steps, deferred, calls=None):
             positions = positions_from_mask(full)[:, past:]
             states, augment_caches = model.encode_augments(new_ids, full, positions, augment_caches, use_cache=True)
 
-            def fetch(states=states):
+            def fetch(augment, index, states=states):
                 if calls is not None:
-                    calls.append("states")
-                return states
+                    calls.append(f"states {augment} {index}")
+                return states[augment][index]
 
             out = model(new_ids, new_mask, augment_states=fetch if deferred else states, cache=cache,
                         use_cache=True, logits_to_keep=1)
@@ -533,8 +533,9 @@ def test_deferred_states_give_the_logits_and_caches_of_eager_states_over_decode_
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
-def test_deferred_states_are_fetched_once_per_forward_after_the_layers_below_the_first_bridge():
-    model = composed(pairs=((0, 2), (2, 3), (4, 6)))  # first bridge site: the input of anchor layer 2
+def test_deferred_states_are_fetched_bridge_by_bridge_each_after_the_layers_below_it():
+    # (augment index, anchor index): bridge sites at the inputs of anchor layers 2, 3 and 6 (the last one's output)
+    model = composed(pairs=((0, 2), (2, 3), (4, 6)))
     events = []
     layers = describe_decoder(model.anchor).layers
     handles = [layer.register_forward_hook(lambda *_, i=i: events.append(f"layer {i}")) for i, layer in
@@ -545,7 +546,9 @@ def test_deferred_states_are_fetched_once_per_forward_after_the_layers_below_the
     finally:
         for h in handles:
             h.remove()
-    one_forward = ["layer 0", "layer 1", "states", "layer 2", "layer 3", "layer 4", "layer 5"]
+    # the last site is a forward hook on layer 5, registered before this test's: it runs first
+    one_forward = ["layer 0", "layer 1", "states 0 0", "layer 2", "states 0 2", "layer 3", "layer 4", "states 0 4",
+                   "layer 5"]
     assert events == one_forward * 4  # the prefill and 3 decode steps
 
 
@@ -555,7 +558,7 @@ def test_an_error_raised_by_deferred_states_propagates_and_leaves_the_model_usab
     with torch.no_grad():
         before = model(ids).logits
 
-    def unreachable():
+    def unreachable(augment, index):
         raise RuntimeError("augmenting replica unreachable")
 
     with torch.no_grad(), pytest.raises(RuntimeError, match="augmenting replica unreachable"):
@@ -569,12 +572,11 @@ def test_deferred_states_of_the_wrong_shape_are_refused_like_eager_ones():
     model = composed()
     ids = tokens(2, 12)
     states, _ = model.encode_augments(ids[:, :5], torch.ones(2, 5, dtype=torch.long), torch.arange(5)[None])
-    message = r"augment_states\[0\]\[0\] has shape \(2, 5, 32\), expected \(2, 12, 32\)"
     with torch.no_grad():
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=r"augment_states\[0\]\[0\] has shape \(2, 5, 32\), expected \(2, 12, 32\)"):
             model(ids, augment_states=states)
-        with pytest.raises(ValueError, match=message):
-            model(ids, augment_states=lambda: states)
+        with pytest.raises(ValueError, match=r"augment_states\(0, 0\) gave \(2, 5, 32\), expected \(2, 12, 32\)"):
+            model(ids, augment_states=lambda augment, index: states[augment][index])
 
 
 def test_gated_bridges_start_at_the_anchor_and_the_gate_reads_the_anchor_state(tmp_path):

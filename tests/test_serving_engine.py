@@ -218,7 +218,7 @@ class ObservedAugments(LocalAugments):
         self.fail_at = fail_at
         self.steps = 0
 
-    async def _call(self, augment, request):
+    async def _call(self, augment, request, part=None):
         if isinstance(request, Extend):
             self.steps += 1
             if self.fail_at is not None and self.steps >= self.fail_at:
@@ -230,7 +230,7 @@ class ObservedAugments(LocalAugments):
                     raise RuntimeError("the anchor's lower layers did not run while the augmenting call was in flight")
                 await asyncio.sleep(0.001)
             self.below_ran.clear()
-        return await super()._call(augment, request)
+        return await super()._call(augment, request, part)
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +263,39 @@ def test_in_a_model_thread_the_anchor_layers_below_the_first_bridge_run_during_t
         assert tokens == expected
     stats = engine.stats()
     assert stats["steps"] > 0 and stats["augment_s"] > 0 and stats["anchor_s"] > 0
+
+
+def test_a_decode_step_runs_the_anchor_between_bridges_while_the_augmenting_model_runs_its_upper_layers(
+        high_bridge_model):
+    # bridges (augment index -> anchor index) 0 -> 2, 2 -> 3, 4 -> 6. In each decode step the augmenting model
+    # stops after its layer 3 (index 4 not yet computed) until the anchor's layer 2 ran: possible only when the
+    # states of indices 0 and 2 reached the anchor's forward before the augmenting call ended (streamed)
+    model = high_bridge_model
+    anchor_ran = threading.Semaphore(0)
+    overlapped = []
+
+    def decoding(args, kwargs) -> bool:  # a decode step: one new token per row
+        return (args[0] if args else kwargs["hidden_states"]).shape[1] == 1
+
+    def anchor_layer_2(module, args, kwargs, output):
+        if decoding(args, kwargs):
+            anchor_ran.release()
+
+    def augment_layer_3(module, args, kwargs, output):
+        if decoding(args, kwargs):
+            overlapped.append(anchor_ran.acquire(timeout=5))
+
+    hooks = [model.anchor.model.layers[2].register_forward_hook(anchor_layer_2, with_kwargs=True),
+             model.encoders[0].info.layers[3].register_forward_hook(augment_layer_3, with_kwargs=True)]
+    try:
+        rows = AugmentRows(model.encoders[0], augment=0, pad_id=0, lock=threading.Lock())
+        engine = DecodeEngine(model, LocalAugments([rows]), max_batch_size=4, model_thread=True)
+        tokens, _ = asyncio.run(collect(engine, GenerationRequest([5, 6, 7, 8, 9], 6)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(overlapped) == 5 and all(overlapped)  # every decode step (the first token comes from the prefill)
+    assert tokens == model.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=6)[0, 5:].tolist()
 
 
 @pytest.mark.parametrize("model_thread", [True, False])

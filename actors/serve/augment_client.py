@@ -7,19 +7,26 @@ alignment computes and sends per model:
     states = await client.prefill([[(id, tokens_m), ...] per model], keep, copies)
                                   # per model {index: [rows, longest, d]}; copies: id -> ids of further
                                   # rows with the same tokens (their cache rows copied, not recomputed)
-    states = await client.extend(ids, [[new tokens of each row] per model], history)
-                                  # per model {index: [rows, most new, d]}, None where no row has a new token
+    states = await client.extend(ids, [[new tokens of each row] per model], history, part)
+                                  # per model {index: [rows, most new, d]}, None where no row has a new token;
+                                  # part(model, {index: states}): each index as soon as it arrives (streamed)
     await client.release(ids)     # forget rows (None: all)
 
 ``extend`` hides cache misses: when an augmenting side answers ``Missing`` (a Serve call that reached
 another replica, a replica that restarted), the client re-sends those rows' histories (``history(model,
 id)``: the tokens that model's cache of the row holds) and extends again. So an engine's requests survive the
 loss of an augmenting replica at the cost of one re-prefill. The messages are ``actors.serve.augment_protocol``'s.
+
+An extend with ``part`` is streamed: the augmenting side sends each hidden-state index as soon as its layer
+ran, and ``ArrivingStates`` hands them to the anchor's forward bridge by bridge (``DecodeEngine``), so the
+anchor runs its layers between bridges while the augmenting model runs its upper layers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -33,6 +40,40 @@ class AugmentUnavailable(RuntimeError):
     """The augmenting model could not be reached; the message says why and for how long it was tried."""
 
 
+class ArrivingStates:
+    """One model call's augmenting states as they arrive, for an anchor forward in another thread to take bridge
+    by bridge (``ComposedModel.forward``'s deferred states): ``put`` from the event loop or any thread, ``get``
+    blocks until that (model, index) is there, or raises what ``fail`` was given."""
+
+    def __init__(self):
+        self._got: dict[tuple[int, int], torch.Tensor] = {}
+        self._error: BaseException | None = None
+        self._ready = threading.Condition()
+        self.waited = 0.0  # seconds ``get`` blocked, in all
+
+    def put(self, augment: int, states: dict[int, torch.Tensor]) -> None:
+        with self._ready:
+            self._got.update({(augment, index): t for index, t in states.items()})
+            self._ready.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._ready:
+            self._error = error
+            self._ready.notify_all()
+
+    def get(self, augment: int, index: int) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            with self._ready:
+                while (augment, index) not in self._got:
+                    if self._error is not None:
+                        raise self._error
+                    self._ready.wait()
+                return self._got[(augment, index)]
+        finally:
+            self.waited += time.perf_counter() - start
+
+
 class AugmentClient:
     """Base: subclasses implement ``_call(augment, request)``, returning ``AugmentRows``' answer to it."""
 
@@ -44,54 +85,85 @@ class AugmentClient:
         self.indices: list[tuple[int, ...]] = [()] * num_augments
         self.rebuilds = 0  # rows re-sent after a miss (for stats and tests)
         self.replica_s = 0.0  # time the augmenting side reported spending in extend calls
+        self.parts = 0  # parts of streamed answers taken before their final answer (for stats and tests)
 
-    async def _call(self, augment: int, request: Prefill | Extend | Release):
+    async def _call(self, augment: int, request: Prefill | Extend | Release,
+                    part: Callable[[States], None] | None = None):
+        """``AugmentRows``' answer to ``request``; for an ``Extend`` with ``part``, the answer may be streamed:
+        ``part`` gets each part (``States.final`` False) as it arrives, and the answer holds the rest."""
         raise NotImplementedError
 
     def _decode(self, result: States) -> dict[int, torch.Tensor]:
-        (states,) = arrays_to_states(result.arrays, result.dtype, self.device)
-        return states
+        states = arrays_to_states(result.arrays, result.dtype, self.device)
+        return states[0] if states else {}  # a streamed answer's rest may hold no index
 
     async def prefill(
         self, rows: list[list[tuple[str, list[int]]]], keep: list[str] | None = None,
         copies: dict[str, list[str]] | None = None,
+        part: Callable[[int, dict[int, torch.Tensor]], None] | None = None,
     ) -> list[dict[int, torch.Tensor]]:
         """States of new rows' tokens, ``rows[m]`` for augmenting model m (each in its own tokens; a row may have
         none yet); ``keep``: the engine's other live rows (the rest are dropped); ``copies``: row id -> ids of
-        further rows with its tokens, held as copies of its cache rows (no states returned)."""
-        results = await asyncio.gather(*(self._call(m, Prefill(rows[m], keep, copies or {}, indices=self.indices[m]))
-                                         for m in range(self.num_augments)))
-        return [self._decode(r) for r in results]
+        further rows with its tokens, held as copies of its cache rows (no states returned). With ``part``,
+        streamed as ``extend``."""
+
+        async def one(m: int) -> dict[int, torch.Tensor]:
+            got: dict[int, torch.Tensor] = {}
+            take = self._taker(m, got, part)
+            take(await self._call(m, Prefill(rows[m], keep, copies or {}, indices=self.indices[m]),
+                                  take if part is not None else None))
+            return got
+
+        return list(await asyncio.gather(*(one(m) for m in range(self.num_augments))))
+
+    def _taker(self, augment: int, got: dict, part) -> Callable[[States], None]:
+        """What takes each (part of an) answer of model ``augment``: its states into ``got``, and to ``part``."""
+
+        def take(result: States) -> None:
+            self.parts += not result.final
+            states = self._decode(result)
+            got.update(states)
+            if part is not None and states:
+                part(augment, states)
+
+        return take
 
     async def _extend_one(self, augment: int, ids: list[str], tokens: list[list[int]],
-                          history: Callable[[int, str], list[int]]) -> dict[int, torch.Tensor]:
+                          history: Callable[[int, str], list[int]],
+                          part: Callable[[int, dict[int, torch.Tensor]], None] | None = None,
+                          ) -> dict[int, torch.Tensor]:
         """``Extend`` on model ``augment``; rows it reports missing are re-prefilled from their ``history``
-        (a replica that restarted, or a call that reached another one), then the extend is retried once."""
+        (a replica that restarted, or a call that reached another one), then the extend is retried once.
+        With ``part``, streamed: ``part(augment, states)`` gets each index's states as they arrive."""
+        got: dict[int, torch.Tensor] = {}
+        take = self._taker(augment, got, part)
         request = Extend(ids, tokens, [len(history(augment, rid)) for rid in ids], self.indices[augment])
-        result = await self._call(augment, request)
+        result = await self._call(augment, request, take if part is not None else None)
         if isinstance(result, Missing):
             self.rebuilds += len(result.ids)
             await self._call(augment, Prefill([(rid, history(augment, rid)) for rid in result.ids],
                                               return_states=False, indices=self.indices[augment]))
-            result = await self._call(augment, request)
+            result = await self._call(augment, request, take if part is not None else None)
             if isinstance(result, Missing):
                 raise AugmentUnavailable(
                     f"augmenting model {augment} lost rows {result.ids} right after they were re-sent: "
                     f"its calls are not reaching one replica (check the augmenting deployment's routing)"
                 )
         self.replica_s += result.replica_s
-        return self._decode(result)
+        take(result)
+        return got
 
     async def extend(
-        self, ids: list[str], tokens: list[list[list[int]]], history: Callable[[int, str], list[int]]
+        self, ids: list[str], tokens: list[list[list[int]]], history: Callable[[int, str], list[int]],
+        part: Callable[[int, dict[int, torch.Tensor]], None] | None = None,
     ) -> list[dict[int, torch.Tensor] | None]:
         """Per augmenting model m, the states of ``tokens[m][row]`` (each row's new tokens), or None when no
         row has a new token for m: that model is not called at all (across tokenizers, most decode steps
-        close no word)."""
+        close no word). With ``part``, the calls are streamed: ``part(m, {index: states})`` as they arrive."""
         if self.num_augments == 1:  # the common case: no gather machinery per step
-            return [await self._extend_one(0, ids, tokens[0], history) if any(tokens[0]) else None]
+            return [await self._extend_one(0, ids, tokens[0], history, part) if any(tokens[0]) else None]
         busy = [m for m in range(self.num_augments) if any(tokens[m])]
-        results = await asyncio.gather(*(self._extend_one(m, ids, tokens[m], history) for m in busy))
+        results = await asyncio.gather(*(self._extend_one(m, ids, tokens[m], history, part) for m in busy))
         out: list[dict[int, torch.Tensor] | None] = [None] * self.num_augments
         for m, states in zip(busy, results):
             out[m] = states
@@ -111,5 +183,8 @@ class LocalAugments(AugmentClient):
         super().__init__(len(rows), device)
         self.rows = rows
 
-    async def _call(self, augment: int, request: Prefill | Extend | Release):
+    async def _call(self, augment: int, request: Prefill | Extend | Release,
+                    part: Callable[[States], None] | None = None):
+        if part is not None and not isinstance(request, Release):  # parts straight from the model's thread
+            return await asyncio.to_thread(getattr(self.rows[augment], request.method), request, part)
         return await asyncio.to_thread(getattr(self.rows[augment], request.method), request)

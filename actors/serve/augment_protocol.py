@@ -6,7 +6,9 @@ in-process). Three requests cross between them, each answered by one result:
 
     Prefill(rows, keep, copies)     -> States of the new rows' tokens        [new rows, longest, d_aug]
     Extend(ids, tokens, lengths)    -> States of each row's new tokens       [rows, most new, d_aug]
-                                       or Missing(ids): rows the side does not hold (as ``lengths`` says)
+                                       or Missing(ids): rows the side does not hold (as ``lengths`` says);
+                                       streamed: first a part per index (``States.final`` False) as the
+                                       model computes it, then the final States with the rest
     Release(ids)                    -> None
 
 Each augmenting model reads its own tokens: the anchor's ids when the models share a tokenizer (then every
@@ -91,11 +93,13 @@ class Release:
 class States:
     """Hidden states of new tokens: ``arrays`` {"aug{i}_{index}": [rows, tokens, d_aug]} (``actors.codec``)
     in ``dtype``; each row's tokens at the right end, left-padded. ``replica_s``: seconds the call took inside
-    the augmenting replica (0 in-process), which lets the engine tell transport from compute."""
+    the augmenting replica (0 in-process), which lets the engine tell transport from compute. ``final``: False
+    for a part of a streamed answer (some indices, sent as soon as the model computed them; more follow)."""
 
     arrays: dict[str, np.ndarray]
     dtype: str
     replica_s: float = 0.0
+    final: bool = True
 
 
 @dataclass(frozen=True)

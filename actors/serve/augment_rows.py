@@ -27,6 +27,7 @@ row's history with ``Prefill(..., return_states=False)``.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -115,20 +116,22 @@ class AugmentRows:
             drop = set(ids)
             self._keep([rid for rid in self.ids if rid not in drop])
 
-    def _encode(self, states: dict[int, torch.Tensor]) -> States:
+    def _encode(self, states: dict[int, torch.Tensor], final: bool = True) -> States:
         arrays = {state_key(self.augment, index): tensor_to_numpy(t) for index, t in states.items()}
-        return States(arrays, dtype_name(next(iter(states.values())).dtype))
+        dtype = next(iter(states.values())).dtype if states else next(self.encoder.model.parameters()).dtype
+        return States(arrays, dtype_name(dtype), final=final)
 
     # ------------------------------------------------------------------ model calls
-    def prefill(self, request: Prefill) -> States | None:
+    def prefill(self, request: Prefill, emit: Callable[[States], None] | None = None) -> States | None:
         """Run the augmenting model on new rows' tokens and append the rows to the batch (``Prefill`` says how).
 
         Returns the states of ``request.rows`` (not the copies), left-padded (``composition.padding.pad_left``), or None
-        when ``return_states`` is False.
+        when ``return_states`` is False. ``emit``: as ``extend``'s.
         """
         with self._busy:
             self._read(request.indices)
-            return self._prefill(request.rows, request.return_states, request.keep, request.copies)
+            return self._prefill(request.rows, request.return_states, request.keep, request.copies,
+                                 emit if request.return_states else None)
 
     def _read(self, indices) -> None:
         """Compute the hidden states at ``indices`` too from now on (a composition loaded at runtime reads them)."""
@@ -137,7 +140,7 @@ class AugmentRows:
                 self.encoder.add_indices(indices)
 
     @torch.no_grad()
-    def _prefill(self, rows, return_states, keep, copies) -> States | None:
+    def _prefill(self, rows, return_states, keep, copies, emit=None) -> States | None:
         ids = [rid for rid, _ in rows]
         copied = [c for rid in ids for c in copies.get(rid, [])]
         if len(set(ids + copied)) != len(ids) + len(copied):
@@ -150,11 +153,13 @@ class AugmentRows:
         self._release(ids)
         input_ids, mask = pad_left([list(t) for _, t in rows], self.pad_id)  # empty rows too
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        emitted = _Emitted(self, emit)
         if mask.shape[1] == 0:  # no row has a token yet (different tokenizers: nothing closed)
             states, cache = self._no_states(len(rows)), None
         else:
             with self.lock:
-                states, cache = self.encoder(input_ids, mask, positions_from_mask(mask), None, True)
+                states, cache = self.encoder(input_ids, mask, positions_from_mask(mask), None, True,
+                                             on_state=emitted.on_state)
         if copied:  # the copies: the same cache rows again, under their own ids
             index = torch.tensor([i for i, rid in enumerate(ids) for _ in copies.get(rid, [])], device=self.device)
             self._release(copied)
@@ -162,7 +167,7 @@ class AugmentRows:
             if cache is not None:
                 cache = copy_rows_hf_cache(cache, torch.cat([torch.arange(len(rows), device=self.device), index]))
         self._append(ids, mask, cache)
-        return self._encode(states) if return_states else None
+        return emitted.rest(states) if return_states else None
 
     def _append(self, ids: list[str], mask: torch.Tensor, cache) -> None:
         """Put new rows (mask [new_rows, seen], their HF cache or None when seen == 0) after the held ones."""
@@ -191,16 +196,20 @@ class AugmentRows:
         empty = torch.zeros(rows, 0, self.encoder.info.hidden_size, dtype=dtype, device=self.device)
         return {index: empty for index in self.encoder.indices}
 
-    def extend(self, request: Extend) -> States | Missing:
+    def extend(self, request: Extend, emit: Callable[[States], None] | None = None) -> States | Missing:
         """States of each row's new tokens (any number per row, none included), for rows ``request.ids`` in
         that order, each row's new tokens at the right end (as ``composition.padding.pad_left`` lays them
-        out); or ``Missing`` (see the module docstring)."""
+        out); or ``Missing`` (see the module docstring).
+
+        With ``emit``, each index's states are passed to it as a part (``States.final`` False) as soon as the
+        model computed them, from inside the forward; the answer then holds only the indices not emitted.
+        """
         with self._busy:
             self._read(request.indices)
-            return self._extend(request.ids, request.tokens, request.lengths)
+            return self._extend(request.ids, request.tokens, request.lengths, emit)
 
     @torch.no_grad()
-    def _extend(self, ids, tokens, lengths) -> States | Missing:
+    def _extend(self, ids, tokens, lengths, emit=None) -> States | Missing:
         missing = self._missing(ids, lengths)
         if missing:
             self._release(missing)
@@ -221,11 +230,12 @@ class AugmentRows:
         past = self.attention_mask.shape[1]
         full_mask = torch.cat([self.attention_mask, new_mask], dim=1)
         positions = positions_from_mask(full_mask)[:, past:]
+        emitted = _Emitted(self, emit)
         with self.lock:
-            states, self.cache = self.encoder(new, full_mask, positions, self.cache, True)
+            states, self.cache = self.encoder(new, full_mask, positions, self.cache, True, on_state=emitted.on_state)
         self.attention_mask = full_mask
         self._gappy |= len(counts) > 1  # rows that got fewer tokens now hold padding inside them
-        return self._encode(states)
+        return emitted.rest(states)
 
     def _close_gaps_before(self, width: int) -> None:
         """Keep the rule that a batch as wide as a sliding window holds no padding inside a row: before the batch
@@ -286,3 +296,19 @@ class AugmentRows:
             held = self.attention_mask.sum(dim=1).tolist()
             missing += [rid for rid, n in zip(ids, lengths) if rid in where and held[where[rid]] != n]
         return missing
+
+
+class _Emitted:
+    """A streamed call's parts (``AugmentRows.extend``'s ``emit``): each index's states as the model computes
+    them (``AugmentEncoder``'s ``on_state``); ``rest`` is the final answer, the indices not sent."""
+
+    def __init__(self, rows: AugmentRows, emit: Callable[[States], None] | None):
+        self.rows, self.emit, self.sent = rows, emit, set()
+        self.on_state = self._send if emit is not None else None
+
+    def _send(self, index: int, states: torch.Tensor) -> None:
+        self.emit(self.rows._encode({index: states}, final=False))
+        self.sent.add(index)
+
+    def rest(self, states: dict[int, torch.Tensor]) -> States:
+        return self.rows._encode({i: t for i, t in states.items() if i not in self.sent})

@@ -234,6 +234,29 @@ class AugmentDeployment:
             result.replica_s = time.perf_counter() - start  # lets the engine tell transport from compute
         return result
 
+    async def streamed(self, request: Prefill | Extend):
+        """``prefill`` or ``extend``, streamed: each index's states as a part as soon as the model computed them
+        (the anchor runs its layers up to each bridge meanwhile), then the final ``States`` (the rest), or
+        ``Missing``."""
+        start = time.perf_counter()
+        target = await self._rows()
+        loop = asyncio.get_running_loop()
+        parts: asyncio.Queue = asyncio.Queue()
+
+        def run():  # in a thread always: the event loop sends the parts while the model runs its upper layers
+            try:
+                return getattr(target, request.method)(request, lambda p: loop.call_soon_threadsafe(parts.put_nowait, p))
+            finally:
+                loop.call_soon_threadsafe(parts.put_nowait, None)
+
+        call = asyncio.ensure_future(asyncio.to_thread(run))
+        while (part := await parts.get()) is not None:
+            yield part
+        result = await call
+        if isinstance(result, States) and isinstance(request, Extend):
+            result.replica_s = time.perf_counter() - start
+        yield result
+
     async def release(self, request: Release) -> None:
         target = await self._rows()
         await self._run(target.release, request)
@@ -270,17 +293,21 @@ class ServeAugments(AugmentClient):
         """Seconds one attempt of ``request`` may take: the base limit plus the tokens it runs."""
         return self.call_timeout_s + self.per_token_s * request.tokens_run
 
-    async def _call(self, augment: int, request: Prefill | Extend | Release):
+    async def _call(self, augment: int, request: Prefill | Extend | Release, part=None):
         method = request.method
         limit = self.time_limit(request)
         start = time.monotonic()
         deadline = start + max(self.retry_s, limit)  # at least one whole attempt
         delay = 0.05
+        streamed = part is not None and not isinstance(request, Release)
         while True:
-            response = getattr(self.handles[augment], method).remote(request)
+            if streamed:
+                response = self.handles[augment].options(stream=True).streamed.remote(request)
+            else:
+                response = getattr(self.handles[augment], method).remote(request)
             try:
                 async with asyncio.timeout(limit):  # no extra task per call, unlike wait_for
-                    return await response
+                    return await (_last_of(response, part) if streamed else response)
             except (*TRANSIENT, BackPressureError, RequestCancelledError, asyncio.TimeoutError,
                     asyncio.CancelledError) as e:
                 task = asyncio.current_task()
@@ -301,6 +328,16 @@ class ServeAugments(AugmentClient):
                 log.warning("augmenting call %s failed (%s); retrying in %.2f s", method, type(e).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 1.0)
+
+
+async def _last_of(stream, part):
+    """A streamed extend's answer: each part (``States.final`` False) goes to ``part``; returns the final item."""
+    async for item in stream:
+        if isinstance(item, States) and not item.final:
+            part(item)
+            continue
+        return item
+    raise AugmentUnavailable("the augmenting replica's stream ended without an answer")
 
 
 # ---------------------------------------------------------------------- anchor + bridges

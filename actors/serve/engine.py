@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.serve.augment_client import AugmentClient
+from actors.serve.augment_client import ArrivingStates, AugmentClient
 from actors.serve.batch_cache import check_batchable, merge_composition_caches, select_rows
 from actors.serve.grammar import GrammarError, Grammars, consume
 from actors.serve.reasons import public_reason
@@ -219,6 +219,7 @@ class DecodeEngine:
             "waiting": len(self._waiting),
             "rebuilt_rows": self.augments.rebuilds,
             "augment_replica_s": round(self.augments.replica_s, 4),
+            "streamed_parts": self.augments.parts,
             **self.counters,
             **{k: round(v, 4) for k, v in self.timers.items()},
         }
@@ -593,10 +594,9 @@ class DecodeEngine:
         new = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per leader: the prompt's closed tokens
         for r, row in enumerate(rows):
             row.augment_tokens = [list(new[m][expand[r]]) for m in range(len(new))]
-        states = self.augments.prefill(
-            [[(row.id, new[m][r]) for r, row in enumerate(leaders)] for m in range(len(new))], keep, copies)
-        logits, cache, _, _ = await self._forward_with(states, ids, mask, None, inputs, self._row_bridges(leaders),
-                                                       all_logits=echo)
+        rows_m = [[(row.id, new[m][r]) for r, row in enumerate(leaders)] for m in range(len(new))]
+        logits, cache, _, _ = await self._forward_with(lambda part: self.augments.prefill(rows_m, keep, copies, part), ids,
+                                                       mask, None, inputs, self._row_bridges(leaders), all_logits=echo)
         cache.texts = texts
         if copies:  # every row gets its leader's logits and cache rows
             index = torch.tensor(expand, dtype=torch.long, device=self.device)
@@ -627,8 +627,8 @@ class DecodeEngine:
         texts, inputs = self.aligner.step(new, torch.ones_like(new), self._cache.texts, seen)
         inputs = self._fed_by_their_compositions(rows, inputs)
         closed = [_real_tokens(inp) for inp in inputs]  # per augmenting model, per row: 0, 1 or more tokens
-        states = self._augment_states(ids, closed)
-        logits, self._cache, waited, call_s = await self._forward_with(states, new, torch.ones_like(new),
+        logits, self._cache, waited, call_s = await self._forward_with(lambda part: self._augment_states(ids, closed, part),
+                                                                       new, torch.ones_like(new),
                                                                        self._cache, inputs, self._row_bridges(rows))
         self._cache.texts = texts
         for r, row in enumerate(rows):  # only now: the call above re-sends these histories on a miss
@@ -644,40 +644,48 @@ class DecodeEngine:
         self._compact()
         self.timers["step_s"] += time.perf_counter() - t0
 
-    async def _forward_with(self, states_call, ids, mask, cache, augment_inputs, row_bridges, all_logits=False):
-        """The anchor forward with the augmenting states that ``states_call`` (a coroutine) returns.
+    async def _forward_with(self, fetch, ids, mask, cache, augment_inputs, row_bridges, all_logits=False):
+        """The anchor forward with the augmenting states that ``fetch(part)`` (a coroutine) returns.
 
         Returns (last logits, cache, seconds the forward waited for the states, seconds the call took).
-        In a model thread the call and the forward start together: the anchor's layers below its first
-        bridge run while the call is in flight, and the thread blocks at that bridge until the states
-        arrive (deferred states, see ``ComposedModel.forward``); a failed call fails the forward there.
-        On the event loop the call is awaited first, then the forward runs.
+        In a model thread the call and the forward start together: the anchor's layers below each bridge
+        run while the call is in flight, and the thread blocks at a bridge only until the states it reads
+        arrived (``ArrivingStates``; a streamed extend sends them index by index through ``part``, so the
+        anchor's middle layers run while the augmenting model's upper layers do); a failed call fails the
+        forward there. On the event loop the call is awaited first, then the forward runs.
         """
         if not self.model_thread:
             t0 = time.perf_counter()
-            states = await states_call
+            states = await fetch(None)
             waited = time.perf_counter() - t0
             return (*self._forward(ids, mask, states, cache, augment_inputs, row_bridges, all_logits), waited, waited)
         started = time.perf_counter()
-        pending = asyncio.run_coroutine_threadsafe(states_call, asyncio.get_running_loop())
-        answered = []
-        pending.add_done_callback(lambda _: answered.append(time.perf_counter()))
-        waited = 0.0
+        arriving = ArrivingStates()
 
-        def deferred_states():  # called in the model thread, at the first bridge site
-            nonlocal waited
-            t0 = time.perf_counter()
+        async def call():
             try:
-                return pending.result()
-            finally:
-                waited = time.perf_counter() - t0
+                got = await fetch(arriving.put)
+            except BaseException as e:
+                arriving.fail(e)
+                raise
+            for m, states in enumerate(got):
+                arriving.put(m, states)
+            return time.perf_counter()
 
+        pending = asyncio.ensure_future(call())
         try:
-            logits, new_cache = await asyncio.to_thread(self._forward, ids, mask, deferred_states, cache,
+            logits, new_cache = await asyncio.to_thread(self._forward, ids, mask, arriving.get, cache,
                                                         augment_inputs, row_bridges, all_logits)
+        except BaseException:
+            if not pending.done():  # the forward failed before it needed all the states (or we are cancelled)
+                pending.cancel()
+            elif not pending.cancelled():
+                pending.exception()  # the call's own failure: the forward raised it already
+            raise
         finally:
-            pending.cancel()  # only if the forward failed before it needed the states (or we are cancelled)
-        return logits, new_cache, waited, answered[0] - started
+            arriving.fail(RequestFailed("the step's augmenting states are no longer wanted"))  # frees a waiter
+        answered = await pending  # the call's bookkeeping (a re-sent history) is done before the step goes on
+        return logits, new_cache, arriving.waited, answered - started
 
     def _row_bridges(self, rows: list[_Row]) -> torch.Tensor | None:
         """[rows, bridges] bool, the bridges of each row's composition; None when every row takes all."""
@@ -707,9 +715,11 @@ class DecodeEngine:
         row = self._by_id.get(request_id)
         return row.augment_tokens[augment] if row is not None else []
 
-    async def _augment_states(self, ids: list[str], closed: list[list[list[int]]]) -> list[dict[int, torch.Tensor]]:
-        """The augmenting states of this step's closed tokens; no-token states for a model no row fed."""
-        got = await self.augments.extend(ids, closed, self._augment_history)
+    async def _augment_states(self, ids: list[str], closed: list[list[list[int]]], part=None,
+                              ) -> list[dict[int, torch.Tensor]]:
+        """The augmenting states of this step's closed tokens; no-token states for a model no row fed. With
+        ``part`` (``ArrivingStates.put``) the calls are streamed: each index is put there as it arrives."""
+        got = await self.augments.extend(ids, closed, self._augment_history, part)
         return [states if states is not None else self._no_states(m, len(ids)) for m, states in enumerate(got)]
 
     def _no_states(self, augment: int, rows: int) -> dict[int, torch.Tensor]:
