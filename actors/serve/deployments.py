@@ -5,7 +5,9 @@
                v
              Anchor replica: anchor + every composition's bridges + DecodeEngine (continuous batching of
                |             decode steps; rows of every composition in the same steps: ComposedModel.stack)
-               | handle.options(multiplexed_model_id=<engine id>).prefill / .step  (one call per batch step)
+               | handle.options(multiplexed_model_id=<engine id>, stream=True).streamed(Prefill | Extend)
+               |   (one call per batch step; the states stream back index by index as the augmenting model
+               |   computes them, and the anchor's forward takes each at the bridge that reads it)
                v
              Augment{i} replica: augmenting model i (one per folder and tokenizer, shared by the compositions
                                  that read it) + AugmentRows per engine (its KV caches)
@@ -236,8 +238,8 @@ class AugmentDeployment:
 
     async def streamed(self, request: Prefill | Extend):
         """``prefill`` or ``extend``, streamed: each index's states as a part as soon as the model computed them
-        (the anchor runs its layers up to each bridge meanwhile), then the final ``States`` (the rest), or
-        ``Missing``."""
+        (the anchor runs its layers up to each bridge meanwhile), then the final ``States`` (the rest, with the
+        last index), or ``Missing``."""
         start = time.perf_counter()
         target = await self._rows()
         loop = asyncio.get_running_loop()
@@ -250,11 +252,17 @@ class AugmentDeployment:
                 loop.call_soon_threadsafe(parts.put_nowait, None)
 
         call = asyncio.ensure_future(asyncio.to_thread(run))
+        last = None  # each part is sent once the next one exists: the last one travels in the final answer
         while (part := await parts.get()) is not None:
-            yield part
+            if last is not None:
+                yield last
+            last = part
         result = await call
-        if isinstance(result, States) and isinstance(request, Extend):
-            result.replica_s = time.perf_counter() - start
+        if isinstance(result, States):
+            if last is not None:  # one Serve message fewer per call; the model's last index is ready right then
+                result.arrays = {**last.arrays, **result.arrays}
+            if isinstance(request, Extend):
+                result.replica_s = time.perf_counter() - start
         yield result
 
     async def release(self, request: Release) -> None:
