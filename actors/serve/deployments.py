@@ -339,7 +339,7 @@ class ServeAugments(AugmentClient):
 
 
 async def _last_of(stream, part):
-    """A streamed extend's answer: each part (``States.final`` False) goes to ``part``; returns the final item."""
+    """A streamed call's answer: each part (``States.final`` False) goes to ``part``; returns the final item."""
     async for item in stream:
         if isinstance(item, States) and not item.final:
             part(item)
