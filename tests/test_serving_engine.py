@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from actors.serve.augment_client import LocalAugments
+from actors.serve.augment_client import ArrivingStates, LocalAugments
 from actors.serve.augment_protocol import Extend, Prefill, States
 from actors.serve.augment_rows import AugmentRows
 from actors.serve.engine import DecodeEngine, GenerationRequest, RequestFailed
@@ -296,6 +296,19 @@ def test_a_decode_step_runs_the_anchor_between_bridges_while_the_augmenting_mode
             h.remove()
     assert len(overlapped) == 5 and all(overlapped)  # every decode step (the first token comes from the prefill)
     assert tokens == model.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=6)[0, 5:].tolist()
+
+
+def test_arriving_states_wait_for_an_index_then_refuse_one_the_finished_answer_lacks():
+    arriving = ArrivingStates()
+    state = torch.ones(1, 1, 4)
+    later = threading.Timer(0.05, lambda: arriving.put(0, {5: state}))
+    later.start()
+    assert arriving.get(0, 5) is state  # blocked until it arrived
+    arriving.finish()
+    with pytest.raises(ValueError, match="augmenting model 0's answer holds no states at index 9"):
+        arriving.get(0, 9)  # never blocks for good
+    arriving.fail(RuntimeError("augmenting replica unreachable"))
+    assert arriving.get(0, 5) is state  # what arrived stays readable
 
 
 @pytest.mark.parametrize("model_thread", [True, False])

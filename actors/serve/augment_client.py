@@ -43,17 +43,25 @@ class AugmentUnavailable(RuntimeError):
 class ArrivingStates:
     """One model call's augmenting states as they arrive, for an anchor forward in another thread to take bridge
     by bridge (``ComposedModel.forward``'s deferred states): ``put`` from the event loop or any thread, ``get``
-    blocks until that (model, index) is there, or raises what ``fail`` was given."""
+    blocks until that (model, index) is there, or raises what ``fail`` was given, or (once ``finish`` said that the
+    call answered) that the answer lacks it: never blocks for good."""
 
     def __init__(self):
         self._got: dict[tuple[int, int], torch.Tensor] = {}
         self._error: BaseException | None = None
+        self._finished = False
         self._ready = threading.Condition()
         self.waited = 0.0  # seconds ``get`` blocked, in all
 
     def put(self, augment: int, states: dict[int, torch.Tensor]) -> None:
         with self._ready:
             self._got.update({(augment, index): t for index, t in states.items()})
+            self._ready.notify_all()
+
+    def finish(self) -> None:
+        """The call answered: what is not here now never comes."""
+        with self._ready:
+            self._finished = True
             self._ready.notify_all()
 
     def fail(self, error: BaseException) -> None:
@@ -68,6 +76,8 @@ class ArrivingStates:
                 while (augment, index) not in self._got:
                     if self._error is not None:
                         raise self._error
+                    if self._finished:
+                        raise ValueError(f"augmenting model {augment}'s answer holds no states at index {index}")
                     self._ready.wait()
                 return self._got[(augment, index)]
         finally:

@@ -670,6 +670,7 @@ class DecodeEngine:
                 raise
             for m, states in enumerate(got):
                 arriving.put(m, states)
+            arriving.finish()
             return time.perf_counter()
 
         pending = asyncio.ensure_future(call())
