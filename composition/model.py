@@ -62,9 +62,9 @@ class _Running:
     positions: torch.Tensor  # [batch, new]
     row_bridges: torch.Tensor | None = None  # [batch, bridges] bool: which bridges apply to each row (None: all)
     active: list[bool] | None = None  # per bridge: whether any row takes it (a bridge no row takes is skipped)
-    keys: list = field(default_factory=list)  # per bridge [batch, heads, seen, head_dim], None until resolved
-    values: list = field(default_factory=list)
-    buffers: list = field(default_factory=list)  # the cache buffers behind keys/values
+    keys: list = field(init=False)  # per bridge [batch, heads, seen, head_dim], None until resolved
+    values: list = field(init=False)
+    buffers: list = field(init=False)  # the cache buffers behind keys/values
 
     def __post_init__(self):
         self.keys, self.values, self.buffers = ([None] * self.num_bridges for _ in range(3))

@@ -99,8 +99,8 @@ class AugmentClient:
 
     async def _call(self, augment: int, request: Prefill | Extend | Release,
                     part: Callable[[States], None] | None = None):
-        """``AugmentRows``' answer to ``request``; for an ``Extend`` with ``part``, the answer may be streamed:
-        ``part`` gets each part (``States.final`` False) as it arrives, and the answer holds the rest."""
+        """``AugmentRows``' answer to ``request``; for a ``Prefill`` or ``Extend`` with ``part``, the answer may be
+        streamed: ``part`` gets each part (``States.final`` False) as it arrives, and the answer holds the rest."""
         raise NotImplementedError
 
     def _decode(self, result: States) -> dict[int, torch.Tensor]:
@@ -121,7 +121,7 @@ class AugmentClient:
             got: dict[int, torch.Tensor] = {}
             take = self._taker(m, got, part)
             take(await self._call(m, Prefill(rows[m], keep, copies or {}, indices=self.indices[m]),
-                                  take if part is not None else None))
+                                  take if part is not None else None))  # parts only where someone takes them
             return got
 
         return list(await asyncio.gather(*(one(m) for m in range(self.num_augments))))
@@ -147,13 +147,14 @@ class AugmentClient:
         With ``part``, streamed: ``part(augment, states)`` gets each index's states as they arrive."""
         got: dict[int, torch.Tensor] = {}
         take = self._taker(augment, got, part)
+        streamed = take if part is not None else None  # parts only where someone takes them
         request = Extend(ids, tokens, [len(history(augment, rid)) for rid in ids], self.indices[augment])
-        result = await self._call(augment, request, take if part is not None else None)
+        result = await self._call(augment, request, streamed)
         if isinstance(result, Missing):
             self.rebuilds += len(result.ids)
             await self._call(augment, Prefill([(rid, history(augment, rid)) for rid in result.ids],
                                               return_states=False, indices=self.indices[augment]))
-            result = await self._call(augment, request, take if part is not None else None)
+            result = await self._call(augment, request, streamed)
             if isinstance(result, Missing):
                 raise AugmentUnavailable(
                     f"augmenting model {augment} lost rows {result.ids} right after they were re-sent: "
